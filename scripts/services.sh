@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# Start/stop a throwaway PostgreSQL and Redis on loopback for the test suite.
+#
+# Usage: scripts/services.sh start|stop|status|env
+#
+#   start   install redis-server if missing (apt-get), initdb on first use,
+#           start PostgreSQL on 127.0.0.1:$PG_PORT (fsync off, 200 connections),
+#           create database "celery_deactivate", start Redis on
+#           127.0.0.1:$REDIS_PORT, wait for both. Idempotent.
+#   stop    stop both; fine if they are already stopped. Idempotent.
+#   status  say whether each is up; exit 0 only if both are.
+#   env     print the export lines the test suite reads:
+#             eval "$(scripts/services.sh env)"
+#
+# Settings (environment):
+#   SERVICES_DIR  state dir (data, sockets, logs, pid files);
+#                 default /tmp/celery-deactivate-services. PostgreSQL runs as
+#                 the "postgres" user, so this dir must be traversable by it.
+#   PG_PORT       default 55432
+#   REDIS_PORT    default 56379
+#
+# Progress goes to stderr; `status` and `env` write their answer to stdout.
+set -euo pipefail
+
+SERVICES_DIR="${SERVICES_DIR:-/tmp/celery-deactivate-services}"
+PG_PORT="${PG_PORT:-55432}"
+REDIS_PORT="${REDIS_PORT:-56379}"
+PG_DB=celery_deactivate
+PG_USER=postgres
+START_TIMEOUT="${START_TIMEOUT:-60}"   # seconds to wait for each service
+case "$SERVICES_DIR" in /*) ;; *) SERVICES_DIR="$PWD/$SERVICES_DIR" ;; esac
+
+PG_DIR="$SERVICES_DIR/pg"
+PG_DATA="$PG_DIR/data"
+PG_LOG="$PG_DIR/postgres.log"
+REDIS_DIR="$SERVICES_DIR/redis"
+REDIS_PID="$REDIS_DIR/redis.pid"
+REDIS_LOG="$REDIS_DIR/redis.log"
+
+log() { printf 'services: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# --- helpers -----------------------------------------------------------------
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" = 0 ]; then
+        log "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+        apt_updated=1
+    fi
+    log "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+# Directory holding initdb/pg_ctl/postgres: PATH first, then Debian's layout.
+pg_bindir() {
+    local p
+    if p="$(command -v pg_ctl 2>/dev/null)" && [ -n "$p" ]; then
+        dirname "$(readlink -f "$p")"
+        return 0
+    fi
+    p="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
+    [ -n "$p" ] && [ -x "$p/pg_ctl" ] && { echo "$p"; return 0; }
+    return 1
+}
+
+# Run a command as the postgres system user (initdb refuses root), from a
+# directory that user can read.
+as_postgres() {
+    if command -v runuser >/dev/null 2>&1; then
+        (cd / && runuser -u "$PG_USER" -- "$@")
+    else
+        (cd / && su "$PG_USER" -s /bin/bash -c "$(printf '%q ' "$@")")
+    fi
+}
+
+psql_q() {
+    PGCONNECT_TIMEOUT=3 psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" \
+        -X -q -A -t -v ON_ERROR_STOP=1 "$@"
+}
+
+pg_up()    { psql_q -d postgres -c 'select 1' >/dev/null 2>&1; }
+redis_up() { [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
+
+# wait_until DESCRIPTION TIMEOUT_SECONDS COMMAND...: poll until COMMAND succeeds.
+wait_until() {
+    local what="$1" timeout="$2"; shift 2
+    local deadline=$(( $(date +%s) + timeout ))
+    until "$@"; do
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            log "timed out after ${timeout}s waiting for $what"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+pg_ctl_status() {
+    # 0 running, 3 not running, 4 no/invalid data dir
+    local bindir rc=0
+    bindir="$(pg_bindir)" || return 4
+    [ -f "$PG_DATA/PG_VERSION" ] || return 4
+    as_postgres "$bindir/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1 || rc=$?
+    return "$rc"
+}
+
+# --- start -------------------------------------------------------------------
+
+ensure_tools() {
+    local pkgs=()
+    command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
+    command -v redis-cli >/dev/null 2>&1 || pkgs+=(redis-tools)
+    command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client)
+    if ! pg_bindir >/dev/null || ! id "$PG_USER" >/dev/null 2>&1; then
+        pkgs+=(postgresql)
+    fi
+    if [ "${#pkgs[@]}" -gt 0 ]; then
+        apt_install "${pkgs[@]}"
+    fi
+    pg_bindir >/dev/null || die "no PostgreSQL server binaries (initdb/pg_ctl) found"
+    command -v redis-server >/dev/null 2>&1 || die "redis-server not found after install"
+}
+
+prepare_dirs() {
+    mkdir -p "$SERVICES_DIR" "$REDIS_DIR" "$PG_DIR"
+    # The postgres user must be able to reach $PG_DIR through $SERVICES_DIR.
+    if ! as_postgres test -x "$SERVICES_DIR"; then
+        log "chmod o+x $SERVICES_DIR (so the postgres user can reach it)"
+        chmod o+x "$SERVICES_DIR"
+    fi
+    chown "$PG_USER:" "$PG_DIR"
+    chmod 700 "$PG_DIR"
+    as_postgres test -w "$PG_DIR" || die "postgres user cannot write $PG_DIR (check the parents' permissions)"
+}
+
+start_pg() {
+    local bindir rc=0
+    bindir="$(pg_bindir)"
+    if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+        if [ -e "$PG_DATA" ]; then
+            log "removing incomplete data dir $PG_DATA"
+            rm -rf "$PG_DATA"
+        fi
+        log "initdb $PG_DATA"
+        as_postgres "$bindir/initdb" -D "$PG_DATA" -U "$PG_USER" --auth=trust \
+            --encoding=UTF8 --locale=C --no-sync >"$PG_DIR/initdb.log" 2>&1 \
+            || { cat "$PG_DIR/initdb.log" >&2; die "initdb failed"; }
+    fi
+
+    pg_ctl_status || rc=$?
+    if [ "$rc" = 0 ]; then
+        log "postgresql already running ($PG_DATA)"
+    else
+        log "starting postgresql on 127.0.0.1:$PG_PORT"
+        local opts="-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1"
+        opts+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        opts+=" -c max_connections=200"
+        if ! as_postgres "$bindir/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -o "$opts" \
+                -t "$START_TIMEOUT" -w start </dev/null >&2; then
+            tail -n 30 "$PG_LOG" >&2 || true
+            die "postgresql did not start"
+        fi
+    fi
+    wait_until "postgresql on 127.0.0.1:$PG_PORT" "$START_TIMEOUT" pg_up \
+        || { tail -n 30 "$PG_LOG" >&2 || true; die "postgresql is not answering on 127.0.0.1:$PG_PORT"; }
+
+    if [ "$(psql_q -d postgres -c "select 1 from pg_database where datname = '$PG_DB'")" != 1 ]; then
+        log "creating database $PG_DB"
+        psql_q -d postgres -c "create database $PG_DB" >/dev/null
+    fi
+    log "postgresql ready: postgresql://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB"
+}
+
+start_redis() {
+    if redis_up; then
+        log "redis already running on 127.0.0.1:$REDIS_PORT"
+        return 0
+    fi
+    log "starting redis on 127.0.0.1:$REDIS_PORT"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes \
+        --save '' --appendonly no --dir "$REDIS_DIR" \
+        --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" </dev/null >&2 \
+        || { tail -n 30 "$REDIS_LOG" >&2 || true; die "redis-server failed to start"; }
+    wait_until "redis on 127.0.0.1:$REDIS_PORT" "$START_TIMEOUT" redis_up \
+        || { tail -n 30 "$REDIS_LOG" >&2 || true; die "redis is not answering on 127.0.0.1:$REDIS_PORT"; }
+    log "redis ready: redis://127.0.0.1:$REDIS_PORT"
+}
+
+cmd_start() {
+    ensure_tools
+    prepare_dirs
+    start_pg
+    start_redis
+}
+
+# --- stop --------------------------------------------------------------------
+
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+stop_pg() {
+    local rc=0 bindir
+    pg_ctl_status || rc=$?
+    if [ "$rc" != 0 ]; then
+        log "postgresql not running ($PG_DATA)"
+        return 0
+    fi
+    bindir="$(pg_bindir)"
+    log "stopping postgresql"
+    as_postgres "$bindir/pg_ctl" -D "$PG_DATA" -m fast -t "$START_TIMEOUT" -w stop >&2 \
+        || die "pg_ctl stop failed (see $PG_LOG)"
+}
+
+stop_redis() {
+    local pid=""
+    [ -f "$REDIS_PID" ] && pid="$(cat "$REDIS_PID" 2>/dev/null || true)"
+    if redis_up; then
+        log "stopping redis on 127.0.0.1:$REDIS_PORT"
+        redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+        wait_until "redis to stop" "$START_TIMEOUT" bash -c \
+            "! redis-cli -h 127.0.0.1 -p $REDIS_PORT ping >/dev/null 2>&1" \
+            || die "redis on 127.0.0.1:$REDIS_PORT did not stop"
+    else
+        log "redis not running on 127.0.0.1:$REDIS_PORT"
+    fi
+    # Wait for our own process to be gone (it may still be exiting).
+    if pid_alive "$pid"; then
+        wait_until "redis pid $pid to exit" "$START_TIMEOUT" bash -c "! kill -0 $pid 2>/dev/null" || true
+    fi
+    rm -f "$REDIS_PID"
+}
+
+cmd_stop() {
+    stop_pg
+    stop_redis
+}
+
+# --- status / env ------------------------------------------------------------
+
+cmd_status() {
+    local ok=0
+    if pg_up; then
+        echo "postgresql: up (127.0.0.1:$PG_PORT, data $PG_DATA)"
+    else
+        echo "postgresql: down (127.0.0.1:$PG_PORT)"; ok=1
+    fi
+    if redis_up; then
+        echo "redis: up (127.0.0.1:$REDIS_PORT)"
+    else
+        echo "redis: down (127.0.0.1:$REDIS_PORT)"; ok=1
+    fi
+    return "$ok"
+}
+
+cmd_env() {
+    echo "export DATABASE_URL=postgresql://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB"
+    echo "export CELERY_BROKER_URL=redis://127.0.0.1:$REDIS_PORT/0"
+    echo "export CELERY_RESULT_BACKEND=redis://127.0.0.1:$REDIS_PORT/1"
+}
+
+case "${1:-}" in
+    start)  cmd_start ;;
+    stop)   cmd_stop ;;
+    status) cmd_status ;;
+    env)    cmd_env ;;
+    *)      echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+esac
