@@ -1,0 +1,51 @@
+# celery-deactivate: every target creates the virtualenv it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-crash test-matrix demo lint typecheck bench clean dist
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install the package with its test and dev extras
+
+test: $(STAMP) ## Run the whole suite (PostgreSQL/Redis when DATABASE_URL/CELERY_BROKER_URL are set, else SQLite + memory)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests
+	$(PY) -m pytest -m crash $(PYTEST_ARGS)
+
+test-matrix: $(STAMP) ## Run the suite across Celery 5.3/5.5/5.7 x Django 4.2/5.2/6.0 (nox, pyenv interpreters)
+	$(BIN)/nox $(NOX_ARGS)
+
+demo: $(STAMP) ## Run the example project end to end on SQLite + a filesystem broker
+	$(PY) examples/demo.py
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check celery_deactivate tests examples
+	$(BIN)/ruff format --check celery_deactivate tests examples
+	$(BIN)/mypy
+
+typecheck: $(STAMP) ## mypy only
+	$(BIN)/mypy
+
+bench: $(STAMP) ## Benchmarks: prefork worker throughput, ratios side by side; writes tests/benchmarks/results.md
+	$(PY) -m tests.benchmarks.run $(BENCH_ARGS)
+
+dist: $(STAMP) ## Build sdist and wheel into dist/
+	$(PY) -m pip install -q build
+	$(PY) -m build
+
+clean: ## Remove the venv, build output and caches
+	rm -rf $(VENV) .nox build dist *.egg-info .mypy_cache .ruff_cache examples/var
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

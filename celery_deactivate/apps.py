@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class CeleryDeactivateConfig(AppConfig):
+    name = "celery_deactivate"
+    verbose_name = "Celery deactivate"
+
+    def ready(self) -> None:
+        from .task import pending_checks
+
+        for task_class in list(pending_checks):
+            task_class.check_configuration()
+            pending_checks.discard(task_class)

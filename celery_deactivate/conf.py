@@ -1,0 +1,176 @@
+"""The options of a deactivating task and the one place where they are resolved.
+
+Every option is set per task as an ``@app.task(...)`` keyword, or worker-wide as a Celery setting
+of the same name (``app.conf.deactivate_after = 3``; ``CELERY_DEACTIVATE_AFTER = 3`` in Django
+settings under the ``CELERY`` namespace).  The per-task value wins; ``None`` means "not set here".
+Values are read when they are needed, never at import time, so per-test configuration works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kombu.utils.imports import symbol_by_name
+
+from .exceptions import DeactivateConfigError
+
+if TYPE_CHECKING:
+    from celery import Task
+
+#: The roles a model field can play, and the field name used when none is configured.
+FIELD_DEFAULTS: Mapping[str, str] = {
+    "active": "active",
+    "error": "error",
+    "error_message": "error_message",
+    "deactivated_at": "deactivated_at",
+    "failure_count": "failure_count",
+}
+
+ExceptionTypes = tuple[type[BaseException], ...]
+Notifier = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    coerce: Callable[[Any], Any]
+    doc: str
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be True or False, got {value!r}")
+    return value
+
+
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _exception_types(value: Any) -> ExceptionTypes:
+    items = (value,) if isinstance(value, str | type) else tuple(value)
+    types = tuple(symbol_by_name(item) if isinstance(item, str) else item for item in items)
+    for item in types:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise ValueError(f"must be exception classes (or dotted paths to them), got {item!r}")
+    return types
+
+
+def _callable(value: Any) -> Notifier:
+    func = symbol_by_name(value) if isinstance(value, str) else value
+    if not callable(func):
+        raise ValueError(f"must be a callable or a dotted path to one, got {value!r}")
+    return func  # type: ignore[no-any-return]
+
+
+def _fields(value: Any) -> Mapping[str, str | None]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping of role to field name, got {value!r}")
+    unknown = sorted(set(value) - set(FIELD_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown role(s) {unknown}; the roles are {sorted(FIELD_DEFAULTS)}")
+    if value.get("active", "active") is None:
+        raise ValueError("the 'active' role cannot be switched off")
+    return dict(value)
+
+
+OPTIONS: Mapping[str, Option] = {
+    option.name: option
+    for option in (
+        Option(
+            "deactivate_after",
+            1,
+            _positive_int,
+            "Consecutive final failures that deactivate the object; a success resets the count. "
+            "Above 1 the model needs a failure counter field.",
+        ),
+        Option(
+            "deactivate_on",
+            (Exception,),
+            _exception_types,
+            "Exception types that count as failures (classes or dotted paths).",
+        ),
+        Option(
+            "dont_deactivate_on",
+            (),
+            _exception_types,
+            "Exception types that never count nor deactivate, even if listed in deactivate_on.",
+        ),
+        Option(
+            "deactivate_notify",
+            True,
+            _bool,
+            "Call the notifier (by default: mail the site admins) once per deactivation.",
+        ),
+        Option(
+            "deactivate_notifier",
+            "celery_deactivate.notify.mail_admins",
+            _callable,
+            "Callable (or dotted path) called as notifier(task=, instance=, exception=, "
+            "task_id=) once per deactivation.",
+        ),
+        Option(
+            "deactivate_fields",
+            {},
+            _fields,
+            "Field names by role: active, error, error_message, deactivated_at, failure_count. "
+            "A role mapped to None is not written; a default name missing on the model is skipped.",
+        ),
+        Option(
+            "deactivate_pass_object",
+            False,
+            _bool,
+            "Call the body with the already-loaded model instance instead of its primary key.",
+        ),
+        Option(
+            "deactivate_crash_timeout",
+            10.0,
+            _non_negative_number,
+            "Seconds the worker's main process may spend recording a crash (hard time limit, "
+            "killed child): the bound on its lock wait and statements.",
+        ),
+    )
+}
+
+#: Every keyword a deactivating task accepts besides Celery's own.
+KNOWN_OPTIONS = frozenset(OPTIONS) | {"model"}
+
+
+def is_option_name(name: str) -> bool:
+    """Whether ``name`` looks like one of ours (so a typo in it is an error, not ignored)."""
+    return name.startswith(("deactivate_", "dont_deactivate_")) or name in KNOWN_OPTIONS
+
+
+def check_option_names(task_name: str, names: Iterable[str]) -> None:
+    """Raise :exc:`DeactivateConfigError` for a ``deactivate_*`` name that is not an option."""
+    for name in names:
+        if is_option_name(name) and name not in KNOWN_OPTIONS:
+            raise DeactivateConfigError(
+                f"unknown option {name!r}; the options are {sorted(KNOWN_OPTIONS)}",
+                task=task_name,
+            )
+
+
+def resolve(task: Task | type[Task], name: str) -> Any:
+    """The value of option ``name`` for ``task``: per task, else the app setting, else default."""
+    option = OPTIONS[name]
+    value = getattr(task, name, None)
+    if value is None:
+        value = task.app.conf.get(name)
+    if value is None:
+        return option.coerce(option.default)
+    try:
+        return option.coerce(value)
+    except (ValueError, TypeError, ImportError, AttributeError) as exc:
+        raise DeactivateConfigError(f"{name} {exc}", task=task.name) from exc

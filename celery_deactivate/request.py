@@ -1,0 +1,123 @@
+"""The worker-side request of a deactivating task: records failures that kill the pool child.
+
+A hard time limit or a killed pool child (SIGKILL, the OOM killer: ``WorkerLostError``) leaves no
+code running in the child, so ``Task.on_failure`` never runs there.  Celery reports these in the
+worker's main process through ``Request.on_failure`` (with ``return_ok=False``: the child could
+not report), and that is where they are counted, exactly once:
+
+* ``Task.on_failure`` calls that Celery 5.7 makes from ``Request.on_timeout`` are skipped;
+* ``task_failure`` (sent once or twice, depending on the version) is not used for counting;
+* a requeued message (``acks_late`` + ``reject_on_worker_lost``) is counted too, so a message
+  that keeps killing its worker stops coming back once the object is deactivated;
+* revocations, cold shutdowns, ``retry_on_worker_lost`` with retries left and crashes after a
+  stored success are not failures of the object.
+
+The database work runs in a short-lived thread with bounded lock waits, so the consumer is never
+blocked, and the dying child (killed right after this hook returns) releases its row locks first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
+from celery.worker import state as worker_state
+from celery.worker.request import Request
+from django.db import connections
+
+from .conf import resolve
+from .task import in_main_process_hook
+
+logger = logging.getLogger("celery_deactivate")
+
+CRASHES = (WorkerLostError, TimeLimitExceeded)
+
+
+class DeactivatingRequest(Request):  # type: ignore[misc]  # celery ships no type hints
+    """``Request`` of :class:`~celery_deactivate.DeactivatingTask` (its ``Request`` attribute).
+
+    A task class that sets its own ``Request`` must subclass this one.
+    """
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        token = in_main_process_hook.set(True)
+        try:
+            super().on_timeout(soft, timeout)
+        finally:
+            in_main_process_hook.reset(token)
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        crash = self._crash(exc_info, return_ok)
+        try:
+            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        finally:
+            if crash is not None:
+                self._record_crash(crash)
+
+    def _crash(self, exc_info: Any, return_ok: bool) -> BaseException | None:
+        """The exception to count if this failure killed the child, else ``None``."""
+        if return_ok:  # the child reported it: Task.on_failure ran there
+            return None
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, Terminated) or self._stopped_on_purpose():
+            return None
+        if isinstance(exc, SystemExit | KeyboardInterrupt):  # billiard >= 4.3: exit of the child
+            exc = WorkerLostError(f"Worker exited prematurely: {exc!r}.")
+        if not isinstance(exc, CRASHES):
+            return None
+        if isinstance(exc, WorkerLostError) and (
+            self._retried_on_worker_lost() or self._succeeded_before()
+        ):
+            return None
+        return exc
+
+    def _stopped_on_purpose(self) -> bool:
+        """Revoked or terminated by an operator, or a cold shutdown of the worker."""
+        return bool(
+            getattr(self, "_already_revoked", False)
+            or getattr(self, "_already_cancelled", False)
+            or self.id in worker_state.revoked
+            or worker_state.should_terminate
+        )
+
+    def _retried_on_worker_lost(self) -> bool:
+        """Celery >= 5.7 retries instead of failing while retries are left."""
+        task = self.task
+        if not getattr(task, "retry_on_worker_lost", False):
+            return False
+        return task.max_retries is None or self._context.retries < task.max_retries
+
+    def _succeeded_before(self) -> bool:
+        """The child stored SUCCESS and died afterwards (Celery >= 5.7 checks the backend)."""
+        check = getattr(self, "_success_was_stored", None)
+        return bool(check and check())
+
+    def _record_crash(self, exc: BaseException) -> None:
+        if not self.args:
+            return
+        task, pk, task_id = self.task, self.args[0], self.id
+        try:
+            timeout = resolve(task, "deactivate_crash_timeout")
+        except Exception:
+            logger.exception("celery_deactivate: bad deactivate_crash_timeout for %s", task.name)
+            timeout = 10.0
+        thread = threading.Thread(
+            target=_record_in_thread,
+            args=(task, exc, pk, task_id, timeout),
+            name=f"celery-deactivate-{task_id}",
+        )
+        thread.start()
+
+
+def _record_in_thread(task: Any, exc: BaseException, pk: Any, task_id: str, timeout: float) -> None:
+    try:
+        task.record_failure(exc, pk, task_id, timeout=timeout)
+    finally:
+        connections.close_all()  # this thread's connections: it ends here

@@ -1,0 +1,54 @@
+from django.db import models
+
+from celery_deactivate import DeactivatableModel
+
+
+class Feed(DeactivatableModel):
+    """A feed whose ``behaviour`` decides what its task body does (ok, fail, ...)."""
+
+    title = models.CharField(max_length=100)
+    behaviour = models.CharField(max_length=20, default="ok")
+    polls = models.PositiveIntegerField(default=0)
+    note = models.CharField(max_length=100, blank=True, default="")
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class Entry(models.Model):
+    """Rows a task body writes: they must be rolled back when the body fails."""
+
+    feed = models.ForeignKey(Feed, on_delete=models.CASCADE, related_name="entries")
+    text = models.CharField(max_length=100)
+
+
+class RecipeObject(models.Model):
+    """Exactly the recipe's model: ``active`` and ``error`` only, no mixin."""
+
+    title = models.CharField(max_length=100)
+    active = models.BooleanField(default=False)
+    error = models.BooleanField(default=False)
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class Renamed(models.Model):
+    """Custom field names, and a short message column that the error text must fit."""
+
+    title = models.CharField(max_length=100)
+    enabled = models.BooleanField(default=True)
+    broken = models.BooleanField(default=False)
+    last_error = models.CharField(max_length=24, blank=True, default="")
+    failures = models.IntegerField(default=0)
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class NoActive(models.Model):
+    title = models.CharField(max_length=100)
+
+
+class WrongActive(models.Model):
+    active = models.CharField(max_length=10)

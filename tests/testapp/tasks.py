@@ -1,0 +1,102 @@
+"""Tasks of the test project.  Each body does what its feed's ``behaviour`` says."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import F
+
+from celery_deactivate import DeactivatingTask
+from tests.celery_app import app
+
+from .models import Entry, Feed, RecipeObject, Renamed
+
+
+class Boom(ValueError):
+    """The deterministic failure of a broken object."""
+
+
+class Transient(Exception):
+    """A failure worth retrying."""
+
+
+def work(obj: Any) -> Any:
+    """Write inside the task's transaction, then behave as the object says."""
+    if isinstance(obj, Feed):
+        Entry.objects.create(feed=obj, text="polled")
+        Feed.objects.filter(pk=obj.pk).update(polls=F("polls") + 1)
+    behaviour = getattr(obj, "behaviour", "fail" if obj.title.startswith("bad") else "ok")
+    if behaviour == "fail":
+        raise Boom(f"{obj.title} is broken")
+    if behaviour == "lookup":
+        raise LookupError(f"{obj.title} not found upstream")
+    if behaviour == "transient":
+        raise Transient(f"{obj.title} timed out")
+    return obj.pk
+
+
+@app.task(base=DeactivatingTask, model=Feed)
+def poll(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=Feed, deactivate_after=3)
+def poll_after3(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=Feed, deactivate_pass_object=True)
+def poll_object(feed: Feed, suffix: str = "") -> Any:
+    return work(feed)
+
+
+@app.task(
+    base=DeactivatingTask,
+    model=Feed,
+    autoretry_for=(Transient,),
+    max_retries=2,
+    default_retry_delay=0,
+    retry_backoff=False,
+)
+def poll_autoretry(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=Feed, bind=True, max_retries=1, default_retry_delay=0)
+def poll_retry(self: DeactivatingTask, pk: int) -> Any:
+    feed = Feed.objects.get(pk=pk)
+    try:
+        if feed.behaviour == "flaky_once" and self.request.retries == 0:
+            raise Transient(f"{feed.title} timed out once")
+        return work(feed)
+    except Transient as exc:
+        raise self.retry(exc=exc) from exc
+
+
+@app.task(base=DeactivatingTask, model=Feed, dont_deactivate_on=(LookupError,))
+def poll_selective(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=Feed, deactivate_notify=False)
+def poll_quiet(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model="testapp.RecipeObject")
+def manage_object(pk: int) -> Any:
+    return work(RecipeObject.objects.get(pk=pk))
+
+
+@app.task(
+    base=DeactivatingTask,
+    model=Renamed,
+    deactivate_fields={
+        "active": "enabled",
+        "error": "broken",
+        "error_message": "last_error",
+        "failure_count": "failures",
+    },
+)
+def sync_renamed(pk: int) -> Any:
+    return work(Renamed.objects.get(pk=pk))
