@@ -201,6 +201,17 @@ class DeactivatingTask(Task):  # type: ignore[misc]  # celery ships no type hint
             self.pop_request()
             _task_stack.pop()
 
+    # -- fan-out ----------------------------------------------------------------------------
+
+    def dispatch_active(self, queryset: Any = None, **apply_async_options: Any) -> int:
+        """Enqueue one message of this task per active object; return how many.
+
+        See :func:`celery_deactivate.dispatch.dispatch_active`.
+        """
+        from .dispatch import dispatch_active
+
+        return dispatch_active(self, queryset, **apply_async_options)
+
     # -- failing ----------------------------------------------------------------------------
 
     def on_failure(
