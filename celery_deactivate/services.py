@@ -185,33 +185,45 @@ def _update_returning(
     target: Target, pk: Any, values: dict[str, Any], using: str, *, active: bool = True
 ) -> Model | None:
     """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change."""
-    model = target.model
-    queryset = model._base_manager.db_manager(using).filter(pk=pk, **{target.active: active})
+    queryset = target.model._base_manager.db_manager(using).filter(
+        pk=pk, **{target.active: active}
+    )
     connection = connections[using]
-    if not (
-        connection.vendor in RETURNING_VENDORS
-        and connection.features.can_return_columns_from_insert
-    ):
-        with transaction.atomic(using=using):
-            if not queryset.update(**values):
-                return None
-            return queryset.model._base_manager.db_manager(using).get(pk=pk)
+    if connection.vendor in RETURNING_VENDORS and connection.features.can_return_columns_from_insert:
+        return _update_with_returning(queryset, values, using)
+    return _update_then_select(queryset, pk, values, using)
+
+
+def _update_with_returning(queryset: Any, values: dict[str, Any], using: str) -> Model | None:
+    """One statement: ``UPDATE ... RETURNING`` every concrete column (PostgreSQL, SQLite)."""
+    model = queryset.model
     query = queryset.query.chain(UpdateQuery)
     query.add_update_values(values)
     statement, params = query.get_compiler(using).as_sql()
     fields = model._meta.concrete_fields
-    quote = connection.ops.quote_name
+    quote = connections[using].ops.quote_name
     returning = ", ".join(quote(field.column) for field in fields)
-    with connection.cursor() as cursor:
+    with connections[using].cursor() as cursor:
         cursor.execute(f"{statement} RETURNING {returning}", params)
         row = cursor.fetchone()
     if row is None:
         return None
     select = queryset.query.get_compiler(using)
-    columns = [field.get_col(model._meta.db_table) for field in fields]
-    converters = select.get_converters(columns)
+    converters = select.get_converters([field.get_col(model._meta.db_table) for field in fields])
     (converted,) = select.apply_converters([list(row)], converters) if converters else [row]
-    return model.from_db(using, [field.attname for field in fields], list(converted))
+    instance: Model = model.from_db(using, [field.attname for field in fields], list(converted))
+    return instance
+
+
+def _update_then_select(
+    queryset: Any, pk: Any, values: dict[str, Any], using: str
+) -> Model | None:
+    """Other backends: the update and a read of the row in one transaction (row lock held)."""
+    with transaction.atomic(using=using):
+        if not queryset.update(**values):
+            return None
+        instance: Model = queryset.model._base_manager.db_manager(using).get(pk=pk)
+        return instance
 
 
 @contextmanager

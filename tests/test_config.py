@@ -1,0 +1,131 @@
+"""Misconfiguration fails fast with ImproperlyConfigured naming the model and field; options
+resolve per task, then from the app's settings, then from their defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery import Celery
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+
+from celery_deactivate import DeactivatingTask
+from celery_deactivate.conf import resolve
+from celery_deactivate.exceptions import DeactivateConfigError
+from tests.testapp import tasks
+from tests.testapp.models import Feed, NoActive, RecipeObject, WrongActive
+
+
+def declare(app: Celery, **options: Any) -> Any:
+    """Declare and bind a task on ``app`` now (not lazily)."""
+
+    def body(pk: int) -> None: ...
+
+    body.__name__ = f"body_{len(app.tasks)}"
+    return app.task(base=DeactivatingTask, lazy=False, shared=False, **options)(body)
+
+
+@pytest.fixture
+def app() -> Celery:
+    app = Celery("config-tests", set_as_current=False)
+    app.finalize()
+    return app
+
+
+def test_model_is_required(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="needs model="):
+        declare(app)
+
+
+def test_unknown_model_label(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="'testapp.Nope' is not an installed model"):
+        declare(app, model="testapp.Nope")
+
+
+def test_model_without_active_field(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="testapp.NoActive has no field 'active'") as info:
+        declare(app, model=NoActive)
+    assert isinstance(info.value, DeactivateConfigError)
+    assert (info.value.model, info.value.field) == ("testapp.NoActive", "active")
+
+
+def test_active_field_of_the_wrong_type(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="testapp.WrongActive.active must be a BooleanField"):
+        declare(app, model=WrongActive)
+
+
+def test_configured_field_that_does_not_exist(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="testapp.Feed has no field 'enabled'"):
+        declare(app, model=Feed, deactivate_fields={"active": "enabled"})
+
+
+def test_unknown_field_role(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="unknown role"):
+        declare(app, model=Feed, deactivate_fields={"activ": "active"})
+
+
+def test_typo_in_an_option_name_is_rejected(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="unknown option 'deactivate_afer'"):
+        declare(app, model=Feed, deactivate_afer=3)
+    with pytest.raises(ImproperlyConfigured, match="unknown option 'dont_deactivate_for'"):
+        declare(app, model=Feed, dont_deactivate_for=(KeyError,))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("deactivate_after", 0, "deactivate_after must be an integer >= 1"),
+        ("deactivate_after", "3", "deactivate_after must be an integer >= 1"),
+        ("deactivate_on", (int,), "deactivate_on must be exception classes"),
+        ("deactivate_on", "no.such.Module", "deactivate_on"),
+        ("deactivate_notify", "yes", "deactivate_notify must be True or False"),
+        ("deactivate_notifier", 42, "deactivate_notifier must be a callable"),
+        ("deactivate_pass_object", 1, "deactivate_pass_object must be True or False"),
+    ],
+)
+def test_bad_option_values(app: Celery, option: str, value: Any, message: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=message):
+        declare(app, model=Feed, **{option: value})
+
+
+def test_counting_needs_a_counter_field(app: Celery) -> None:
+    with pytest.raises(
+        ImproperlyConfigured, match="deactivate_after=3 needs a failure counter.*testapp.RecipeObject"
+    ):
+        declare(app, model=RecipeObject, deactivate_after=3)
+
+
+def test_string_model_reference_and_optional_fields(app: Celery) -> None:
+    task = declare(app, model="testapp.RecipeObject")
+    target = task._target()
+    assert target.model is RecipeObject
+    assert (target.active, target.error, target.error_message, target.failure_count) == (
+        "active",
+        "error",
+        None,
+        None,
+    )
+
+
+def test_per_task_value_wins_over_app_setting_which_wins_over_default(
+    conf: Callable[..., None],
+) -> None:
+    assert resolve(tasks.poll, "deactivate_after") == 1  # default
+    conf(deactivate_after=2)
+    assert resolve(tasks.poll, "deactivate_after") == 2  # worker-wide
+    assert resolve(tasks.poll_after3, "deactivate_after") == 3  # per task
+
+
+def test_django_settings_under_the_celery_namespace() -> None:
+    with override_settings(CELERY_DEACTIVATE_NOTIFY=False, CELERY_DONT_DEACTIVATE_ON=["builtins.KeyError"]):
+        assert resolve(tasks.poll, "deactivate_notify") is False
+        assert resolve(tasks.poll, "dont_deactivate_on") == (KeyError,)
+    assert resolve(tasks.poll, "deactivate_notify") is True
+
+
+def test_bad_app_setting_fails_with_the_option_name(conf: Callable[..., None]) -> None:
+    conf(deactivate_after=-1)
+    with pytest.raises(ImproperlyConfigured, match="deactivate_after must be an integer"):
+        tasks.poll.check_configuration()

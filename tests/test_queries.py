@@ -1,0 +1,100 @@
+"""Query counts are deterministic: the extension's cost on each path, asserted exactly.
+
+The success path adds to the body's own queries only the transaction and one read of the
+object's state; the failure path adds one read and one write (``UPDATE ... RETURNING``) beyond
+the rollback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery import Celery
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from tests.testapp import tasks
+from tests.testapp.models import Feed
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVEPOINT")
+
+
+def statements(run: Callable[[], Any]) -> list[str]:
+    """The data statements ``run`` sends (transaction control left out)."""
+    with CaptureQueriesContext(connection) as captured:
+        try:
+            run()
+        except Exception:
+            pass
+    sql = [query["sql"].strip() for query in captured.captured_queries]
+    return [s for s in sql if not s.upper().startswith(TRANSACTION_CONTROL)]
+
+
+def body_alone(pk: int) -> Callable[[], Any]:
+    return lambda: tasks.work(Feed.objects.get(pk=pk))
+
+
+def kinds(sql: list[str]) -> list[str]:
+    return [s.split()[0].upper() for s in sql]
+
+
+def test_success_path_adds_one_read(eager: Celery) -> None:
+    body = statements(body_alone(Feed.objects.create(title="a").pk))
+    feed = Feed.objects.create(title="b")
+
+    task = statements(lambda: tasks.poll.delay(feed.pk))
+
+    assert len(task) == len(body) + 1
+    extra = task[0]
+    assert extra.upper().startswith("SELECT") and "active" in extra and "failure_count" in extra
+    assert kinds(task[1:]) == kinds(body)
+
+
+def test_success_path_with_the_loaded_object_adds_nothing(eager: Celery) -> None:
+    body = statements(body_alone(Feed.objects.create(title="a").pk))
+    feed = Feed.objects.create(title="b")
+
+    task = statements(lambda: tasks.poll_object.delay(feed.pk))
+
+    # The body's own get() is the task's read: one query fewer than the drop-in form.
+    assert len(task) == len(body)
+
+
+def test_failure_path_adds_one_read_and_one_write(eager: Celery) -> None:
+    body = statements(body_alone(Feed.objects.create(title="a", behaviour="fail").pk))
+    feed = Feed.objects.create(title="b", behaviour="fail")
+
+    task = statements(lambda: tasks.poll.delay(feed.pk))
+
+    assert len(task) == len(body) + 2
+    assert kinds(task[:1]) == ["SELECT"]
+    assert kinds(task[1:-1]) == kinds(body)
+    last = task[-1].upper()
+    assert last.startswith("UPDATE") and "RETURNING" in last
+    assert Feed.objects.get(pk=feed.pk).active is False
+
+
+def test_success_after_failures_resets_the_count_with_one_targeted_update(eager: Celery) -> None:
+    feed = Feed.objects.create(title="b", failure_count=2)
+    body = statements(body_alone(Feed.objects.create(title="a").pk))
+
+    task = statements(lambda: tasks.poll_after3.delay(feed.pk))
+
+    assert len(task) == len(body) + 2
+    reset = task[-1]
+    assert reset.upper().startswith("UPDATE") and "failure_count" in reset
+    assert "title" not in reset  # only its own column
+    assert Feed.objects.get(pk=feed.pk).failure_count == 0
+
+
+def test_failure_write_touches_only_its_own_columns(eager: Celery) -> None:
+    feed = Feed.objects.create(title="b", behaviour="fail")
+    task = statements(lambda: tasks.poll.delay(feed.pk))
+    update = task[-1]
+    set_clause = update[update.upper().index(" SET ") : update.upper().index(" WHERE ")]
+    for column in ("title", "behaviour", "polls", "note"):
+        assert f'"{column}"' not in set_clause

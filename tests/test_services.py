@@ -1,0 +1,157 @@
+"""The service functions every state change goes through: targeted, race-free, signalled once."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
+
+from celery_deactivate import services
+from celery_deactivate.signals import object_deactivated, object_reactivated
+from tests.testapp import tasks
+from tests.testapp.models import Feed
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def target() -> Any:
+    return tasks.poll._target()
+
+
+def test_format_error_cuts_to_the_column() -> None:
+    assert services.format_error(ValueError("abc"), None) == "ValueError: abc"
+    assert services.format_error(ValueError("abcdef"), 10) == "ValueErro…"
+    assert len(services.format_error(ValueError("x" * 500), 100)) == 100
+    assert services.format_error(None, 10) == ""
+
+
+def test_threshold_flips_the_row_on_the_nth_failure() -> None:
+    feed = Feed.objects.create(title="f")
+    outcomes = [
+        services.record_failure(target(), feed.pk, ValueError(n), threshold=3, sender=None)
+        for n in range(4)
+    ]
+    assert [(o.deactivated, o.failure_count) for o in outcomes] == [
+        (False, 1),
+        (False, 2),
+        (True, 3),
+        (False, None),  # inactive now: left alone
+    ]
+    feed.refresh_from_db()
+    assert (feed.active, feed.error, feed.failure_count, feed.error_message) == (
+        False,
+        True,
+        3,
+        "ValueError: 2",
+    )
+
+
+def test_concurrent_failures_lose_no_increment_and_deactivate_once() -> None:
+    # Given one object and 8 threads each recording 5 failures at once (threshold 30)
+    feed = Feed.objects.create(title="contended")
+    deactivations: list[Any] = []
+    object_deactivated.connect(lambda **kw: deactivations.append(kw), weak=False, dispatch_uid="c")
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def fail_five() -> None:
+        try:
+            barrier.wait()
+            for _ in range(5):
+                services.record_failure(target(), feed.pk, ValueError("x"), threshold=30, sender=None)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=fail_five) for _ in range(8)]
+    try:
+        # When they all run
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        object_deactivated.disconnect(dispatch_uid="c")
+
+    # Then exactly 30 were counted (the 10 after deactivation are not) and one deactivation sent
+    assert errors == []
+    feed.refresh_from_db()
+    assert (feed.active, feed.failure_count) == (False, 30)
+    assert len(deactivations) == 1
+
+
+def test_failure_keeps_a_concurrent_change_of_another_field() -> None:
+    feed = Feed.objects.create(title="f")
+    stale = Feed.objects.get(pk=feed.pk)
+    Feed.objects.filter(pk=feed.pk).update(note="changed meanwhile", title="renamed")
+
+    outcome = services.record_failure(target(), stale.pk, ValueError("x"), threshold=1, sender=None)
+
+    assert outcome.instance is not None and outcome.instance.note == "changed meanwhile"
+    feed.refresh_from_db()
+    assert (feed.note, feed.title, feed.active) == ("changed meanwhile", "renamed", False)
+
+
+def test_returned_instance_matches_the_row() -> None:
+    feed = Feed.objects.create(title="f", note="n")
+    outcome = services.record_failure(target(), feed.pk, KeyError("k"), threshold=1, sender=None)
+    fresh = Feed.objects.get(pk=feed.pk)
+    instance = outcome.instance
+    assert instance is not None
+    for field in Feed._meta.concrete_fields:
+        assert getattr(instance, field.attname) == getattr(fresh, field.attname), field.name
+    assert instance._state.adding is False and instance._state.db == "default"
+
+
+def test_update_then_select_fallback_gives_the_same_row() -> None:
+    feed = Feed.objects.create(title="f")
+    queryset = Feed.objects.filter(pk=feed.pk, active=True)
+    values = services._failure_values(target(), ValueError("v"), 1)
+    instance = services._update_then_select(queryset, feed.pk, values, "default")
+    assert instance is not None and instance.active is False and instance.failure_count == 1
+    assert services._update_then_select(queryset, feed.pk, values, "default") is None
+
+
+def test_manual_deactivate_and_reactivate_send_their_signals() -> None:
+    feed = Feed.objects.create(title="f", failure_count=2)
+    sent: list[tuple[str, Any]] = []
+    object_deactivated.connect(lambda **kw: sent.append(("off", kw)), weak=False, dispatch_uid="d")
+    object_reactivated.connect(lambda **kw: sent.append(("on", kw)), weak=False, dispatch_uid="r")
+    try:
+        off = services.deactivate(Feed, feed.pk)
+        assert services.deactivate(Feed, feed.pk) is None  # already inactive: nothing changes
+        on = services.reactivate(Feed, feed.pk)
+        assert services.reactivate(Feed, feed.pk) is None
+    finally:
+        object_deactivated.disconnect(dispatch_uid="d")
+        object_reactivated.disconnect(dispatch_uid="r")
+    assert off is not None and (off.active, off.error) == (False, False)
+    assert on is not None and (on.active, on.error, on.failure_count, on.deactivated_at) == (
+        True,
+        False,
+        0,
+        None,
+    )
+    assert [(kind, kw["sender"]) for kind, kw in sent] == [("off", Feed), ("on", Feed)]
+    assert sent[0][1]["exception"] is None
+
+
+def test_reset_failures_is_one_targeted_update_only_when_needed() -> None:
+    feed = Feed.objects.create(title="f", failure_count=4)
+    with CaptureQueriesContext(connection) as captured:
+        assert services.reset_failures(target(), feed.pk) == 1
+        assert services.reset_failures(target(), feed.pk) == 0
+    assert len(captured) == 2
+    assert Feed.objects.get(pk=feed.pk).failure_count == 0
+
+
+def test_queryset_helpers_do_not_filter_objects() -> None:
+    on = Feed.objects.create(title="on")
+    off = Feed.objects.create(title="off", active=False)
+    assert list(Feed.objects.active()) == [on]
+    assert list(Feed.objects.deactivated()) == [off]
+    assert Feed.objects.count() == 2
