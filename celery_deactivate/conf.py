@@ -162,12 +162,12 @@ def check_option_names(task_name: str, names: Iterable[str]) -> None:
             )
 
 
-def resolve(task: Task | type[Task], name: str) -> Any:
+def resolve(task: Task[Any, Any] | type[Task[Any, Any]], name: str) -> Any:
     """The value of option ``name`` for ``task``: per task, else the app setting, else default."""
     option = OPTIONS[name]
     value = getattr(task, name, None)
     if value is None:
-        value = task.app.conf.get(name)
+        value = task._get_app().conf.get(name)  # type: ignore[union-attr]
     if value is None:
         return option.coerce(option.default)
     try:

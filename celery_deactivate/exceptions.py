@@ -13,7 +13,8 @@ class DeactivateConfigError(DeactivateError, ImproperlyConfigured):
     """A task or the app is misconfigured.
 
     It is an :exc:`~django.core.exceptions.ImproperlyConfigured`, so it is caught where Django's
-    own configuration errors are.  ``task``, ``model`` and ``field`` name what is wrong, where known.
+    own configuration errors are.  ``task``, ``model`` and ``field`` name what is wrong,
+    where known.
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from django.db import models
 
@@ -12,11 +12,11 @@ _M = TypeVar("_M", bound=models.Model)
 class DeactivatableQuerySet(models.QuerySet[_M]):
     def active(self) -> DeactivatableQuerySet[_M]:
         """Objects a scheduler may pick."""
-        return self.filter(active=True)
+        return cast("DeactivatableQuerySet[_M]", self.filter(active=True))
 
     def deactivated(self) -> DeactivatableQuerySet[_M]:
         """Objects taken out of scheduling (by a failure or by hand)."""
-        return self.filter(active=False)
+        return cast("DeactivatableQuerySet[_M]", self.filter(active=False))
 
 
 if TYPE_CHECKING:

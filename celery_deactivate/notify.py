@@ -26,7 +26,7 @@ def mail_admins(
     subject = f"{label} {instance} deactivated after a task failure"
     lines = [
         f"The task {getattr(task, 'name', task)}[{task_id}] failed on {label} pk={instance.pk!r}",
-        f"({instance}), which is now deactivated: it will not be scheduled until it is reactivated.",
+        f"({instance}), which is now deactivated: it is not scheduled until reactivated.",
         "",
         f"{type(exception).__qualname__}: {exception}" if exception is not None else "",
     ]

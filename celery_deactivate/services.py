@@ -10,10 +10,10 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from django.db import connections, router, transaction
-from django.db.models import Case, F, Model, Q, Value, When
+from django.db.models import Case, F, Field, Model, Q, Value, When
 from django.db.models.sql import UpdateQuery
 from django.dispatch import Signal
 from django.utils import timezone
@@ -86,9 +86,10 @@ def reset_failures(target: Target, pk: Any, *, using: str | None = None) -> int:
     if not target.failure_count:
         return 0
     manager = target.model._base_manager.db_manager(using or db_for(target))
-    return manager.filter(pk=pk, **{f"{target.failure_count}__gt": 0}).update(
+    updated: int = manager.filter(pk=pk, **{f"{target.failure_count}__gt": 0}).update(
         **{target.failure_count: 0}
     )
+    return updated
 
 
 def deactivate(
@@ -171,7 +172,10 @@ def _failure_values(target: Target, exc: BaseException, threshold: int) -> dict[
         meta = target.model._meta
         values = {
             name: Case(
-                When(reached, then=Value(new, output_field=meta.get_field(name))),
+                When(
+                    reached,
+                    then=Value(new, output_field=cast("Field[Any, Any]", meta.get_field(name))),
+                ),
                 default=F(name),
             )
             for name, new in deactivation.items()
@@ -185,11 +189,12 @@ def _update_returning(
     target: Target, pk: Any, values: dict[str, Any], using: str, *, active: bool = True
 ) -> Model | None:
     """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change."""
-    queryset = target.model._base_manager.db_manager(using).filter(
-        pk=pk, **{target.active: active}
-    )
+    queryset = target.model._base_manager.db_manager(using).filter(pk=pk, **{target.active: active})
     connection = connections[using]
-    if connection.vendor in RETURNING_VENDORS and connection.features.can_return_columns_from_insert:
+    if (
+        connection.vendor in RETURNING_VENDORS
+        and connection.features.can_return_columns_from_insert
+    ):
         return _update_with_returning(queryset, values, using)
     return _update_then_select(queryset, pk, values, using)
 
@@ -215,9 +220,7 @@ def _update_with_returning(queryset: Any, values: dict[str, Any], using: str) ->
     return instance
 
 
-def _update_then_select(
-    queryset: Any, pk: Any, values: dict[str, Any], using: str
-) -> Model | None:
+def _update_then_select(queryset: Any, pk: Any, values: dict[str, Any], using: str) -> Model | None:
     """Other backends: the update and a read of the row in one transaction (row lock held)."""
     with transaction.atomic(using=using):
         if not queryset.update(**values):
@@ -243,9 +246,7 @@ def bounded(using: str, seconds: float | None) -> Iterator[None]:
         yield
 
 
-def _send(
-    signal: Signal, target: Target, sender: Any, instance: Model, **kwargs: Any
-) -> None:
+def _send(signal: Signal, target: Target, sender: Any, instance: Model, **kwargs: Any) -> None:
     for receiver, result in signal.send_robust(sender=sender, instance=instance, **kwargs):
         if isinstance(result, Exception):
             logger.error(

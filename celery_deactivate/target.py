@@ -100,7 +100,7 @@ def _field(
             model=label,
             field=name,
         )
-    return field  # type: ignore[return-value]
+    return field
 
 
 @lru_cache(maxsize=256)
@@ -116,7 +116,9 @@ def resolve_target(
     found: dict[str, models.Field[Any, Any] | None] = {}
     for role, default in FIELD_DEFAULTS.items():
         name = configured.get(role, default)
-        found[role] = None if name is None else _field(concrete, role, name, role in configured, task_name)
+        found[role] = (
+            None if name is None else _field(concrete, role, name, role in configured, task_name)
+        )
 
     def name_of(role: str) -> str | None:
         field = found[role]

@@ -12,10 +12,10 @@ import logging
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
-from celery._state import _task_stack
+from celery._state import _task_stack  # type: ignore[attr-defined]
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from django.apps import apps
@@ -31,7 +31,9 @@ logger = logging.getLogger("celery_deactivate")
 
 #: Set while ``Task.apply()`` runs with exceptions propagating: Celery then calls no failure hook,
 #: so ``__call__`` records the failure itself.
-_eager_propagates: ContextVar[bool] = ContextVar("celery_deactivate_eager_propagates", default=False)
+_eager_propagates: ContextVar[bool] = ContextVar(
+    "celery_deactivate_eager_propagates", default=False
+)
 
 #: Set while a worker's main-process hook runs (Celery 5.7 calls ``Task.on_failure`` from
 #: ``Request.on_timeout``): the request has recorded that failure already.
@@ -58,7 +60,13 @@ class FailurePolicy:
         return isinstance(exc, self.on) and not isinstance(exc, self.dont_on)
 
 
-class DeactivatingTask(Task):  # type: ignore[misc]  # celery ships no type hints
+if TYPE_CHECKING:
+    _TaskBase = Task[..., Any]
+else:
+    _TaskBase = Task  # Task is subscriptable only from Celery 5.5 on
+
+
+class DeactivatingTask(_TaskBase):
     """A task on one model object, given by its primary key as first positional argument.
 
     The body runs in a transaction on an active object; a final failure rolls it back, counts
@@ -91,7 +99,7 @@ class DeactivatingTask(Task):  # type: ignore[misc]  # celery ships no type hint
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        check_option_names(getattr(cls, "name", None) or cls.__name__, vars(cls))
+        check_option_names(str(getattr(cls, "name", None) or cls.__name__), vars(cls))
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
@@ -145,7 +153,7 @@ class DeactivatingTask(Task):  # type: ignore[misc]  # celery ships no type hint
     def apply(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
         throw = options.get("throw")
         if throw is None:
-            throw = options["throw"] = bool(self._get_app().conf.task_eager_propagates)
+            throw = options["throw"] = bool(self.app.conf.task_eager_propagates)
         token = _eager_propagates.set(bool(throw))
         try:
             return super().apply(args, kwargs, *more, **options)
@@ -181,7 +189,9 @@ class DeactivatingTask(Task):  # type: ignore[misc]  # celery ships no type hint
             else:
                 state = queryset.values_list(*target.state_fields()).get()
             if not state[0]:
-                logger.info("%s: %s is inactive, the body did not run", self.name, target.identity(pk))
+                logger.info(
+                    "%s: %s is inactive, the body did not run", self.name, target.identity(pk)
+                )
                 return None
             if pass_object:
                 result = self._call_with(instance, args, kwargs)
@@ -214,9 +224,7 @@ class DeactivatingTask(Task):  # type: ignore[misc]  # celery ships no type hint
 
     # -- failing ----------------------------------------------------------------------------
 
-    def on_failure(
-        self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         super().on_failure(exc, task_id, args, kwargs, einfo)
         if args and not in_main_process_hook.get():
             self.record_failure(exc, args[0], task_id)

@@ -1,4 +1,4 @@
-"""Fixtures: the project's Celery app and a real in-thread worker (classic celery.contrib.pytest)."""
+"""Fixtures: the project's Celery app and a real in-thread worker (classic contrib fixtures)."""
 
 from __future__ import annotations
 
@@ -23,18 +23,19 @@ def celery_app() -> Celery:
 
 
 @pytest.fixture(scope="session")
-def worker(celery_app: Celery, django_db_setup: Any, django_db_blocker: Any) -> Iterator[TestWorkController]:
+def worker(
+    celery_app: Celery, django_db_setup: Any, django_db_blocker: Any
+) -> Iterator[TestWorkController]:
     """A real worker consuming the broker in a thread of this process (threads pool)."""
-    with django_db_blocker.unblock():
-        with start_worker(
-            celery_app,
-            pool="threads",
-            concurrency=2,
-            perform_ping_check=False,
-            shutdown_timeout=30.0,
-            loglevel="WARNING",
-        ) as controller:
-            yield controller
+    with django_db_blocker.unblock(), start_worker(
+        celery_app,
+        pool="threads",
+        concurrency=2,
+        perform_ping_check=False,
+        shutdown_timeout=30.0,
+        loglevel="WARNING",
+    ) as controller:
+        yield controller
 
 
 @pytest.fixture

@@ -45,14 +45,18 @@ def test_unknown_model_label(app: Celery) -> None:
 
 
 def test_model_without_active_field(app: Celery) -> None:
-    with pytest.raises(ImproperlyConfigured, match="testapp.NoActive has no field 'active'") as info:
+    with pytest.raises(
+        ImproperlyConfigured, match="testapp.NoActive has no field 'active'"
+    ) as info:
         declare(app, model=NoActive)
     assert isinstance(info.value, DeactivateConfigError)
     assert (info.value.model, info.value.field) == ("testapp.NoActive", "active")
 
 
 def test_active_field_of_the_wrong_type(app: Celery) -> None:
-    with pytest.raises(ImproperlyConfigured, match="testapp.WrongActive.active must be a BooleanField"):
+    with pytest.raises(
+        ImproperlyConfigured, match="testapp.WrongActive.active must be a BooleanField"
+    ):
         declare(app, model=WrongActive)
 
 
@@ -92,7 +96,8 @@ def test_bad_option_values(app: Celery, option: str, value: Any, message: str) -
 
 def test_counting_needs_a_counter_field(app: Celery) -> None:
     with pytest.raises(
-        ImproperlyConfigured, match="deactivate_after=3 needs a failure counter.*testapp.RecipeObject"
+        ImproperlyConfigured,
+        match="deactivate_after=3 needs a failure counter.*testapp.RecipeObject",
     ):
         declare(app, model=RecipeObject, deactivate_after=3)
 
@@ -119,7 +124,9 @@ def test_per_task_value_wins_over_app_setting_which_wins_over_default(
 
 
 def test_django_settings_under_the_celery_namespace() -> None:
-    with override_settings(CELERY_DEACTIVATE_NOTIFY=False, CELERY_DONT_DEACTIVATE_ON=["builtins.KeyError"]):
+    with override_settings(
+        CELERY_DEACTIVATE_NOTIFY=False, CELERY_DONT_DEACTIVATE_ON=["builtins.KeyError"]
+    ):
         assert resolve(tasks.poll, "deactivate_notify") is False
         assert resolve(tasks.poll, "dont_deactivate_on") == (KeyError,)
     assert resolve(tasks.poll, "deactivate_notify") is True

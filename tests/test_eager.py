@@ -166,8 +166,14 @@ def test_notifier_and_receiver_failures_are_logged_not_raised(
     assert isinstance(result.result, tasks.Boom)
     assert Feed.objects.get(pk=feed.pk).active is False
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert any("notifier" in r.getMessage() and f"testapp.Feed pk={feed.pk}" in r.getMessage() for r in errors)
-    assert any("receiver" in r.getMessage() and f"testapp.Feed pk={feed.pk}" in r.getMessage() for r in errors)
+    assert any(
+        "notifier" in r.getMessage() and f"testapp.Feed pk={feed.pk}" in r.getMessage()
+        for r in errors
+    )
+    assert any(
+        "receiver" in r.getMessage() and f"testapp.Feed pk={feed.pk}" in r.getMessage()
+        for r in errors
+    )
 
 
 def test_pass_object_retry_message_keeps_the_primary_key(eager: Celery) -> None:

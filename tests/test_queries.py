@@ -7,6 +7,7 @@ the rollback.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +26,8 @@ TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVE
 
 def statements(run: Callable[[], Any]) -> list[str]:
     """The data statements ``run`` sends (transaction control left out)."""
-    with CaptureQueriesContext(connection) as captured:
-        try:
-            run()
-        except Exception:
-            pass
+    with CaptureQueriesContext(connection) as captured, contextlib.suppress(Exception):
+        run()
     sql = [query["sql"].strip() for query in captured.captured_queries]
     return [s for s in sql if not s.upper().startswith(TRANSACTION_CONTROL)]
 

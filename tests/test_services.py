@@ -61,7 +61,9 @@ def test_concurrent_failures_lose_no_increment_and_deactivate_once() -> None:
         try:
             barrier.wait()
             for _ in range(5):
-                services.record_failure(target(), feed.pk, ValueError("x"), threshold=30, sender=None)
+                services.record_failure(
+                    target(), feed.pk, ValueError("x"), threshold=30, sender=None
+                )
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
         finally:
