@@ -8,34 +8,56 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import TestWorkController, start_worker
+from celery.contrib.testing.worker import TestWorkController
 from django.core import mail
 
 from tests.celery_app import app as project_app
 
 
 @pytest.fixture(scope="session")
-def celery_app() -> Celery:
-    """The test project's app (configured from Django settings), finalized with its tasks."""
+def celery_session_app() -> Celery:
+    """The test project's app (configured from Django settings), finalized with its tasks.
+
+    It replaces the test app of ``celery.contrib.pytest``'s classic ``celery_session_worker``
+    (pytest-celery 1.x's own ``celery_worker`` needs Docker: ``-p no:celery`` in setup.cfg).
+    """
     project_app.loader.import_default_modules()
     project_app.finalize()
     return project_app
 
 
 @pytest.fixture(scope="session")
+def celery_app(celery_session_app: Celery) -> Celery:
+    return celery_session_app
+
+
+@pytest.fixture(scope="session")
+def celery_worker_pool() -> str:
+    return "threads"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_parameters() -> dict[str, Any]:
+    return {
+        "concurrency": 2,
+        "perform_ping_check": False,
+        "shutdown_timeout": 30.0,
+        "loglevel": "WARNING",
+    }
+
+
+@pytest.fixture(scope="session")
+def _db_for_the_worker(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    with django_db_blocker.unblock():
+        yield
+
+
+@pytest.fixture
 def worker(
-    celery_app: Celery, django_db_setup: Any, django_db_blocker: Any
-) -> Iterator[TestWorkController]:
-    """A real worker consuming the broker in a thread of this process (threads pool)."""
-    with django_db_blocker.unblock(), start_worker(
-        celery_app,
-        pool="threads",
-        concurrency=2,
-        perform_ping_check=False,
-        shutdown_timeout=30.0,
-        loglevel="WARNING",
-    ) as controller:
-        yield controller
+    _db_for_the_worker: None, celery_session_worker: TestWorkController
+) -> TestWorkController:
+    """A real worker consuming the broker in threads of this process (started once)."""
+    return celery_session_worker
 
 
 @pytest.fixture

@@ -175,7 +175,3 @@ def test_notifier_and_receiver_failures_are_logged_not_raised(
         for r in errors
     )
 
-
-def test_pass_object_retry_message_keeps_the_primary_key(eager: Celery) -> None:
-    feed = Feed.objects.create(title="object")
-    assert tasks.poll_object.delay(feed.pk, "suffix").get() == feed.pk

@@ -164,3 +164,16 @@ def test_body_receives_the_loaded_object() -> None:
     assert result.state == "FAILURE"
     bad.refresh_from_db()
     assert bad.active is False
+
+
+def test_retry_of_a_task_given_the_object_sends_the_primary_key() -> None:
+    # The retry message is built from the request, which keeps the pk (a model instance
+    # would not serialize): the retry runs, and only its final failure counts.
+    feed = Feed.objects.create(title="flaky object", behaviour="transient")
+
+    result = run(tasks.poll_object_autoretry, feed.pk)
+
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, tasks.Transient)
+    feed.refresh_from_db()
+    assert (feed.active, feed.failure_count) == (False, 1)

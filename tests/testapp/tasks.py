@@ -100,3 +100,16 @@ def manage_object(pk: int) -> Any:
 )
 def sync_renamed(pk: int) -> Any:
     return work(Renamed.objects.get(pk=pk))
+
+
+@app.task(
+    base=DeactivatingTask,
+    model=Feed,
+    deactivate_pass_object=True,
+    autoretry_for=(Transient,),
+    max_retries=1,
+    default_retry_delay=0,
+    retry_backoff=False,
+)
+def poll_object_autoretry(feed: Feed) -> Any:
+    return work(feed)
