@@ -3,6 +3,8 @@ resolve per task, then from the app's settings, then from their defaults."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -136,3 +138,27 @@ def test_bad_app_setting_fails_with_the_option_name(conf: Callable[..., None]) -
     conf(deactivate_after=-1)
     with pytest.raises(ImproperlyConfigured, match="deactivate_after must be an integer"):
         tasks.poll.check_configuration()
+
+
+def test_string_model_declared_before_apps_are_ready_is_checked_by_app_ready() -> None:
+    # A project's celery.py (and tasks declared with it) may be imported before django.setup().
+    script = """
+import os
+os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+from celery import Celery
+from celery_deactivate import DeactivatingTask
+app = Celery("early", set_as_current=False)
+app.finalize()
+@app.task(base=DeactivatingTask, model="testapp.Nope", lazy=False, shared=False)
+def early(pk): ...
+print("declared")
+import django
+django.setup()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.strip() == "declared"
+    assert done.returncode != 0
+    assert "ImproperlyConfigured" in done.stderr or "DeactivateConfigError" in done.stderr
+    assert "model='testapp.Nope' is not an installed model" in done.stderr
