@@ -53,10 +53,19 @@ class DeactivatingRequest(Request):  # type: ignore[misc]  # celery ships no typ
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
         crash = self._crash(exc_info, return_ok)
+        recorded = False
+        if crash is not None and self._requeues(crash):
+            # Count it before Celery puts the message back: else its next delivery can run the
+            # body again before the count lands.  The child is gone and holds no lock: this is
+            # quick, and bounded by deactivate_crash_timeout.
+            recorded = True
+            thread, timeout = self._record_crash(crash)
+            if thread is not None:
+                thread.join(timeout + 1.0)
         try:
             super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         finally:
-            if crash is not None:
+            if crash is not None and not recorded:
                 self._record_crash(crash)
 
     def _crash(self, exc_info: Any, return_ok: bool) -> BaseException | None:
@@ -77,6 +86,13 @@ class DeactivatingRequest(Request):  # type: ignore[misc]  # celery ships no typ
         ):
             return None
         return exc
+
+    def _requeues(self, crash: BaseException) -> bool:
+        """Whether Celery will requeue the message (``acks_late`` + ``reject_on_worker_lost``)."""
+        task = self.task
+        return bool(
+            isinstance(crash, WorkerLostError) and task.acks_late and task.reject_on_worker_lost
+        )
 
     def _stopped_on_purpose(self) -> bool:
         """Revoked or terminated by an operator, or a cold shutdown of the worker."""
@@ -99,9 +115,10 @@ class DeactivatingRequest(Request):  # type: ignore[misc]  # celery ships no typ
         check = getattr(self, "_success_was_stored", None)
         return bool(check and check())
 
-    def _record_crash(self, exc: BaseException) -> None:
+    def _record_crash(self, exc: BaseException) -> tuple[threading.Thread | None, float]:
+        """Record the crash in a new thread; return it and the time it may take."""
         if not self.args:
-            return
+            return None, 0.0
         task, pk, task_id = self.task, self.args[0], self.id
         try:
             timeout = resolve(task, "deactivate_crash_timeout")
@@ -114,6 +131,7 @@ class DeactivatingRequest(Request):  # type: ignore[misc]  # celery ships no typ
             name=f"celery-deactivate-{task_id}",
         )
         thread.start()
+        return thread, timeout
 
 
 def _record_in_thread(task: Any, exc: BaseException, pk: Any, task_id: str, timeout: float) -> None:
