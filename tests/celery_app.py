@@ -4,4 +4,4 @@ from celery import Celery
 
 app = Celery("tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.conf.imports = ["tests.testapp.tasks"]
+app.conf.imports = ["tests.testapp.tasks", "tests.testapp.crash_tasks"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 SECRET_KEY = "celery-deactivate-tests"
@@ -65,6 +66,7 @@ def database_from_url(url: str) -> dict[str, object]:
 
 _SQLITE_DIR = Path(os.environ.get("SQLITE_DIR") or tempfile.gettempdir())
 
+DATABASES: dict[str, dict[str, Any]]
 if os.environ.get("DATABASE_URL"):
     DATABASES = {"default": database_from_url(os.environ["DATABASE_URL"])}
 else:
@@ -81,16 +83,41 @@ else:
         }
     }
 
+# A worker subprocess of the crash tests (tests/crash) uses the test database of the pytest run
+# that started it, and writes its mail where that run can read it.
+if os.environ.get("USE_TEST_DATABASE_NAME"):
+    DATABASES["default"]["NAME"] = DATABASES["default"]["TEST"]["NAME"]
+if os.environ.get("SQLITE_TRANSACTION_MODE") and DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    DATABASES["default"]["OPTIONS"]["transaction_mode"] = os.environ["SQLITE_TRANSACTION_MODE"]
+
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+if os.environ.get("EMAIL_FILE_PATH"):
+    EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+    EMAIL_FILE_PATH = os.environ["EMAIL_FILE_PATH"]
+elif os.environ.get("EMAIL_PORT"):
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_HOST = "127.0.0.1"
+    EMAIL_PORT = int(os.environ["EMAIL_PORT"])
+    EMAIL_TIMEOUT = 5
 ADMINS = [("Operations", "ops@example.com")]
 SERVER_EMAIL = "celery@example.com"
 
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "memory://")
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "cache+memory://")
 if CELERY_BROKER_URL.startswith("memory://"):
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"polling_interval": 0.01}
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {"polling_interval": 0.01}
+elif CELERY_BROKER_URL.startswith("filesystem://"):  # crash tests without Redis
+    _folder = Path(os.environ["CELERY_BROKER_FOLDER"])
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_folder / "data"),
+        "data_folder_out": str(_folder / "data"),
+        "control_folder": str(_folder / "control"),
+        "polling_interval": 0.05,
+    }
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = False
+# Seconds a prefork worker waits for the result of a killed child before WorkerLostError.
+CELERY_WORKER_LOST_WAIT = float(os.environ.get("WORKER_LOST_WAIT") or 10.0)
 
 LOGGING = {
     "version": 1,

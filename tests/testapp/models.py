@@ -52,3 +52,14 @@ class NoActive(models.Model):
 
 class WrongActive(models.Model):
     active = models.CharField(max_length=10)
+
+
+class SignalLog(models.Model):
+    """One row per ``object_deactivated`` / ``failure_counted`` a crash-test worker received."""
+
+    signal = models.CharField(max_length=30)
+    feed_id = models.BigIntegerField()
+    task_id = models.CharField(max_length=64, blank=True, default="")
+    failure_count = models.IntegerField(null=True)
+    exception = models.TextField(blank=True, default="")
+    process = models.CharField(max_length=40, blank=True, default="")

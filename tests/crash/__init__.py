@@ -1,0 +1,1 @@
+"""Fault injection on a real ``celery worker --pool=prefork`` subprocess (``-m crash``)."""

@@ -1,0 +1,65 @@
+"""Fixtures of the crash tests: where the processes meet, and a shared prefork worker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from tests.testapp.models import Feed, SignalLog
+
+from .worker import Meeting, Worker
+
+
+@pytest.fixture(scope="session")
+def meeting(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Meeting]:
+    """The test database, broker, result backend and folders the workers share with this run."""
+    folder: Path = tmp_path_factory.mktemp("crash")
+    place = Meeting.create(folder, str(connection.settings_dict["NAME"]))
+    saved = os.environ.get("CRASH_STATE_DIR")
+    os.environ["CRASH_STATE_DIR"] = place.env()["CRASH_STATE_DIR"]  # crash_tasks.runs() & co.
+    try:
+        yield place
+    finally:
+        place.close()
+        if saved is None:
+            del os.environ["CRASH_STATE_DIR"]
+        else:
+            os.environ["CRASH_STATE_DIR"] = saved
+
+
+@pytest.fixture(scope="session")
+def shared_worker(meeting: Meeting) -> Iterator[Worker]:
+    """One prefork worker (two children) for the tests that do not stop or reconfigure it."""
+    with Worker(meeting, "shared", queue="shared", concurrency=2) as worker:
+        yield worker
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(meeting: Meeting) -> None:
+    meeting.clear()
+
+
+def state(feed: Feed) -> tuple[bool, bool, int]:
+    """``(active, error, failure_count)`` as committed now."""
+    feed.refresh_from_db()
+    return feed.active, feed.error, feed.failure_count
+
+
+def signals_of(feed: Feed) -> list[tuple[str, int | None]]:
+    """``(signal, failure_count)`` of every signal the workers sent about ``feed``, in order."""
+    return [
+        (log.signal, log.failure_count)
+        for log in SignalLog.objects.filter(feed_id=feed.pk).order_by("pk")
+    ]
+
+
+def processes_of(feed: Feed) -> list[str]:
+    """The process that sent each signal about ``feed``: ``MainProcess`` or ``ForkPoolWorker-N``."""
+    return list(
+        SignalLog.objects.filter(feed_id=feed.pk).order_by("pk").values_list("process", flat=True)
+    )
