@@ -8,6 +8,7 @@ class CeleryDeactivateConfig(AppConfig):
     verbose_name = "Celery deactivate"
 
     def ready(self) -> None:
+        from . import tasks  # noqa: F401  (registers the fan-out's internal tasks on every app)
         from .task import pending_checks
 
         for task_class in list(pending_checks):
