@@ -76,16 +76,30 @@ class DeactivatingRequest(Request):  # type: ignore[misc]  # celery ships no typ
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
         if isinstance(exc, Terminated) or self._stopped_on_purpose():
-            return None
+            return self._not_counted(exc, "revoked, terminated or shut down on purpose")
         if isinstance(exc, SystemExit | KeyboardInterrupt):  # billiard >= 4.3: exit of the child
             exc = WorkerLostError(f"Worker exited prematurely: {exc!r}.")
         if not isinstance(exc, CRASHES):
             return None
-        if isinstance(exc, WorkerLostError) and (
-            self._retried_on_worker_lost() or self._succeeded_before()
-        ):
-            return None
+        if isinstance(exc, WorkerLostError):
+            if self._retried_on_worker_lost():
+                return self._not_counted(exc, "retried (retry_on_worker_lost)")
+            if self._succeeded_before():
+                return self._not_counted(exc, "lost after it stored its success")
         return exc
+
+    def _not_counted(self, exc: BaseException, reason: str) -> None:
+        model = self.task.model
+        logger.info(
+            "celery_deactivate: %s[%s] %s, not a failure of %s pk=%r (%s: %s)",
+            self.task.name,
+            self.id,
+            reason,
+            getattr(getattr(model, "_meta", None), "label", model),
+            self.args[0] if self.args else None,
+            type(exc).__qualname__,
+            exc,
+        )
 
     def _requeues(self, crash: BaseException) -> bool:
         """Whether Celery will requeue the message (``acks_late`` + ``reject_on_worker_lost``)."""

@@ -104,7 +104,7 @@ def act(task: DeactivatingTask, pk: int) -> Any:
         time.sleep(30)
         return pk
     if behaviour == "ignore":
-        raise Ignore()
+        raise Ignore("ignored on purpose")
     if behaviour == "reject_once":
         if runs(task_id) == 1:
             raise Reject("requeue me once", requeue=True)

@@ -1,0 +1,46 @@
+"""The feed poller: a deactivating task.
+
+``poll`` runs in one transaction on an active feed.  If it fails for good, celery-deactivate rolls
+the transaction back (no half-stored entries), deactivates the feed (``active=False``,
+``error=True``, ``error_message``...), sends ``object_deactivated``, mails the admins and
+re-raises the exception for Celery.  A deactivated feed is skipped by later polls.
+"""
+
+from __future__ import annotations
+
+from email.utils import parsedate_to_datetime
+from xml.etree import ElementTree
+
+from celery import shared_task
+from django.utils import timezone
+
+from celery_deactivate import DeactivatingTask
+
+from .models import Entry, Feed
+
+
+@shared_task(base=DeactivatingTask, model=Feed)
+def poll(pk: int) -> int:
+    """Parse the feed's RSS document and store its items; return how many."""
+    feed = Feed.objects.get(pk=pk)
+    channel = ElementTree.fromstring(feed.document).find("channel")
+    if channel is None:
+        raise ValueError(f"{feed.url}: not an RSS document (no <channel>)")
+    stored = 0
+    for item in channel.iter("item"):
+        # A malformed date raises here, after earlier items were stored: the rollback undoes them.
+        published_at = parsedate_to_datetime(item.findtext("pubDate", ""))
+        Entry.objects.update_or_create(
+            feed=feed,
+            guid=item.findtext("guid") or item.findtext("link", ""),
+            defaults={
+                "title": item.findtext("title", ""),
+                "link": item.findtext("link", ""),
+                "published_at": published_at,
+            },
+        )
+        stored += 1
+    Feed.objects.filter(pk=pk).update(
+        title=channel.findtext("title") or feed.title, last_polled_at=timezone.now()
+    )
+    return stored

@@ -1,0 +1,6 @@
+"""The example project's URLs: the Django admin only."""
+
+from django.contrib import admin
+from django.urls import path
+
+urlpatterns = [path("admin/", admin.site.urls)]
