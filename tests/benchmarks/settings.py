@@ -1,0 +1,46 @@
+"""Django settings of the benchmark worker and runner: the test project on its own database.
+
+``BENCH_DATABASE_URL`` (PostgreSQL) or ``BENCH_SQLITE`` (a file), ``BENCH_BROKER_URL`` and, for
+the filesystem broker, ``BENCH_BROKER_FOLDER``.  Results are ignored: the tasks' own cost counts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.settings import *  # noqa: F403
+from tests.settings import database_from_url
+
+if os.environ.get("BENCH_DATABASE_URL"):
+    DATABASES = {"default": database_from_url(os.environ["BENCH_DATABASE_URL"])}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("BENCH_SQLITE", "/tmp/celery_deactivate_bench.sqlite3"),
+            "OPTIONS": {"timeout": 30},
+        }
+    }
+
+CELERY_BROKER_URL = os.environ.get("BENCH_BROKER_URL", "filesystem://")
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _folder = Path(os.environ.get("BENCH_BROKER_FOLDER", "/tmp/celery_deactivate_bench_broker"))
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_folder),
+        "data_folder_out": str(_folder),
+        "polling_interval": 0.001,
+    }
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"null": {"class": "logging.NullHandler"}},
+    "loggers": {
+        "celery_deactivate": {"handlers": ["null"], "level": "WARNING", "propagate": False}
+    },
+}

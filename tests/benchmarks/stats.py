@@ -1,0 +1,144 @@
+"""Per-child counters shared between the benchmark worker's pool children and the runner.
+
+A file of fixed slots, mapped in memory by every child (``worker_process_init``) and by the runner:
+writing a counter is a memory store, so measuring costs the tasks next to nothing.  Slot layout:
+pid, tasks, queries, peak RSS (KiB), first task start, last task end (``time.time()``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import signals
+from django.db import connections
+
+SLOT = struct.Struct("<qqqqdd")
+SLOTS = 64
+SIZE = SLOT.size * SLOTS
+PAGE = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+@dataclass
+class Totals:
+    tasks: int
+    queries: int
+    rss_kib: int
+    first: float
+    last: float
+
+
+def create(path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(b"\0" * SIZE)
+
+
+def open_map(path: str) -> mmap.mmap:
+    with open(path, "r+b") as f:
+        return mmap.mmap(f.fileno(), SIZE)
+
+
+def reset(m: mmap.mmap) -> None:
+    """Zero every counter, keeping the slots' owners."""
+    for i in range(SLOTS):
+        pid = SLOT.unpack_from(m, i * SLOT.size)[0]
+        SLOT.pack_into(m, i * SLOT.size, pid, 0, 0, 0, 0.0, 0.0)
+
+
+def totals(m: mmap.mmap) -> Totals:
+    rows = [SLOT.unpack_from(m, i * SLOT.size) for i in range(SLOTS)]
+    used = [r for r in rows if r[1]]
+    return Totals(
+        tasks=sum(r[1] for r in rows),
+        queries=sum(r[2] for r in rows),
+        rss_kib=max((r[3] for r in rows), default=0),
+        first=min((r[4] for r in used), default=0.0),
+        last=max((r[5] for r in used), default=0.0),
+    )
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class _Child:
+    def __init__(self, path: str) -> None:
+        self.map = open_map(path)
+        with open(path, "r+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                for i in range(SLOTS):
+                    if SLOT.unpack_from(self.map, i * SLOT.size)[0] in (0, os.getpid()):
+                        break
+                else:
+                    raise RuntimeError("no free stats slot")
+                self.offset = i * SLOT.size
+                self.map[self.offset : self.offset + 8] = struct.pack("<q", os.getpid())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        self.active = False
+
+    def add(self, field: int, amount: int = 1) -> None:
+        at = self.offset + 8 * field
+        (value,) = struct.unpack_from("<q", self.map, at)
+        struct.pack_into("<q", self.map, at, value + amount)
+
+    def started(self) -> None:
+        at = self.offset + 32
+        if struct.unpack_from("<d", self.map, at)[0] == 0.0:
+            struct.pack_into("<d", self.map, at, time.time())
+
+    def finished(self) -> None:
+        struct.pack_into("<d", self.map, self.offset + 40, time.time())
+        (count,) = struct.unpack_from("<q", self.map, self.offset + 8)
+        if count % 32 == 0:
+            self.sample_rss()
+        self.add(1)
+
+    def sample_rss(self) -> None:
+        at = self.offset + 24
+        rss = rss_kib()
+        if rss > struct.unpack_from("<q", self.map, at)[0]:
+            struct.pack_into("<q", self.map, at, rss)
+
+
+_child: _Child | None = None
+
+
+def connect(measured: Callable[[str], bool]) -> None:
+    """Count the ``measured`` tasks of every pool child in the file ``$BENCH_STATS``."""
+
+    @signals.worker_process_init.connect(weak=False)
+    def init(**kwargs: Any) -> None:
+        global _child
+        path = os.environ.get("BENCH_STATS")
+        if not path:
+            return
+        _child = _Child(path)
+        child = _child
+
+        def count_query(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+            if child.active:
+                child.add(2)
+            return execute(sql, params, many, context)
+
+        connections["default"].execute_wrappers.append(count_query)
+
+    @signals.task_prerun.connect(weak=False)
+    def prerun(sender: Any = None, **kwargs: Any) -> None:
+        if _child is not None and measured(sender.name):
+            _child.active = True
+            _child.started()
+
+    @signals.task_postrun.connect(weak=False)
+    def postrun(sender: Any = None, **kwargs: Any) -> None:
+        if _child is not None and measured(sender.name):
+            _child.active = False
+            _child.finished()
