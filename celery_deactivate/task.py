@@ -19,7 +19,7 @@ from celery._state import _task_stack  # type: ignore[attr-defined]
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from django.apps import apps
-from django.db import router, transaction
+from django.db import DatabaseError, router, transaction
 from django.db.models import Model
 
 from . import services
@@ -178,28 +178,51 @@ class DeactivatingTask(_TaskBase):
             raise
 
     def _run_atomic(self, target: Target, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        pk = args[0]
         using = router.db_for_write(target.model)
+        failure: list[BaseException] = []
+        try:
+            with transaction.atomic(using=using):
+                try:
+                    return self._run_active(target, args, kwargs, using)
+                except BaseException as exc:
+                    failure.append(exc)
+                    raise
+        except DatabaseError as exc:
+            if not failure or exc is failure[0]:
+                raise
+            # The connection died under the body (the database went away): the rollback failed
+            # and Django's reconnect at the end of the block raised over the body's exception.
+            logger.warning(
+                "celery_deactivate: %s on %s: the database failed at the rollback (%s: %s)",
+                self.name,
+                target.identity(args[0]),
+                type(exc).__qualname__,
+                exc,
+            )
+        raise failure[0]  # the task's own exception, unchanged
+
+    def _run_active(
+        self, target: Target, args: tuple[Any, ...], kwargs: dict[str, Any], using: str
+    ) -> Any:
+        """Run the body if the object is active (inside the transaction)."""
+        pk = args[0]
         pass_object = resolve(self, "deactivate_pass_object")
-        with transaction.atomic(using=using):
-            queryset = self.get_queryset(using).filter(pk=pk)
-            if pass_object:
-                instance = queryset.get()
-                state = tuple(getattr(instance, name) for name in target.state_fields())
-            else:
-                state = queryset.values_list(*target.state_fields()).get()
-            if not state[0]:
-                logger.info(
-                    "%s: %s is inactive, the body did not run", self.name, target.identity(pk)
-                )
-                return None
-            if pass_object:
-                result = self._call_with(instance, args, kwargs)
-            else:
-                result = super().__call__(*args, **kwargs)
-            if len(state) > 1 and state[1]:
-                services.reset_failures(target, pk, using=using)
-            return result
+        queryset = self.get_queryset(using).filter(pk=pk)
+        if pass_object:
+            instance = queryset.get()
+            state = tuple(getattr(instance, name) for name in target.state_fields())
+        else:
+            state = queryset.values_list(*target.state_fields()).get()
+        if not state[0]:
+            logger.info("%s: %s is inactive, the body did not run", self.name, target.identity(pk))
+            return None
+        if pass_object:
+            result = self._call_with(instance, args, kwargs)
+        else:
+            result = super().__call__(*args, **kwargs)
+        if len(state) > 1 and state[1]:
+            services.reset_failures(target, pk, using=using)
+        return result
 
     def _call_with(self, instance: Model, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``Task.__call__`` with the instance in place of the pk (the request keeps the pk)."""
