@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,13 @@ from .worker import Meeting, Worker
 
 
 @pytest.fixture(scope="session")
-def meeting(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Meeting]:
-    """The test database, broker, result backend and folders the workers share with this run."""
-    folder: Path = tmp_path_factory.mktemp("crash")
+def meeting(django_db_setup: Any) -> Iterator[Meeting]:
+    """The test database, broker, result backend and folders the workers share with this run.
+
+    The folder is this session's own (not pytest's tmp_path, which a concurrent pytest run may
+    prune); it is removed at the end unless ``CRASH_KEEP`` is set.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="celery-deactivate-crash-"))
     place = Meeting.create(folder, str(connection.settings_dict["NAME"]))
     saved = os.environ.get("CRASH_STATE_DIR")
     os.environ["CRASH_STATE_DIR"] = place.env()["CRASH_STATE_DIR"]  # crash_tasks.runs() & co.
@@ -26,6 +32,8 @@ def meeting(django_db_setup: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         yield place
     finally:
         place.close()
+        if not os.environ.get("CRASH_KEEP"):
+            shutil.rmtree(folder, ignore_errors=True)
         if saved is None:
             del os.environ["CRASH_STATE_DIR"]
         else:

@@ -188,6 +188,12 @@ def mixed(pk: int, first_failure: int) -> Any:
     return pk
 
 
+@app.task(base=DeactivatingTask, model=Feed, bind=True, deactivate_crash_timeout=1)
+def crash_bounded(self: DeactivatingTask, pk: int) -> Any:
+    """The main process may wait at most 1 s for the row when it records a crash."""
+    return act(self, pk)
+
+
 # -- signals across processes ---------------------------------------------------------------
 
 
