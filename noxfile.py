@@ -1,4 +1,4 @@
-"""The test matrix: Celery 5.3 / 5.5 / 5.7 x Django 4.2 / 5.2 (Python 3.11), Django 6.0 (Python 3.12).
+"""The test matrix: Celery 5.3, 5.5, 5.7 x Django 4.2, 5.2 (Python 3.11); Django 6.0 (3.12).
 
     make test-matrix                                   # every session
     .venv/bin/nox -l                                   # list them
