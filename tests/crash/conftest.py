@@ -48,8 +48,11 @@ def shared_worker(meeting: Meeting) -> Iterator[Worker]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_state(meeting: Meeting) -> None:
+def _fresh_state(request: pytest.FixtureRequest, meeting: Meeting) -> None:
+    """Each test sees only its own mails, state files and shared-worker log lines."""
     meeting.clear()
+    if "shared_worker" in request.fixturenames:
+        request.getfixturevalue("shared_worker").forget_log()
 
 
 def state(feed: Feed) -> tuple[bool, bool, int]:

@@ -111,6 +111,7 @@ class Meeting:
             CRASH_STATE_DIR=str(self.folder / "state"),
             CRASH_SIGNAL_LOG="1",
             EMAIL_FILE_PATH=str(self.folder / "mail"),
+            SQLITE_TRANSACTION_MODE="IMMEDIATE",  # SQLite: concurrent bodies wait, never fail
             WORKER_LOST_WAIT="0.5",  # report a killed child at once (default: 10 s)
             PYTHONUNBUFFERED="1",
         )
@@ -163,6 +164,7 @@ class Worker:
         self.extra_env = env or {}
         self.log_path = meeting.folder / "logs" / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.log_offset = 0
 
     def __enter__(self) -> Worker:
         try:
@@ -256,7 +258,15 @@ class Worker:
             self.process.wait(10)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """What the worker logged since it started, or since :meth:`forget_log`."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as file:
+            file.seek(self.log_offset)
+            return file.read().decode(errors="replace")
+
+    def forget_log(self) -> None:
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
