@@ -75,6 +75,8 @@ def test_soft_time_limit_is_an_ordinary_failure(shared_worker: Worker, meeting: 
     finished(result)
     assert result.state == states.FAILURE
     assert isinstance(result.result, SoftTimeLimitExceeded)
+    # Celery stores the result before it calls Task.on_failure: wait for the mail, sent last.
+    wait_for(lambda: meeting.mails_about(feed.pk))
     assert state(feed) == (False, True, 1)
     assert feed.error_message.startswith("SoftTimeLimitExceeded")
     assert feed.polls == 0
