@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import django
+
 SECRET_KEY = "celery-deactivate-tests"
 USE_TZ = True
 TIME_ZONE = "UTC"
@@ -87,7 +89,11 @@ else:
 # that started it, and writes its mail where that run can read it.
 if os.environ.get("USE_TEST_DATABASE_NAME"):
     DATABASES["default"]["NAME"] = DATABASES["default"]["TEST"]["NAME"]
-if os.environ.get("SQLITE_TRANSACTION_MODE") and DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+if (
+    os.environ.get("SQLITE_TRANSACTION_MODE")
+    and DATABASES["default"]["ENGINE"].endswith("sqlite3")
+    and django.VERSION >= (5, 1)  # the option is new in Django 5.1
+):
     DATABASES["default"]["OPTIONS"]["transaction_mode"] = os.environ["SQLITE_TRANSACTION_MODE"]
 
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
