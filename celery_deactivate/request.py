@@ -22,7 +22,7 @@ import logging
 import threading
 from typing import Any
 
-from billiard.einfo import ExceptionWithTraceback
+from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.worker import state as worker_state
 from celery.worker.request import Request
@@ -36,7 +36,7 @@ logger = logging.getLogger("celery_deactivate")
 CRASHES = (WorkerLostError, TimeLimitExceeded)
 
 
-class DeactivatingRequest(Request):  # type: ignore[misc]  # celery ships no type hints
+class DeactivatingRequest(Request):
     """``Request`` of :class:`~celery_deactivate.DeactivatingTask` (its ``Request`` attribute).
 
     A task class that sets its own ``Request`` must subclass this one.
@@ -76,20 +76,23 @@ class DeactivatingRequest(Request):  # type: ignore[misc]  # celery ships no typ
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
         if isinstance(exc, Terminated) or self._stopped_on_purpose():
-            return self._not_counted(exc, "revoked, terminated or shut down on purpose")
+            self._not_counted(exc, "revoked, terminated or shut down on purpose")
+            return None
         if isinstance(exc, SystemExit | KeyboardInterrupt):  # billiard >= 4.3: exit of the child
             exc = WorkerLostError(f"Worker exited prematurely: {exc!r}.")
         if not isinstance(exc, CRASHES):
             return None
         if isinstance(exc, WorkerLostError):
             if self._retried_on_worker_lost():
-                return self._not_counted(exc, "retried (retry_on_worker_lost)")
+                self._not_counted(exc, "retried (retry_on_worker_lost)")
+                return None
             if self._succeeded_before():
-                return self._not_counted(exc, "lost after it stored its success")
+                self._not_counted(exc, "lost after it stored its success")
+                return None
         return exc
 
     def _not_counted(self, exc: BaseException, reason: str) -> None:
-        model = self.task.model
+        model = getattr(self.task, "model", None)
         logger.info(
             "celery_deactivate: %s[%s] %s, not a failure of %s pk=%r (%s: %s)",
             self.task.name,
@@ -122,7 +125,8 @@ class DeactivatingRequest(Request):  # type: ignore[misc]  # celery ships no typ
         task = self.task
         if not getattr(task, "retry_on_worker_lost", False):
             return False
-        return task.max_retries is None or self._context.retries < task.max_retries
+        retries: int = self._context.retries  # type: ignore[attr-defined]
+        return task.max_retries is None or retries < task.max_retries
 
     def _succeeded_before(self) -> bool:
         """The child stored SUCCESS and died afterwards (Celery >= 5.7 checks the backend)."""
