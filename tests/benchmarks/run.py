@@ -1,6 +1,6 @@
 """``python -m tests.benchmarks.run [--rounds 5] [--n 1000] [--fanout-n 10000] [--memory]``.
 
-For each available backend (the embedded default: SQLite file + filesystem broker; PostgreSQL +
+For each available backend (the embedded default: SQLite file + SQLAlchemy/SQLite broker; PostgreSQL +
 Redis when ``DATABASE_URL`` and ``CELERY_BROKER_URL`` are set), a child process starts ONE real
 ``celery worker --pool=prefork --concurrency=2`` and runs every scenario in interleaved rounds:
 two gate tasks hold the pool children while N messages are queued, then the clock runs from the
@@ -39,7 +39,7 @@ SCENARIOS = [
 
 
 def backends() -> list[dict[str, str]]:
-    found = [{"name": "embedded (SQLite + filesystem broker)", "key": "embedded"}]
+    found = [{"name": "embedded (SQLite + sqla+sqlite broker)", "key": "embedded"}]
     db, broker = os.environ.get("DATABASE_URL"), os.environ.get("CELERY_BROKER_URL", "")
     if db and broker.startswith("redis://"):
         parts = urlsplit(db)
@@ -67,9 +67,9 @@ def child_env(backend: dict[str, str], workdir: str) -> dict[str, str]:
     env.setdefault("CELERY_DB_REUSE_MAX", "1000")
     if backend["key"] == "embedded":
         env["BENCH_SQLITE"] = str(Path(workdir) / "bench.sqlite3")
-        env["BENCH_BROKER_URL"] = "filesystem://"
-        env["BENCH_BROKER_FOLDER"] = str(Path(workdir) / "broker")
-        (Path(workdir) / "broker").mkdir(exist_ok=True)
+        # kombu's filesystem transport can hand a consumer a half-written file while publishing
+        # runs; the SQLAlchemy transport on an SQLite file is transactional.
+        env["BENCH_BROKER_URL"] = f"sqla+sqlite:///{Path(workdir) / 'broker.sqlite3'}"
     return env
 
 

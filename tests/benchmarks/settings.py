@@ -33,6 +33,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_folder),
         "data_folder_out": str(_folder),
+        "control_folder": str(_folder / "control"),
         "polling_interval": 0.001,
     }
 

@@ -12,6 +12,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,9 @@ class Worker:
         deadline = time.monotonic() + timeout
         while not predicate():
             if self.proc.poll() is not None:
+                Path(tempfile.gettempdir(), "cd-bench-worker.log").write_text(
+                    Path(self.log.name).read_text()
+                )
                 raise RuntimeError(
                     f"the worker exited ({self.proc.returncode}); see {self.log.name}"
                 )
