@@ -1,11 +1,11 @@
 """``python -m tests.benchmarks.run [--rounds 5] [--n 1000] [--fanout-n 10000] [--memory]``.
 
-For each available backend (the embedded default: SQLite file + SQLAlchemy/SQLite broker; PostgreSQL +
-Redis when ``DATABASE_URL`` and ``CELERY_BROKER_URL`` are set), a child process starts ONE real
-``celery worker --pool=prefork --concurrency=2`` and runs every scenario in interleaved rounds:
-two gate tasks hold the pool children while N messages are queued, then the clock runs from the
-first measured task's start to the last one's end (no worker boot, no publishing).  The table of
-medians goes to stdout and to ``tests/benchmarks/results.md``.
+For each available backend (the embedded default: SQLite file + SQLAlchemy/SQLite broker;
+PostgreSQL + Redis when ``DATABASE_URL`` and ``CELERY_BROKER_URL`` are set), a child process
+starts ONE real ``celery worker --pool=prefork --concurrency=2`` and runs every scenario in
+interleaved rounds: two gate tasks hold the pool children while N messages are queued, then the
+clock runs from the first measured task's start to the last one's end (no worker boot, no
+publishing).  The table of medians goes to stdout and to ``tests/benchmarks/results.md``.
 """
 
 from __future__ import annotations
