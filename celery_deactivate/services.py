@@ -10,11 +10,11 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, cast
 
 from django.db import connections, router, transaction
 from django.db.models import Case, F, Field, Model, Q, Value, When
-from django.db.models.sql import UpdateQuery
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -23,8 +23,9 @@ from .target import Target, resolve_target
 
 logger = logging.getLogger("celery_deactivate")
 
-#: Backends whose UPDATE ... RETURNING lets one statement both change and read the row.
-RETURNING_VENDORS = frozenset({"postgresql", "sqlite"})
+#: Backends on which the hot paths use hand-written SQL: ``UPDATE ... RETURNING`` lets one
+#: statement both change and read the row.  Others take the ORM (one statement more).
+FAST_VENDORS = frozenset({"postgresql", "sqlite"})
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,9 @@ def record_failure(
     :data:`~celery_deactivate.signals.failure_counted` when the row changed.
     """
     using = using or db_for(target)
-    values = _failure_values(target, exc, threshold)
+    sets = _failure_values(target, exc, threshold)
     with bounded(using, timeout):
-        instance = _update_returning(target, pk, values, using)
+        instance = _update_returning(target, pk, sets, using)
     if instance is None:
         return FailureOutcome(None, False, None)
     count = getattr(instance, target.failure_count) if target.failure_count else None
@@ -103,8 +104,8 @@ def deactivate(
     """Deactivate one active object by hand (admin, command); ``None`` if it was not active."""
     target = target_for(model, fields)
     using = using or db_for(target)
-    values = _deactivation_values(target, exception, error=exception is not None)
-    instance = _update_returning(target, pk, values, using)
+    sets = _deactivation(target, exception, error=exception is not None)
+    instance = _update_returning(target, pk, sets, using)
     if instance is not None:
         count = getattr(instance, target.failure_count) if target.failure_count else None
         _send(
@@ -129,16 +130,16 @@ def reactivate(
     """Make one inactive object active again and clear its error; ``None`` if it was active."""
     target = target_for(model, fields)
     using = using or db_for(target)
-    values: dict[str, Any] = {target.active: True}
+    sets = [Assign(target.active, True)]
     if target.error:
-        values[target.error] = False
+        sets.append(Assign(target.error, False))
     if target.error_message:
-        values[target.error_message] = ""
+        sets.append(Assign(target.error_message, ""))
     if target.deactivated_at:
-        values[target.deactivated_at] = None
+        sets.append(Assign(target.deactivated_at, None))
     if target.failure_count:
-        values[target.failure_count] = 0
-    instance = _update_returning(target, pk, values, using, active=False)
+        sets.append(Assign(target.failure_count, 0))
+    instance = _update_returning(target, pk, sets, using, active=False)
     if instance is not None:
         _send(signals.object_reactivated, target, model, instance)
     return instance
@@ -149,83 +150,190 @@ def target_for(model: type[Model], fields: Mapping[str, str | None] | None = Non
     return resolve_target(model, tuple(sorted((fields or {}).items())), model._meta.label)
 
 
-def _deactivation_values(
-    target: Target, exc: BaseException | None, *, error: bool = True
-) -> dict[str, Any]:
-    values: dict[str, Any] = {target.active: False}
+@dataclass(frozen=True)
+class Assign:
+    """One column of a targeted update: ``name = value``, ``name = name + 1`` (``increment``),
+    or ``name = value`` only on the failure that reaches ``threshold`` (``when_count_reaches``).
+
+    It renders to hand-written SQL on the fast path and to Django expressions on the fallback.
+    """
+
+    name: str
+    value: Any = None
+    increment: bool = False
+    when_count_reaches: tuple[str, int] | None = None  # (failure_count field, threshold)
+
+    def sql(self, model: type[Model], connection: Any) -> tuple[str, list[Any]]:
+        quote = connection.ops.quote_name
+        column = quote(_column(model, self.name))
+        if self.increment:
+            return f"{column} = {column} + 1", []
+        value = _field(model, self.name).get_db_prep_save(self.value, connection)
+        if self.when_count_reaches is None:
+            return f"{column} = %s", [value]
+        counter, threshold = self.when_count_reaches
+        count = quote(_column(model, counter))
+        return f"{column} = CASE WHEN {count} >= %s THEN %s ELSE {column} END", [
+            threshold - 1,
+            value,
+        ]
+
+    def expression(self, model: type[Model]) -> Any:
+        if self.increment:
+            return F(self.name) + 1
+        if self.when_count_reaches is None:
+            return self.value
+        counter, threshold = self.when_count_reaches
+        return Case(
+            When(
+                Q(**{f"{counter}__gte": threshold - 1}),
+                then=Value(self.value, output_field=_field(model, self.name)),
+            ),
+            default=F(self.name),
+        )
+
+
+def _field(model: type[Model], name: str) -> Field[Any, Any]:
+    return cast("Field[Any, Any]", model._meta.get_field(name))
+
+
+def _column(model: type[Model], name: str) -> str:
+    return cast(str, _field(model, name).column)
+
+
+def _pk(model: type[Model]) -> tuple[Field[Any, Any], str]:
+    """The primary key field and its column."""
+    pk = cast("Field[Any, Any]", model._meta.pk)
+    return pk, cast(str, pk.column)
+
+
+def _deactivation(target: Target, exc: BaseException | None, *, error: bool = True) -> list[Assign]:
+    sets = [Assign(target.active, False)]
     if target.error:
-        values[target.error] = error
+        sets.append(Assign(target.error, error))
     if target.error_message:
-        values[target.error_message] = format_error(exc, target.error_message_max_length)
+        sets.append(
+            Assign(target.error_message, format_error(exc, target.error_message_max_length))
+        )
     if target.deactivated_at:
-        values[target.deactivated_at] = timezone.now()
-    return values
+        sets.append(Assign(target.deactivated_at, timezone.now()))
+    return sets
 
 
-def _failure_values(target: Target, exc: BaseException, threshold: int) -> dict[str, Any]:
-    deactivation = _deactivation_values(target, exc)
-    if threshold <= 1 or not target.failure_count:
-        values = deactivation
-    else:
-        # SET expressions see the row as it was: the failure that reaches the threshold flips it.
-        reached = Q(**{f"{target.failure_count}__gte": threshold - 1})
-        meta = target.model._meta
-        values = {
-            name: Case(
-                When(
-                    reached,
-                    then=Value(new, output_field=cast("Field[Any, Any]", meta.get_field(name))),
-                ),
-                default=F(name),
-            )
-            for name, new in deactivation.items()
-        }
+def _failure_values(target: Target, exc: BaseException, threshold: int) -> list[Assign]:
+    sets = _deactivation(target, exc)
     if target.failure_count:
-        values[target.failure_count] = F(target.failure_count) + 1
-    return values
+        if threshold > 1:
+            # SET expressions see the row as it was: the failure that reaches the threshold
+            # flips it.
+            reached = (target.failure_count, threshold)
+            sets = [Assign(a.name, a.value, when_count_reaches=reached) for a in sets]
+        sets.append(Assign(target.failure_count, increment=True))
+    return sets
+
+
+def read_state(target: Target, pk: Any, using: str) -> tuple[Any, ...]:
+    """``(active, failure_count)`` of the row (``(active,)`` without a counter): one SELECT.
+
+    Raises the model's ``DoesNotExist`` for a missing row.
+    """
+    model = target.model
+    connection = connections[using]
+    names = target.state_fields()
+    if target.single_table and connection.vendor in FAST_VENDORS:
+        quote = connection.ops.quote_name
+        meta = model._meta
+        pk_field, pk_column = _pk(model)
+        columns = ", ".join(quote(_column(model, name)) for name in names)
+        sql = f"SELECT {columns} FROM {quote(meta.db_table)} WHERE {quote(pk_column)} = %s"
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [pk_field.get_db_prep_value(pk, connection)])
+            row = cursor.fetchone()
+        if row is None:
+            missing = cast(Any, model).DoesNotExist
+            raise missing(f"{meta.object_name} matching query does not exist.")
+        return tuple(row)
+    state: tuple[Any, ...] = model._base_manager.db_manager(using).values_list(*names).get(pk=pk)
+    return state
 
 
 def _update_returning(
-    target: Target, pk: Any, values: dict[str, Any], using: str, *, active: bool = True
+    target: Target, pk: Any, sets: list[Assign], using: str, *, active: bool = True
 ) -> Model | None:
     """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change."""
-    queryset = target.model._base_manager.db_manager(using).filter(pk=pk, **{target.active: active})
     connection = connections[using]
     if (
-        connection.vendor in RETURNING_VENDORS
+        target.single_table
+        and connection.vendor in FAST_VENDORS
         and connection.features.can_return_columns_from_insert
     ):
-        return _update_with_returning(queryset, values, using)
-    return _update_then_select(queryset, pk, values, using)
+        return _update_with_returning(target, pk, sets, using, active)
+    queryset = target.model._base_manager.db_manager(using).filter(pk=pk, **{target.active: active})
+    return _update_then_select(queryset, pk, sets, using)
 
 
-def _update_with_returning(queryset: Any, values: dict[str, Any], using: str) -> Model | None:
-    """One statement: ``UPDATE ... RETURNING`` every concrete column (PostgreSQL, SQLite)."""
-    model = queryset.model
-    query = queryset.query.chain(UpdateQuery)
-    query.add_update_values(values)
-    statement, params = query.get_compiler(using).as_sql()
-    fields = model._meta.concrete_fields
-    quote = connections[using].ops.quote_name
-    returning = ", ".join(quote(field.column) for field in fields)
-    with connections[using].cursor() as cursor:
-        cursor.execute(f"{statement} RETURNING {returning}", params)
+def _update_with_returning(
+    target: Target, pk: Any, sets: list[Assign], using: str, active: bool
+) -> Model | None:
+    """One statement, written by hand (the ORM compiles no ``RETURNING`` for updates):
+    ``UPDATE t SET ... WHERE pk = %s AND active = %s RETURNING <every column>``."""
+    model = target.model
+    meta = model._meta
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    assignments, params = [], []
+    for assign in sets:
+        sql, values = assign.sql(model, connection)
+        assignments.append(sql)
+        params.extend(values)
+    pk_field, pk_column = _pk(model)
+    params.append(pk_field.get_db_prep_value(pk, connection))
+    params.append(_field(model, target.active).get_db_prep_value(active, connection))
+    attnames, returning, converters = _row_reader(model, using)
+    statement = (
+        f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
+        f"WHERE {quote(pk_column)} = %s AND {quote(_column(model, target.active))} = %s "
+        f"RETURNING {returning}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
         row = cursor.fetchone()
     if row is None:
         return None
-    select = queryset.query.get_compiler(using)
-    converters = select.get_converters([field.get_col(model._meta.db_table) for field in fields])
-    (converted,) = select.apply_converters([list(row)], converters) if converters else [row]
-    instance: Model = model.from_db(using, [field.attname for field in fields], list(converted))
+    values = list(row)
+    for index, (functions, expression) in converters:
+        for convert in functions:
+            values[index] = convert(values[index], expression, connection)
+    instance: Model = model.from_db(using, attnames, values)
     return instance
 
 
-def _update_then_select(queryset: Any, pk: Any, values: dict[str, Any], using: str) -> Model | None:
-    """Other backends: the update and a read of the row in one transaction (row lock held)."""
+@lru_cache(maxsize=256)
+def _row_reader(
+    model: type[Model], using: str
+) -> tuple[list[str], str, list[tuple[int, tuple[list[Any], Any]]]]:
+    """Attribute names, the RETURNING column list and the value converters of a model's row."""
+    connection = connections[using]
+    fields = model._meta.concrete_fields
+    quote = connection.ops.quote_name
+    converters = []
+    for index, field in enumerate(fields):
+        column = field.get_col(model._meta.db_table)
+        functions = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        if functions:
+            converters.append((index, (functions, column)))
+    returning = ", ".join(quote(cast(str, field.column)) for field in fields)
+    return [field.attname for field in fields], returning, converters
+
+
+def _update_then_select(queryset: Any, pk: Any, sets: list[Assign], using: str) -> Model | None:
+    """Other backends, and models whose fields span tables: the ORM's update and a read of the
+    row, in one transaction (the row lock is held in between)."""
+    model = queryset.model
     with transaction.atomic(using=using):
-        if not queryset.update(**values):
+        if not queryset.update(**{assign.name: assign.expression(model) for assign in sets}):
             return None
-        instance: Model = queryset.model._base_manager.db_manager(using).get(pk=pk)
+        instance: Model = model._base_manager.db_manager(using).get(pk=pk)
         return instance
 
 

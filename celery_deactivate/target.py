@@ -37,6 +37,9 @@ class Target:
     error_message_max_length: int | None
     deactivated_at: str | None
     failure_count: str | None
+    #: Every concrete field lives in the model's own table (no multi-table inheritance): the hot
+    #: paths may use hand-written SQL on it.
+    single_table: bool = True
 
     @property
     def label(self) -> str:
@@ -125,6 +128,10 @@ def resolve_target(
         return None if field is None else field.name
 
     message_field = found["error_message"]
+    single_table = all(
+        field.model._meta.concrete_model is concrete._meta.concrete_model
+        for field in concrete._meta.concrete_fields
+    )
     active = name_of("active")
     assert active is not None
     return Target(
@@ -135,4 +142,5 @@ def resolve_target(
         error_message_max_length=message_field.max_length if message_field else None,
         deactivated_at=name_of("deactivated_at"),
         failure_count=name_of("failure_count"),
+        single_table=single_table,
     )

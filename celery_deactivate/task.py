@@ -181,61 +181,59 @@ class DeactivatingTask(_TaskBase):
             raise
 
     def _run_atomic(self, target: Target, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the body in a transaction if the object is active.
+
+        One frame between ``__call__`` and the body: Celery formats every frame of a failure's
+        traceback, so each wrapper frame costs on the failure path.
+        """
+        pk = args[0]
         using = router.db_for_write(target.model)
-        failure: list[BaseException] = []
+        pass_object = resolve(self, "deactivate_pass_object")
+        failure: BaseException | None = None
         try:
             with transaction.atomic(using=using):
                 try:
-                    return self._run_active(target, args, kwargs, using)
+                    if pass_object:
+                        first = self.get_queryset(using).get(pk=pk)
+                        state = tuple(getattr(first, name) for name in target.state_fields())
+                    else:
+                        first, state = pk, services.read_state(target, pk, using)
+                    if not state[0]:
+                        logger.info(
+                            "%s: %s is inactive, the body did not run",
+                            self.name,
+                            target.identity(pk),
+                        )
+                        return None
+                    # Task.__call__, with the instance in place of the pk when it is passed
+                    # (the request keeps the pk, so retry() sends the pk).
+                    _task_stack.push(self)
+                    self.push_request(args=args, kwargs=kwargs)
+                    try:
+                        result = self.run(first, *args[1:], **kwargs)
+                    finally:
+                        self.pop_request()
+                        _task_stack.pop()
+                    if len(state) > 1 and state[1]:
+                        services.reset_failures(target, pk, using=using)
+                    return result
                 except BaseException as exc:
-                    failure.append(exc)
+                    failure = exc
                     raise
         except DatabaseError as exc:
-            if not failure or exc is failure[0]:
+            if failure is None or exc is failure:
                 raise
             # The connection died under the body (the database went away): the rollback failed
             # and Django's reconnect at the end of the block raised over the body's exception.
             logger.warning(
                 "celery_deactivate: %s on %s: the database failed at the rollback (%s: %s)",
                 self.name,
-                target.identity(args[0]),
+                target.identity(pk),
                 type(exc).__qualname__,
                 exc,
             )
-        raise failure[0]  # the task's own exception, unchanged
-
-    def _run_active(
-        self, target: Target, args: tuple[Any, ...], kwargs: dict[str, Any], using: str
-    ) -> Any:
-        """Run the body if the object is active (inside the transaction)."""
-        pk = args[0]
-        pass_object = resolve(self, "deactivate_pass_object")
-        queryset = self.get_queryset(using).filter(pk=pk)
-        if pass_object:
-            instance = queryset.get()
-            state = tuple(getattr(instance, name) for name in target.state_fields())
-        else:
-            state = queryset.values_list(*target.state_fields()).get()
-        if not state[0]:
-            logger.info("%s: %s is inactive, the body did not run", self.name, target.identity(pk))
-            return None
-        if pass_object:
-            result = self._call_with(instance, args, kwargs)
-        else:
-            result = super().__call__(*args, **kwargs)
-        if len(state) > 1 and state[1]:
-            services.reset_failures(target, pk, using=using)
-        return result
-
-    def _call_with(self, instance: Model, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``Task.__call__`` with the instance in place of the pk (the request keeps the pk)."""
-        _task_stack.push(self)
-        self.push_request(args=args, kwargs=kwargs)
-        try:
-            return self.run(instance, *args[1:], **kwargs)
-        finally:
-            self.pop_request()
-            _task_stack.pop()
+        assert failure is not None  # only a rollback failure over the body's exception gets here
+        raise failure  # the task's own exception, unchanged
 
     # -- fan-out ----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from celery_deactivate import services
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.testapp import tasks
-from tests.testapp.models import Feed
+from tests.testapp.models import Feed, SpecialFeed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -109,13 +109,34 @@ def test_returned_instance_matches_the_row() -> None:
     assert instance._state.adding is False and instance._state.db == "default"
 
 
-def test_update_then_select_fallback_gives_the_same_row() -> None:
-    feed = Feed.objects.create(title="f")
-    queryset = Feed.objects.filter(pk=feed.pk, active=True)
-    values = services._failure_values(target(), ValueError("v"), 1)
-    instance = services._update_then_select(queryset, feed.pk, values, "default")
-    assert instance is not None and instance.active is False and instance.failure_count == 1
-    assert services._update_then_select(queryset, feed.pk, values, "default") is None
+def test_orm_fallback_and_fast_path_write_the_same_rows() -> None:
+    # Given two identical objects, one updated by hand-written SQL, one by the ORM fallback
+    fast = Feed.objects.create(title="f")
+    slow = Feed.objects.create(title="f")
+    queryset = Feed.objects.filter(pk=slow.pk, active=True)
+    for n in range(4):
+        sets = services._failure_values(target(), ValueError(n), 3)
+        # When each records the same failures (threshold 3)
+        expected = services._update_returning(target(), fast.pk, sets, "default")
+        got = services._update_then_select(queryset, slow.pk, sets, "default")
+        # Then both change (or leave alone) the same way, field by field
+        assert (expected is None) == (got is None)
+        if expected is not None and got is not None:
+            for field in ("active", "error", "error_message", "failure_count"):
+                assert getattr(expected, field) == getattr(got, field), (n, field)
+
+
+def test_multi_table_child_takes_the_orm_path() -> None:
+    child = SpecialFeed.objects.create(title="child", kind="mti")
+    target = services.target_for(SpecialFeed)
+    assert target.single_table is False and services.target_for(Feed).single_table is True
+
+    outcome = services.record_failure(target, child.pk, ValueError("x"), threshold=1, sender=None)
+
+    assert outcome.deactivated is True and isinstance(outcome.instance, SpecialFeed)
+    child.refresh_from_db()
+    assert (child.active, child.failure_count, child.kind) == (False, 1, "mti")
+    assert services.read_state(target, child.pk, "default") == (False, 1)
 
 
 def test_manual_deactivate_and_reactivate_send_their_signals() -> None:

@@ -15,6 +15,12 @@ class Feed(DeactivatableModel):
         return self.title
 
 
+class SpecialFeed(Feed):
+    """Multi-table inheritance: the deactivation fields live in the parent's table."""
+
+    kind = models.CharField(max_length=20, default="")
+
+
 class Entry(models.Model):
     """Rows a task body writes: they must be rolled back when the body fails."""
 
