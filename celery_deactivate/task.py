@@ -172,7 +172,7 @@ class DeactivatingTask(_TaskBase):
         request = self.request
         record_here = request.called_directly or (request.is_eager and _eager_propagates.get())
         try:
-            return self._run_atomic(target, args, kwargs)
+            return self._run_atomic(target, args, kwargs, request.called_directly)
         except CONTROL_FLOW:
             raise
         except Exception as exc:
@@ -180,7 +180,9 @@ class DeactivatingTask(_TaskBase):
                 self.record_failure(exc, args[0], request.id)
             raise
 
-    def _run_atomic(self, target: Target, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run_atomic(
+        self, target: Target, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool
+    ) -> Any:
         """Run the body in a transaction if the object is active.
 
         One frame between ``__call__`` and the body: Celery formats every frame of a failure's
@@ -205,15 +207,13 @@ class DeactivatingTask(_TaskBase):
                             target.identity(pk),
                         )
                         return None
-                    # Task.__call__, with the instance in place of the pk when it is passed
-                    # (the request keeps the pk, so retry() sends the pk).
-                    _task_stack.push(self)
-                    self.push_request(args=args, kwargs=kwargs)
-                    try:
+                    # The instance takes the pk's place when it is passed; the request keeps the
+                    # pk (retry() sends the pk).  A traced call (worker, apply) has its request
+                    # on the stack already: like Celery's own __protected_call__, push nothing.
+                    if direct:
+                        result = self._call_directly(first, args, kwargs)
+                    else:
                         result = self.run(first, *args[1:], **kwargs)
-                    finally:
-                        self.pop_request()
-                        _task_stack.pop()
                     if len(state) > 1 and state[1]:
                         services.reset_failures(target, pk, using=using)
                     return result
@@ -234,6 +234,16 @@ class DeactivatingTask(_TaskBase):
             )
         assert failure is not None  # only a rollback failure over the body's exception gets here
         raise failure  # the task's own exception, unchanged
+
+    def _call_directly(self, first: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``Task.__call__`` for a direct call ``poll(pk)``: push a request for the body."""
+        _task_stack.push(self)
+        self.push_request(args=args, kwargs=kwargs)
+        try:
+            return self.run(first, *args[1:], **kwargs)
+        finally:
+            self.pop_request()
+            _task_stack.pop()
 
     # -- fan-out ----------------------------------------------------------------------------
 

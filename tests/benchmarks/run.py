@@ -1,5 +1,6 @@
 """``python -m tests.benchmarks.run [--rounds 5] [--n 1000] [--fanout-n 10000] [--memory]``.
 
+
 For each available backend (the embedded default: SQLite file + SQLAlchemy/SQLite broker;
 PostgreSQL + Redis when ``DATABASE_URL`` and ``CELERY_BROKER_URL`` are set), a child process
 starts ONE real ``celery worker --pool=prefork --concurrency=2`` and runs every scenario in
@@ -187,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--n", type=int, default=1000, help="tasks per scenario and round")
-    parser.add_argument("--fanout-n", type=int, default=10000)
+    parser.add_argument("--fanout-n", type=int, default=10000, help="fan-out size on Redis")
+    parser.add_argument(
+        "--embedded-fanout-n",
+        type=int,
+        default=1000,
+        help="fan-out size on the embedded broker (a few hundred messages/s: keep it small)",
+    )
     parser.add_argument(
         "--memory", action="store_true", help="also measure fan-out RSS at 100k / 1M objects"
     )
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--n",
                 str(args.n),
                 "--fanout-n",
-                str(args.fanout_n),
+                str(args.fanout_n if backend["key"] == "pgredis" else args.embedded_fanout_n),
                 "--workdir",
                 workdir,
             ] + (["--memory"] if args.memory else [])
