@@ -174,4 +174,3 @@ def test_notifier_and_receiver_failures_are_logged_not_raised(
         "receiver" in r.getMessage() and f"testapp.Feed pk={feed.pk}" in r.getMessage()
         for r in errors
     )
-
