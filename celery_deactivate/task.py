@@ -22,7 +22,7 @@ from django.apps import apps
 from django.db import DatabaseError, router, transaction
 from django.db.models import Model
 
-from . import compat, services
+from . import services
 from .conf import ExceptionTypes, Notifier, check_option_names, resolve
 from .exceptions import DeactivateConfigError
 from .target import ModelRef, Target, resolve_target
@@ -149,9 +149,6 @@ class DeactivatingTask(_TaskBase):
     def get_queryset(self, using: str) -> Any:
         """The queryset the object is read from (override to add ``select_related``...)."""
         return self._target().model._base_manager.db_manager(using).all()
-
-    def push_request(self, *args: Any, **kwargs: Any) -> None:
-        compat.push_request(self, *args, **kwargs)  # Celery 5.3: keep the request in the body
 
     def apply(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
         throw = options.get("throw")

@@ -120,7 +120,6 @@ elif CELERY_BROKER_URL.startswith("filesystem://"):  # crash tests without Redis
         "control_folder": str(_folder / "control"),
         "polling_interval": 0.05,
     }
-CELERY_TASK_ALWAYS_EAGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = False
 # Seconds a prefork worker waits for the result of a killed child before WorkerLostError.
 CELERY_WORKER_LOST_WAIT = float(os.environ.get("WORKER_LOST_WAIT") or 10.0)

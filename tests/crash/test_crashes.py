@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import celery
 import pytest
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import states
@@ -161,7 +162,7 @@ def test_message_that_keeps_killing_its_worker_stops_coming_back(
 def test_retry_on_worker_lost_counts_only_the_exhausted_crash(
     shared_worker: Worker, meeting: Meeting
 ) -> None:
-    if not hasattr(crash_tasks.crash_retry, "retry_on_worker_lost"):
+    if celery.VERSION < (5, 7):  # the task option exists from 5.7 on; older ones ignore it
         pytest.skip("retry_on_worker_lost needs Celery >= 5.7")
     feed = Feed.objects.create(title="retried", behaviour="kill")
 

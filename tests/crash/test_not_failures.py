@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 
+import celery
 import pytest
 from celery import states
 
@@ -72,7 +73,9 @@ def test_cold_shutdown_in_the_middle_of_a_task_counts_nothing(
 
         assert worker.wait_exit(timeout=30) is not None
         assert "Cold shutdown" in worker.log()
-        assert result.state not in {states.FAILURE, states.SUCCESS}
+        assert result.state != states.SUCCESS
+        if celery.VERSION >= (5, 7):  # earlier releases store FAILURE for the lost child
+            assert result.state != states.FAILURE
         assert_untouched(feed, meeting, worker)
 
 

@@ -9,6 +9,8 @@ temporary folder), a result backend (Redis, else ``file://``), a folder for mail
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
 import os
 import re
 import signal
@@ -126,7 +128,11 @@ class Meeting:
         for path in sorted((self.folder / "mail").glob("*.log")):
             for chunk in path.read_bytes().split(MAIL_SEPARATOR):
                 if chunk.strip():
-                    messages.append(chunk.decode("utf-8", "replace"))
+                    # Decoded: Django 6 writes bodies quoted-printable ("pk=3D42").
+                    mail = email.message_from_bytes(chunk.strip(), policy=email.policy.default)
+                    body = mail.get_body(("plain",))
+                    text = body.get_content() if body is not None else ""
+                    messages.append(f"Subject: {mail['Subject']}\n\n{text}")
         return messages
 
     def mails_about(self, pk: int) -> list[str]:
