@@ -241,20 +241,25 @@ def read_state(target: Target, pk: Any, using: str) -> tuple[Any, ...]:
     connection = connections[using]
     names = target.state_fields()
     if target.single_table and connection.vendor in FAST_VENDORS:
-        quote = connection.ops.quote_name
-        meta = model._meta
-        pk_field, pk_column = _pk(model)
-        columns = ", ".join(quote(_column(model, name)) for name in names)
-        sql = f"SELECT {columns} FROM {quote(meta.db_table)} WHERE {quote(pk_column)} = %s"
+        pk_field, _ = _pk(model)
         with connection.cursor() as cursor:
-            cursor.execute(sql, [pk_field.get_db_prep_value(pk, connection)])
+            cursor.execute(_state_sql(target, using), [pk_field.get_db_prep_value(pk, connection)])
             row = cursor.fetchone()
         if row is None:
             missing = cast(Any, model).DoesNotExist
-            raise missing(f"{meta.object_name} matching query does not exist.")
+            raise missing(f"{model._meta.object_name} matching query does not exist.")
         return tuple(row)
     state: tuple[Any, ...] = model._base_manager.db_manager(using).values_list(*names).get(pk=pk)
     return state
+
+
+@lru_cache(maxsize=256)
+def _state_sql(target: Target, using: str) -> str:
+    model = target.model
+    quote = connections[using].ops.quote_name
+    columns = ", ".join(quote(_column(model, name)) for name in target.state_fields())
+    _, pk_column = _pk(model)
+    return f"SELECT {columns} FROM {quote(model._meta.db_table)} WHERE {quote(pk_column)} = %s"
 
 
 def _update_returning(
