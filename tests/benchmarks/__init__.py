@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m tests.benchmarks.run`` (``make bench``); see README_SECTION.md."""
+"""Benchmarks: ``python -m tests.benchmarks.run`` (``make bench``); see the README's Benchmarks."""
