@@ -344,15 +344,22 @@ def _update_then_select(queryset: Any, pk: Any, sets: list[Assign], using: str) 
 
 @contextmanager
 def bounded(using: str, seconds: float | None) -> Iterator[None]:
-    """Bound how long the statements inside may wait for locks and run (PostgreSQL).
+    """Bound how long the statements inside may wait for locks and run.
 
-    SQLite bounds lock waits by its own busy timeout.
+    PostgreSQL: ``lock_timeout`` and ``statement_timeout`` for this transaction.  SQLite: the
+    connection's busy timeout (the worker's crash handler runs on a connection of its own, closed
+    when it is done).
     """
     connection = connections[using]
-    if not seconds or connection.vendor != "postgresql":
+    if not seconds or connection.vendor not in FAST_VENDORS:
         yield
         return
     millis = max(int(seconds * 1000), 1)
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute(f"PRAGMA busy_timeout = {millis}")
+        yield
+        return
     with transaction.atomic(using=using), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL lock_timeout = {millis}")
         cursor.execute(f"SET LOCAL statement_timeout = {millis}")
