@@ -147,7 +147,8 @@ class DeactivatingTask(_TaskBase):
     # -- running ----------------------------------------------------------------------------
 
     def get_queryset(self, using: str) -> Any:
-        """The queryset the object is read from (override to add ``select_related``...)."""
+        """Where the instance is read from with ``deactivate_pass_object`` (override it to add
+        ``select_related()``...).  The drop-in form reads only the active flag and the count."""
         return self._target().model._base_manager.db_manager(using).all()
 
     def apply(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
