@@ -75,7 +75,7 @@ def record_failure(
         instance = _update_returning(target, pk, sets, using)
     if instance is None:
         return FailureOutcome(None, False, None)
-    count = getattr(instance, target.failure_count) if target.failure_count else None
+    count = target.count_of(instance)
     deactivated = not getattr(instance, target.active)
     signal = signals.object_deactivated if deactivated else signals.failure_counted
     _send(signal, target, sender, instance, exception=exc, task_id=task_id, failure_count=count)
@@ -107,7 +107,6 @@ def deactivate(
     sets = _deactivation(target, exception, error=exception is not None)
     instance = _update_returning(target, pk, sets, using)
     if instance is not None:
-        count = getattr(instance, target.failure_count) if target.failure_count else None
         _send(
             signals.object_deactivated,
             target,
@@ -115,7 +114,7 @@ def deactivate(
             instance,
             exception=exception,
             task_id=None,
-            failure_count=count,
+            failure_count=target.count_of(instance),
         )
     return instance
 
@@ -239,8 +238,7 @@ def read_state(target: Target, pk: Any, using: str) -> tuple[Any, ...]:
     """
     model = target.model
     connection = connections[using]
-    names = target.state_fields()
-    if target.single_table and connection.vendor in FAST_VENDORS:
+    if _by_hand(target, connection):
         pk_field, _ = _pk(model)
         with connection.cursor() as cursor:
             cursor.execute(_state_sql(target, using), [pk_field.get_db_prep_value(pk, connection)])
@@ -249,8 +247,19 @@ def read_state(target: Target, pk: Any, using: str) -> tuple[Any, ...]:
             missing = cast(Any, model).DoesNotExist
             raise missing(f"{model._meta.object_name} matching query does not exist.")
         return tuple(row)
-    state: tuple[Any, ...] = model._base_manager.db_manager(using).values_list(*names).get(pk=pk)
+    manager = model._base_manager.db_manager(using)
+    state: tuple[Any, ...] = manager.values_list(*target.state_fields()).get(pk=pk)
     return state
+
+
+def _by_hand(target: Target, connection: Any) -> bool:
+    """Whether the hot statements may be written by hand: one table, a backend with
+    ``UPDATE ... RETURNING`` (SQLite >= 3.35 reports it as returning columns from inserts)."""
+    return (
+        target.single_table
+        and connection.vendor in FAST_VENDORS
+        and connection.features.can_return_columns_from_insert
+    )
 
 
 @lru_cache(maxsize=256)
@@ -266,12 +275,7 @@ def _update_returning(
     target: Target, pk: Any, sets: list[Assign], using: str, *, active: bool = True
 ) -> Model | None:
     """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change."""
-    connection = connections[using]
-    if (
-        target.single_table
-        and connection.vendor in FAST_VENDORS
-        and connection.features.can_return_columns_from_insert
-    ):
+    if _by_hand(target, connections[using]):
         return _update_with_returning(target, pk, sets, using, active)
     queryset = target.model._base_manager.db_manager(using).filter(pk=pk, **{target.active: active})
     return _update_then_select(queryset, pk, sets, using)
@@ -372,15 +376,15 @@ def _send(signal: Signal, target: Target, sender: Any, instance: Model, **kwargs
             logger.error(
                 "celery_deactivate: receiver %r of %s raised for %s: %r",
                 receiver,
-                _signal_name(signal),
+                _SIGNAL_NAMES.get(id(signal), repr(signal)),
                 target.identity(instance.pk),
                 result,
                 exc_info=result,
             )
 
 
-def _signal_name(signal: Signal) -> str:
-    for name in ("object_deactivated", "object_reactivated", "failure_counted"):
-        if getattr(signals, name) is signal:
-            return name
-    return repr(signal)
+_SIGNAL_NAMES = {
+    id(signals.object_deactivated): "object_deactivated",
+    id(signals.object_reactivated): "object_reactivated",
+    id(signals.failure_counted): "failure_counted",
+}

@@ -49,6 +49,10 @@ class Target:
         """How logs name one object: ``app_label.Model pk=42``."""
         return f"{self.label} pk={pk!r}"
 
+    def count_of(self, instance: models.Model) -> int | None:
+        """The instance's failure count, ``None`` without a counter field."""
+        return getattr(instance, self.failure_count) if self.failure_count else None
+
     def state_fields(self) -> tuple[str, ...]:
         """The fields read before the body runs: is it active, and its failure count."""
         return (self.active,) + ((self.failure_count,) if self.failure_count else ())
