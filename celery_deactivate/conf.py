@@ -142,6 +142,14 @@ OPTIONS: Mapping[str, Option] = {
             "Seconds the worker's main process may spend recording a crash (hard time limit, "
             "killed child): the bound on its lock wait and statements.",
         ),
+        Option(
+            "deactivate_fold_begin",
+            True,
+            _bool,
+            "PostgreSQL with psycopg 3: send the transaction's BEGIN in the same message as the "
+            "read before the body (one round trip less per task).  Turn it off behind a proxy "
+            "that refuses several statements in one query.",
+        ),
     )
 }
 

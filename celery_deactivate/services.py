@@ -19,6 +19,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from . import signals
+from .begin import begin_with_next_query, select_one
 from .target import Target, resolve_target
 
 logger = logging.getLogger("celery_deactivate")
@@ -231,24 +232,26 @@ def _failure_values(target: Target, exc: BaseException, threshold: int) -> list[
     return sets
 
 
-def read_state(target: Target, pk: Any, using: str) -> tuple[Any, ...]:
+def read_state(target: Target, pk: Any, using: str, fold: bool = True) -> tuple[Any, ...]:
     """``(active, failure_count)`` of the row (``(active,)`` without a counter): one SELECT.
 
-    Raises the model's ``DoesNotExist`` for a missing row.
+    As the first query of a transaction (PostgreSQL, psycopg 3, ``fold``), it carries the
+    transaction's BEGIN (:mod:`celery_deactivate.begin`).  Raises the model's ``DoesNotExist``
+    for a missing row.
     """
     model = target.model
     connection = connections[using]
     if _by_hand(target, connection):
         pk_field, _ = _pk(model)
-        with connection.cursor() as cursor:
-            cursor.execute(_state_sql(target, using), [pk_field.get_db_prep_value(pk, connection)])
-            row = cursor.fetchone()
+        params = [pk_field.get_db_prep_value(pk, connection)]
+        row = select_one(using, _state_sql(target, using), params, fold)
         if row is None:
             missing = cast(Any, model).DoesNotExist
             raise missing(f"{model._meta.object_name} matching query does not exist.")
-        return tuple(row)
+        return row
     manager = model._base_manager.db_manager(using)
-    state: tuple[Any, ...] = manager.values_list(*target.state_fields()).get(pk=pk)
+    with begin_with_next_query(using, fold):
+        state: tuple[Any, ...] = manager.values_list(*target.state_fields()).get(pk=pk)
     return state
 
 

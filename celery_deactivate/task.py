@@ -23,6 +23,7 @@ from django.db import DatabaseError, router, transaction
 from django.db.models import Model
 
 from . import services
+from .begin import begin_with_next_query
 from .conf import ExceptionTypes, Notifier, check_option_names, resolve
 from .exceptions import DeactivateConfigError
 from .target import ModelRef, Target, resolve_target
@@ -93,6 +94,8 @@ class DeactivatingTask(_TaskBase):
     deactivate_pass_object: ClassVar[bool | None] = None
     #: Seconds the worker's main process may spend recording a crash (default 10).
     deactivate_crash_timeout: ClassVar[float | None] = None
+    #: Send BEGIN with the read before the body, on PostgreSQL + psycopg 3 (default ``True``).
+    deactivate_fold_begin: ClassVar[bool | None] = None
 
     #: The worker-side request class: records crashes (hard time limit, killed child).
     Request = "celery_deactivate.request:DeactivatingRequest"
@@ -117,6 +120,7 @@ class DeactivatingTask(_TaskBase):
         cls._failure_policy(cls._target())
         resolve(cls, "deactivate_pass_object")
         resolve(cls, "deactivate_crash_timeout")
+        resolve(cls, "deactivate_fold_begin")
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -193,11 +197,13 @@ class DeactivatingTask(_TaskBase):
         try:
             with transaction.atomic(using=using):
                 try:
+                    fold = resolve(self, "deactivate_fold_begin")
                     if pass_object:
-                        first = self.get_queryset(using).get(pk=pk)
+                        with begin_with_next_query(using, fold):
+                            first = self.get_queryset(using).get(pk=pk)
                         state = tuple(getattr(first, name) for name in target.state_fields())
                     else:
-                        first, state = pk, services.read_state(target, pk, using)
+                        first, state = pk, services.read_state(target, pk, using, fold)
                     if not state[0]:
                         logger.info(
                             "%s: %s is inactive, the body did not run",
