@@ -243,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{datetime.date.today().isoformat()} · `{command}` · {versions()}.",
         "",
         "Real prefork worker (`--concurrency=2`, `CELERY_DB_REUSE_MAX` set, results ignored). "
-        "× plain / × recipe: medians of the per-round ratios. Queries: statements through "
-        "Django's cursor (SAVEPOINTs included; BEGIN/COMMIT/ROLLBACK are not statements).",
+        "× plain / × recipe: medians of the per-round ratios. Queries: statements per task, "
+        "counted by an execute wrapper in the warm-up pass only (SAVEPOINTs included; "
+        "BEGIN/COMMIT/ROLLBACK are not statements, a BEGIN sent with a query is not counted "
+        "apart); the timed rounds run with no wrapper installed.",
         "",
         *out,
     ]

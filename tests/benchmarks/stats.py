@@ -3,6 +3,11 @@
 A file of fixed slots, mapped in memory by every child (``worker_process_init``) and by the runner:
 writing a counter is a memory store, so measuring costs the tasks next to nothing.  Slot layout:
 pid, tasks, queries, peak RSS (KiB), first task start, last task end (``time.time()``).
+
+Queries are counted only in a counting pass (:func:`set_counting`), by an execute wrapper put
+on the connection for each task: the timed rounds run with no wrapper installed, as a
+production worker does (an installed wrapper costs every query, and the library reads the
+object's state through a cursor when one is installed).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from django.db import connections
 SLOT = struct.Struct("<qqqqdd")
 SLOTS = 64
 SIZE = SLOT.size * SLOTS
+#: The last slot is the runner's: its first field set means "count queries".
+CONTROL = (SLOTS - 1) * SLOT.size
 PAGE = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -44,15 +51,23 @@ def open_map(path: str) -> mmap.mmap:
         return mmap.mmap(f.fileno(), SIZE)
 
 
+def set_counting(m: mmap.mmap, on: bool) -> None:
+    struct.pack_into("<q", m, CONTROL, int(on))
+
+
+def counting(m: mmap.mmap) -> bool:
+    return bool(struct.unpack_from("<q", m, CONTROL)[0])
+
+
 def reset(m: mmap.mmap) -> None:
     """Zero every counter, keeping the slots' owners."""
-    for i in range(SLOTS):
+    for i in range(SLOTS - 1):
         pid = SLOT.unpack_from(m, i * SLOT.size)[0]
         SLOT.pack_into(m, i * SLOT.size, pid, 0, 0, 0, 0.0, 0.0)
 
 
 def totals(m: mmap.mmap) -> Totals:
-    rows = [SLOT.unpack_from(m, i * SLOT.size) for i in range(SLOTS)]
+    rows = [SLOT.unpack_from(m, i * SLOT.size) for i in range(SLOTS - 1)]
     used = [r for r in rows if r[1]]
     return Totals(
         tasks=sum(r[1] for r in rows),
@@ -74,7 +89,7 @@ class _Child:
         with open(path, "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                for i in range(SLOTS):
+                for i in range(SLOTS - 1):
                     if SLOT.unpack_from(self.map, i * SLOT.size)[0] in (0, os.getpid()):
                         break
                 else:
@@ -83,7 +98,6 @@ class _Child:
                 self.map[self.offset : self.offset + 8] = struct.pack("<q", os.getpid())
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
-        self.active = False
 
     def add(self, field: int, amount: int = 1) -> None:
         at = self.offset + 8 * field
@@ -122,23 +136,23 @@ def connect(measured: Callable[[str], bool]) -> None:
         if not path:
             return
         _child = _Child(path)
-        child = _child
 
-        def count_query(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-            if child.active:
-                child.add(2)
-            return execute(sql, params, many, context)
-
-        connections["default"].execute_wrappers.append(count_query)
+    def count_query(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if _child is not None:
+            _child.add(2)
+        return execute(sql, params, many, context)
 
     @signals.task_prerun.connect(weak=False)
     def prerun(sender: Any = None, **kwargs: Any) -> None:
         if _child is not None and measured(sender.name):
-            _child.active = True
             _child.started()
+            if counting(_child.map):
+                connections["default"].execute_wrappers.append(count_query)
 
     @signals.task_postrun.connect(weak=False)
     def postrun(sender: Any = None, **kwargs: Any) -> None:
         if _child is not None and measured(sender.name):
-            _child.active = False
+            wrappers = connections["default"].execute_wrappers
+            if count_query in wrappers:
+                wrappers.remove(count_query)
             _child.finished()
