@@ -242,17 +242,40 @@ def read_state(target: Target, pk: Any, using: str, fold: bool = True) -> tuple[
     model = target.model
     connection = connections[using]
     if _by_hand(target, connection):
-        pk_field, _ = _pk(model)
-        params = [pk_field.get_db_prep_value(pk, connection)]
-        row = select_one(using, _state_sql(target, using), params, fold)
+        row = select_one(using, _state_sql(target, using), _pk_param(model, pk, connection), fold)
         if row is None:
-            missing = cast(Any, model).DoesNotExist
-            raise missing(f"{model._meta.object_name} matching query does not exist.")
+            raise _does_not_exist(model)
         return row
     manager = model._base_manager.db_manager(using)
     with begin_with_next_query(using, fold):
         state: tuple[Any, ...] = manager.values_list(*target.state_fields()).get(pk=pk)
     return state
+
+
+def read_object(target: Target, pk: Any, using: str, fold: bool = True) -> Model:
+    """The row as a model instance (``Model.from_db``), like ``_base_manager.get(pk=pk)``: one
+    SELECT written by hand (no query compilation), carrying the BEGIN like :func:`read_state`.
+    Raises the model's ``DoesNotExist`` for a missing row."""
+    model = target.model
+    connection = connections[using]
+    if not _by_hand(target, connection):
+        with begin_with_next_query(using, fold):
+            found: Model = model._base_manager.db_manager(using).get(pk=pk)
+        return found
+    row = select_one(using, _object_sql(model, using), _pk_param(model, pk, connection), fold)
+    if row is None:
+        raise _does_not_exist(model)
+    return _instance(model, using, row)
+
+
+def _pk_param(model: type[Model], pk: Any, connection: Any) -> list[Any]:
+    pk_field, _ = _pk(model)
+    return [pk_field.get_db_prep_value(pk, connection)]
+
+
+def _does_not_exist(model: type[Model]) -> Exception:
+    missing: type[Exception] = cast(Any, model).DoesNotExist
+    return missing(f"{model._meta.object_name} matching query does not exist.")
 
 
 def _by_hand(target: Target, connection: Any) -> bool:
@@ -263,6 +286,14 @@ def _by_hand(target: Target, connection: Any) -> bool:
         and connection.vendor in FAST_VENDORS
         and connection.features.can_return_columns_from_insert
     )
+
+
+@lru_cache(maxsize=256)
+def _object_sql(model: type[Model], using: str) -> str:
+    _, columns, _ = _row_reader(model, using)
+    quote = connections[using].ops.quote_name
+    _, pk_column = _pk(model)
+    return f"SELECT {columns} FROM {quote(model._meta.db_table)} WHERE {quote(pk_column)} = %s"
 
 
 @lru_cache(maxsize=256)
@@ -301,7 +332,7 @@ def _update_with_returning(
     pk_field, pk_column = _pk(model)
     params.append(pk_field.get_db_prep_value(pk, connection))
     params.append(_field(model, target.active).get_db_prep_value(active, connection))
-    attnames, returning, converters = _row_reader(model, using)
+    _, returning, _ = _row_reader(model, using)
     statement = (
         f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
         f"WHERE {quote(pk_column)} = %s AND {quote(_column(model, target.active))} = %s "
@@ -310,9 +341,14 @@ def _update_with_returning(
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
         row = cursor.fetchone()
-    if row is None:
-        return None
+    return None if row is None else _instance(model, using, row)
+
+
+def _instance(model: type[Model], using: str, row: Any) -> Model:
+    """A model instance from a row of every concrete column, converted as the ORM does."""
+    attnames, _, converters = _row_reader(model, using)
     values = list(row)
+    connection = connections[using]
     for index, (functions, expression) in converters:
         for convert in functions:
             values[index] = convert(values[index], expression, connection)
@@ -324,7 +360,8 @@ def _update_with_returning(
 def _row_reader(
     model: type[Model], using: str
 ) -> tuple[list[str], str, list[tuple[int, tuple[list[Any], Any]]]]:
-    """Attribute names, the RETURNING column list and the value converters of a model's row."""
+    """Attribute names, the column list (every concrete column) and the value converters of a
+    model's row."""
     connection = connections[using]
     fields = model._meta.concrete_fields
     quote = connection.ops.quote_name

@@ -155,6 +155,15 @@ class DeactivatingTask(_TaskBase):
         ``select_related()``...).  The drop-in form reads only the active flag and the count."""
         return self._target().model._base_manager.db_manager(using).all()
 
+    def _load(self, target: Target, pk: Any, using: str, fold: bool) -> Model:
+        """The instance for ``deactivate_pass_object``: one hand-written SELECT, unless
+        ``get_queryset`` is overridden."""
+        if type(self).get_queryset is DeactivatingTask.get_queryset:
+            return services.read_object(target, pk, using, fold)
+        with begin_with_next_query(using, fold):
+            instance: Model = self.get_queryset(using).get(pk=pk)
+        return instance
+
     def apply(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
         throw = options.get("throw")
         if throw is None:
@@ -199,8 +208,7 @@ class DeactivatingTask(_TaskBase):
                 try:
                     fold = resolve(self, "deactivate_fold_begin")
                     if pass_object:
-                        with begin_with_next_query(using, fold):
-                            first = self.get_queryset(using).get(pk=pk)
+                        first = self._load(target, pk, using, fold)
                         state = tuple(getattr(first, name) for name in target.state_fields())
                     else:
                         first, state = pk, services.read_state(target, pk, using, fold)

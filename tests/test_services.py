@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
 import pytest
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
 from celery_deactivate import services
@@ -107,6 +108,30 @@ def test_returned_instance_matches_the_row() -> None:
     for field in Feed._meta.concrete_fields:
         assert getattr(instance, field.attname) == getattr(fresh, field.attname), field.name
     assert instance._state.adding is False and instance._state.db == "default"
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_read_object_is_the_orm_s_instance(in_transaction: bool) -> None:
+    feed = Feed.objects.create(title="f", note="n", polls=7, failure_count=2)
+    services.deactivate(Feed, feed.pk, exception=ValueError("boom"))  # the other fields set
+    fresh = Feed._base_manager.get(pk=feed.pk)
+
+    with transaction.atomic() if in_transaction else contextlib.nullcontext():
+        instance = services.read_object(target(), feed.pk, "default")
+
+    assert type(instance) is Feed
+    for field in Feed._meta.concrete_fields:
+        assert getattr(instance, field.attname) == getattr(fresh, field.attname), field.name
+    assert instance.deactivated_at is not None and instance.error_message
+    assert instance._state.adding is False and instance._state.db == "default"
+    with pytest.raises(Feed.DoesNotExist, match="Feed matching query does not exist"):
+        services.read_object(target(), -1, "default")
+
+
+def test_read_object_of_a_multi_table_child_takes_the_orm_path() -> None:
+    child = SpecialFeed.objects.create(title="child", kind="mti")
+    instance = services.read_object(services.target_for(SpecialFeed), child.pk, "default")
+    assert type(instance) is SpecialFeed and instance.kind == "mti"
 
 
 def test_orm_fallback_and_fast_path_write_the_same_rows() -> None:

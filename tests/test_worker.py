@@ -170,3 +170,12 @@ def test_body_receives_the_loaded_object() -> None:
     assert result.state == "FAILURE"
     bad.refresh_from_db()
     assert bad.active is False
+
+
+def test_an_overridden_get_queryset_loads_the_object() -> None:
+    feed = Feed.objects.create(title="annotated", behaviour="ok")
+    Entry.objects.create(feed=feed, text="before")
+    result = run(tasks.poll_annotated, feed.pk)
+    assert (result.state, result.result) == ("SUCCESS", feed.pk)
+    feed.refresh_from_db()
+    assert (feed.note, feed.polls) == ("1 entries", 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import F
+from django.db.models import Count, F
 
 from celery_deactivate import DeactivatingTask
 from tests.celery_app import app
@@ -113,3 +113,21 @@ def sync_renamed(pk: int) -> Any:
 )
 def poll_object_autoretry(feed: Feed) -> Any:
     return work(feed)
+
+
+class PollAnnotated(DeactivatingTask):
+    """A class-based task whose ``get_queryset`` decides how the instance is loaded."""
+
+    name = "tests.testapp.tasks.poll_annotated"
+    model = Feed
+    deactivate_pass_object = True
+
+    def get_queryset(self, using: str) -> Any:
+        return super().get_queryset(using).annotate(entry_count=Count("entries"))
+
+    def run(self, feed: Feed) -> Any:
+        Feed.objects.filter(pk=feed.pk).update(note=f"{feed.entry_count} entries")  # type: ignore[attr-defined]
+        return work(feed)
+
+
+poll_annotated = app.register_task(PollAnnotated())
