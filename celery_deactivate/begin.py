@@ -1,28 +1,29 @@
-"""The task's first read and its transaction's BEGIN in one message (PostgreSQL, psycopg 3).
+"""The hot statements on the wire (PostgreSQL, psycopg 3): one message each, BEGIN folded in.
 
 Django opens a transaction by switching the driver's autocommit off; psycopg 3 then sends
 ``BEGIN`` on its own, and waits for the answer, before the first query of the transaction.  For
-a task that reads its object's state before the body, that is a round trip (and the client and
-server work of a message) on every run.  Here the ``BEGIN`` goes in the same message as the
-read (``BEGIN; SELECT ...``: PostgreSQL's simple query protocol runs both, in order, and answers
+a task that reads its object before the body, that is a round trip (and the client and server
+work of a message) on every run.  Here the ``BEGIN`` goes in the same message as the read
+(``BEGIN; SELECT ...``: PostgreSQL's simple query protocol runs both, in order, and answers
 once), and the transaction is left exactly where psycopg would have left it: open on the server,
 committed or rolled back by Django when the ``atomic`` block ends.  The ``BEGIN`` is psycopg's
 own (the connection's isolation level, read-only and deferrable settings).
 
 Two forms:
 
-- :func:`select_one`: the hand-written state read.  When no execute wrapper is installed it
-  sends the message through psycopg's connection-level API (``send_query`` and psycopg's own
-  wait, so it stays interruptible and gevent-friendly), without the cursor layers: the read
-  then costs about a third of the client time.  Django's query log still records it, and its
-  errors are Django's.  With execute wrappers (instrumentation) it goes through a cursor.
+- :func:`fetch_one`: the library's hand-written statements (the state read, the instance read,
+  ``UPDATE ... RETURNING``).  When no execute wrapper is installed, the statement is sent
+  through psycopg's connection-level API (``send_query`` and psycopg's own wait, so it stays
+  interruptible and gevent-friendly), parameters bound client-side with psycopg's adapters as
+  Django's default cursor does, without the cursor layers (about a third of a read's client
+  time).  Django's checks before a query still run, its query log still records the statement
+  and its errors are Django's.  With execute wrappers (instrumentation) it goes through a cursor.
 - :func:`begin_with_next_query`: an execute wrapper that puts the BEGIN before the next query
   run through a cursor (an ORM read; needs client-side binding, Django's default).
 
-Both apply only where they are exact: at the start of an outermost ``atomic`` block that has sent
-nothing yet, on psycopg 3, outside pipeline mode.  Anywhere else the query runs as it would
-have.  The ``deactivate_fold_begin`` option turns both off (for a proxy that refuses several
-statements in one query).
+The BEGIN is folded in only where that is exact: at the start of an outermost ``atomic`` block
+that has sent nothing yet, outside pipeline mode.  The ``deactivate_fold_begin`` option turns
+folding off (for a proxy that refuses several statements in one query).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from typing import Any
 
@@ -54,23 +55,39 @@ def _psycopg() -> Any:
     return psycopg
 
 
-def _foldable(connection: Any) -> Any:
-    """The psycopg connection whose next query would be preceded by its own BEGIN, or None."""
-    if connection.vendor != "postgresql" or not connection.in_atomic_block:
+def _psycopg_connection(connection: Any) -> Any:
+    """The connected psycopg 3 connection behind a Django connection, outside pipeline mode."""
+    raw = connection.connection
+    if connection.vendor != "postgresql" or raw is None:
         return None
     psycopg = _psycopg()
-    raw = connection.connection
     if psycopg is None or not isinstance(raw, psycopg.Connection):
         return None
-    pq = psycopg.pq
-    pgconn = raw.pgconn
-    if (
-        raw.autocommit
-        or pgconn.transaction_status != pq.TransactionStatus.IDLE
-        or pgconn.pipeline_status != pq.PipelineStatus.OFF
-    ):
+    if raw.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
         return None
     return raw
+
+
+def _wire(connection: Any) -> Any:
+    """The psycopg 3 connection, when a statement may go to it without the cursor layers (no
+    execute wrapper to run)."""
+    return None if connection.execute_wrappers else _psycopg_connection(connection)
+
+
+def _begins_here(connection: Any, raw: Any) -> bool:
+    """Whether psycopg would send a BEGIN of its own before the next query: an ``atomic``
+    block has switched autocommit off and nothing has been sent in it yet."""
+    return bool(
+        connection.in_atomic_block
+        and not raw.autocommit
+        and raw.pgconn.transaction_status == _psycopg().pq.TransactionStatus.IDLE
+    )
+
+
+def _foldable(connection: Any) -> Any:
+    """The psycopg connection whose next query would be preceded by its own BEGIN, or None."""
+    raw = _psycopg_connection(connection)
+    return raw if raw is not None and _begins_here(connection, raw) else None
 
 
 def begin_statement(raw: Any) -> str:
@@ -102,29 +119,41 @@ def _begun_by_us(raw: Any) -> Iterator[None]:
             raw.autocommit = False
 
 
-def select_one(
+def fetch_one(
     using: str, sql: str, params: Sequence[Any], fold: bool = True
 ) -> tuple[Any, ...] | None:
-    """The first row of a SELECT with one ``%s`` parameter, or None; when it is the first
-    query of the transaction, with the BEGIN in the same message."""
+    """The first row a statement returns (a SELECT, an ``UPDATE ... RETURNING``), or None.
+
+    The statement goes as one message, without the cursor layers, when nothing needs them: no
+    execute wrapper installed, and psycopg would send no BEGIN of its own, or it is the first
+    query of the transaction and ``fold`` puts the BEGIN in the message.  Otherwise it runs
+    through a cursor (with the BEGIN folded in by :func:`begin_with_next_query`).
+    """
     connection = connections[using]
-    raw = _foldable(connection) if fold else None
-    if raw is not None and not connection.execute_wrappers:
-        return _select_one_in_message(connection, raw, sql, params)
+    raw = _wire(connection)
+    if raw is not None:
+        begins = _begins_here(connection, raw)
+        if fold or not begins:
+            return _fetch_one_in_message(connection, raw, sql, params, begin=begins)
     with begin_with_next_query(using, fold), connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
         return None if row is None else tuple(row)
 
 
-def _select_one_in_message(
-    connection: Any, raw: Any, sql: str, params: Sequence[Any]
+def _fetch_one_in_message(
+    connection: Any, raw: Any, sql: str, params: Sequence[Any], begin: bool
 ) -> tuple[Any, ...] | None:
     psycopg = _psycopg()
-    query = sql % tuple(_literal(raw, value) for value in params)
-    message = f"{begin_statement(raw)};\n{query}"
+    # What Django checks before a cursor runs a query.
+    connection.close_if_health_check_failed()
+    connection.validate_thread_sharing()
+    connection.validate_no_broken_transaction()
+    message = sql % tuple(_literal(raw, value) for value in params)
+    if begin:
+        message = f"{begin_statement(raw)};\n{message}"
     start = time.monotonic()
-    with connection.wrap_database_errors, _begun_by_us(raw), raw.lock:
+    with connection.wrap_database_errors, _begun_by_us(raw) if begin else nullcontext(), raw.lock:
         pgconn = raw.pgconn
         pgconn.send_query(message.encode(raw.info.encoding))
         results = raw.wait(psycopg.generators.execute(pgconn))

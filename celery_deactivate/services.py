@@ -19,7 +19,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from . import signals
-from .begin import begin_with_next_query, select_one
+from .begin import begin_with_next_query, fetch_one
 from .target import Target, resolve_target
 
 logger = logging.getLogger("celery_deactivate")
@@ -242,7 +242,7 @@ def read_state(target: Target, pk: Any, using: str, fold: bool = True) -> tuple[
     model = target.model
     connection = connections[using]
     if _by_hand(target, connection):
-        row = select_one(using, _state_sql(target, using), _pk_param(model, pk, connection), fold)
+        row = fetch_one(using, _state_sql(target, using), _pk_param(model, pk, connection), fold)
         if row is None:
             raise _does_not_exist(model)
         return row
@@ -262,7 +262,7 @@ def read_object(target: Target, pk: Any, using: str, fold: bool = True) -> Model
         with begin_with_next_query(using, fold):
             found: Model = model._base_manager.db_manager(using).get(pk=pk)
         return found
-    row = select_one(using, _object_sql(model, using), _pk_param(model, pk, connection), fold)
+    row = fetch_one(using, _object_sql(model, using), _pk_param(model, pk, connection), fold)
     if row is None:
         raise _does_not_exist(model)
     return _instance(model, using, row)
@@ -338,9 +338,7 @@ def _update_with_returning(
         f"WHERE {quote(pk_column)} = %s AND {quote(_column(model, target.active))} = %s "
         f"RETURNING {returning}"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params)
-        row = cursor.fetchone()
+    row = fetch_one(using, statement, params)
     return None if row is None else _instance(model, using, row)
 
 

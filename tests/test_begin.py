@@ -18,7 +18,7 @@ from celery import Celery
 from django.db import ProgrammingError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from celery_deactivate.begin import begin_statement, begin_with_next_query, select_one
+from celery_deactivate.begin import begin_statement, begin_with_next_query, fetch_one
 from tests.testapp import tasks
 from tests.testapp.models import Feed
 
@@ -128,7 +128,7 @@ def test_the_block_is_one_transaction_that_commits(form: str) -> None:
     feed = Feed.objects.create(title="a")
     with transaction.atomic():
         if form == "message":
-            assert select_one("default", STATE_SQL, [feed.pk]) == (True,)
+            assert fetch_one("default", STATE_SQL, [feed.pk]) == (True,)
         else:
             with begin_with_next_query("default"):
                 assert Feed.objects.get(pk=feed.pk).polls == 0
@@ -147,7 +147,7 @@ def test_an_exception_rolls_the_block_back() -> None:
 
     def block() -> None:
         with transaction.atomic():
-            select_one("default", STATE_SQL, [feed.pk])
+            fetch_one("default", STATE_SQL, [feed.pk])
             Feed.objects.filter(pk=feed.pk).update(polls=5)
             raise ZeroDivisionError
 
@@ -162,7 +162,7 @@ def test_an_exception_rolls_the_block_back() -> None:
 def test_a_failing_read_raises_django_s_error_and_rolls_back() -> None:
     feed = Feed.objects.create(title="a")
     with pytest.raises(ProgrammingError, match="no_such_table"), transaction.atomic():
-        select_one("default", "SELECT * FROM no_such_table WHERE id = %s", [1])
+        fetch_one("default", "SELECT * FROM no_such_table WHERE id = %s", [1])
     assert connection.get_autocommit() and connection.connection.autocommit
     Feed.objects.filter(pk=feed.pk).update(polls=2)
     assert Feed.objects.get(pk=feed.pk).polls == 2
@@ -170,9 +170,9 @@ def test_a_failing_read_raises_django_s_error_and_rolls_back() -> None:
 
 def test_a_missing_row_is_none_and_parameters_are_quoted() -> None:
     with transaction.atomic():
-        assert select_one("default", STATE_SQL, [-1]) is None
+        assert fetch_one("default", STATE_SQL, [-1]) is None
     with transaction.atomic():
-        assert select_one("default", "SELECT %s::text", ["it's 100%s"]) == ("it's 100%s",)
+        assert fetch_one("default", "SELECT %s::text", ["it's 100%s"]) == ("it's 100%s",)
 
 
 @pytest.fixture
@@ -202,7 +202,7 @@ def test_the_connection_s_isolation_level_applies_from_the_first_query(
     def block() -> None:
         with transaction.atomic():
             if form == "message":
-                select_one("default", STATE_SQL, [feed.pk])
+                fetch_one("default", STATE_SQL, [feed.pk])
             else:
                 with begin_with_next_query("default"):
                     Feed.objects.get(pk=feed.pk)
@@ -227,7 +227,7 @@ def test_not_inside_an_outer_transaction() -> None:
         with transaction.atomic():
             Feed.objects.get(pk=feed.pk)
             with transaction.atomic():
-                select_one("default", STATE_SQL, [feed.pk])
+                fetch_one("default", STATE_SQL, [feed.pk])
                 with begin_with_next_query("default"):
                     Feed.objects.get(pk=feed.pk)
 
@@ -238,7 +238,7 @@ def test_not_outside_a_transaction() -> None:
     feed = Feed.objects.create(title="a")
 
     def autocommit() -> None:
-        select_one("default", STATE_SQL, [feed.pk])
+        fetch_one("default", STATE_SQL, [feed.pk])
         with begin_with_next_query("default"):
             Feed.objects.get(pk=feed.pk)
 
@@ -273,7 +273,7 @@ def test_the_message_form_works_with_server_side_binding(server_side_binding: No
 
     def block() -> None:
         with transaction.atomic():
-            assert select_one("default", STATE_SQL, [feed.pk]) == (True,)
+            assert fetch_one("default", STATE_SQL, [feed.pk]) == (True,)
             Feed.objects.get(pk=feed.pk)
 
     assert messages(block)[0].startswith("BEGIN;\nSELECT")
@@ -297,3 +297,42 @@ def test_only_the_first_query_and_never_executemany() -> None:
 
     wire = messages(two_reads)
     assert [m.startswith("BEGIN") for m in wire] == [True, False, False]  # the last: COMMIT
+
+
+def test_a_statement_in_autocommit_goes_alone_and_commits() -> None:
+    feed = Feed.objects.create(title="a")
+    update = 'UPDATE "testapp_feed" SET "polls" = %s WHERE "id" = %s RETURNING "polls"'
+
+    wire = messages(lambda: fetch_one("default", update, [3, feed.pk]))
+
+    assert wire == [update % (3, feed.pk)]
+    assert Feed.objects.get(pk=feed.pk).polls == 3
+
+
+def test_the_failure_write_is_one_message_and_a_wrapper_still_sees_it(eager: Celery) -> None:
+    feed = Feed.objects.create(title="bad", behaviour="fail")
+    wire = messages(lambda: tasks.poll.delay(feed.pk))
+    assert wire[-1].startswith('UPDATE "testapp_feed"') and "RETURNING" in wire[-1]
+
+    other = Feed.objects.create(title="bad", behaviour="fail")
+    seen: list[str] = []
+
+    def spy(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
+        seen.append(sql)
+        return execute(sql, *args)
+
+    with connection.execute_wrapper(spy):
+        tasks.poll.delay(other.pk)
+    assert seen[-1].startswith('UPDATE "testapp_feed"')
+    assert not Feed.objects.get(pk=other.pk).active
+
+
+def test_django_s_checks_run_first() -> None:
+    from django.db.transaction import TransactionManagementError
+
+    feed = Feed.objects.create(title="a")
+    with transaction.atomic():
+        fetch_one("default", STATE_SQL, [feed.pk])
+        transaction.set_rollback(True)
+        with pytest.raises(TransactionManagementError):
+            fetch_one("default", STATE_SQL, [feed.pk])
