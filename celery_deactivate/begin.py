@@ -31,13 +31,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 from django.db import connections
 
 logger = logging.getLogger("django.db.backends")
+
+IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (libpq's PQTRANS_IDLE)
+FATAL_ERROR = 7  # psycopg.pq.ExecStatus.FATAL_ERROR (libpq's PGRES_FATAL_ERROR)
 
 
 @lru_cache(maxsize=1)
@@ -78,9 +81,7 @@ def _begins_here(connection: Any, raw: Any) -> bool:
     """Whether psycopg would send a BEGIN of its own before the next query: an ``atomic``
     block has switched autocommit off and nothing has been sent in it yet."""
     return bool(
-        connection.in_atomic_block
-        and not raw.autocommit
-        and raw.pgconn.transaction_status == _psycopg().pq.TransactionStatus.IDLE
+        connection.in_atomic_block and not raw.autocommit and raw.pgconn.transaction_status == IDLE
     )
 
 
@@ -115,7 +116,7 @@ def _begun_by_us(raw: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        if raw.pgconn.transaction_status == _psycopg().pq.TransactionStatus.IDLE:
+        if raw.pgconn.transaction_status == IDLE:
             raw.autocommit = False
 
 
@@ -152,14 +153,19 @@ def _fetch_one_in_message(
     message = sql % tuple(_literal(raw, value) for value in params)
     if begin:
         message = f"{begin_statement(raw)};\n{message}"
+        raw.autocommit = True  # see _begun_by_us (inlined: this runs on every task)
     start = time.monotonic()
-    with connection.wrap_database_errors, _begun_by_us(raw) if begin else nullcontext(), raw.lock:
-        pgconn = raw.pgconn
-        pgconn.send_query(message.encode(raw.info.encoding))
-        results = raw.wait(psycopg.generators.execute(pgconn))
-        for result in results:
-            if result.status == psycopg.pq.ExecStatus.FATAL_ERROR:
-                raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
+    try:
+        with connection.wrap_database_errors, raw.lock:
+            pgconn = raw.pgconn
+            pgconn.send_query(message.encode(raw.info.encoding))
+            results = raw.wait(psycopg.generators.execute(pgconn))
+            for result in results:
+                if result.status == FATAL_ERROR:
+                    raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
+    finally:
+        if begin and raw.pgconn.transaction_status == IDLE:
+            raw.autocommit = False
     if connection.queries_logged:  # as Django's debug cursor records a query
         duration = time.monotonic() - start
         connection.queries_log.append({"sql": message, "time": f"{duration:.3f}"})
@@ -167,7 +173,30 @@ def _fetch_one_in_message(
     rows = results[-1]
     if not rows.ntuples:
         return None
-    loader = psycopg.adapt.Transformer(raw)
+    return _load_row(raw, rows)
+
+
+#: Text-format loaders of the types of the library's own columns (the state read): booleans
+#: and integers, exact and cheaper than setting up psycopg's loaders for one row.
+_TEXT_LOADERS: dict[int, Callable[[bytes], Any]] = {
+    16: lambda value: value == b"t",  # bool
+    20: int,  # int8
+    21: int,  # int2
+    23: int,  # int4
+}
+
+
+def _load_row(raw: Any, rows: Any) -> tuple[Any, ...]:
+    """The first row of a result, as psycopg's cursor would load it."""
+    if rows.binary_tuples == 0:
+        loaders = [_TEXT_LOADERS.get(rows.ftype(i)) for i in range(rows.nfields)]
+        if None not in loaders:
+            values = [rows.get_value(0, i) for i in range(rows.nfields)]  # None for NULL
+            return tuple(
+                None if value is None else load(value)  # type: ignore[misc]
+                for value, load in zip(values, loaders, strict=True)
+            )
+    loader = _psycopg().adapt.Transformer(raw)
     loader.set_pgresult(rows)
     row: tuple[Any, ...] = loader.load_row(0, tuple)
     return row
@@ -190,13 +219,12 @@ def begin_with_next_query(using: str, enabled: bool = True) -> Iterator[None]:
         yield  # server-side binding cannot send two statements in one query
         return
     armed = True
-    idle = _psycopg().pq.TransactionStatus.IDLE
 
     def wrapper(
         execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
     ) -> Any:
         nonlocal armed
-        if not armed or many or raw.pgconn.transaction_status != idle:
+        if not armed or many or raw.pgconn.transaction_status != IDLE:
             return execute(sql, params, many, context)
         armed = False
         with _begun_by_us(raw):

@@ -241,7 +241,7 @@ def read_state(target: Target, pk: Any, using: str, fold: bool = True) -> tuple[
     """
     model = target.model
     connection = connections[using]
-    if _by_hand(target, connection):
+    if _by_hand(target, using):
         row = fetch_one(using, _state_sql(target, using), _pk_param(model, pk, connection), fold)
         if row is None:
             raise _does_not_exist(model)
@@ -258,7 +258,7 @@ def read_object(target: Target, pk: Any, using: str, fold: bool = True) -> Model
     Raises the model's ``DoesNotExist`` for a missing row."""
     model = target.model
     connection = connections[using]
-    if not _by_hand(target, connection):
+    if not _by_hand(target, using):
         with begin_with_next_query(using, fold):
             found: Model = model._base_manager.db_manager(using).get(pk=pk)
         return found
@@ -278,9 +278,11 @@ def _does_not_exist(model: type[Model]) -> Exception:
     return missing(f"{model._meta.object_name} matching query does not exist.")
 
 
-def _by_hand(target: Target, connection: Any) -> bool:
+@lru_cache(maxsize=256)
+def _by_hand(target: Target, using: str) -> bool:
     """Whether the hot statements may be written by hand: one table, a backend with
     ``UPDATE ... RETURNING`` (SQLite >= 3.35 reports it as returning columns from inserts)."""
+    connection = connections[using]
     return (
         target.single_table
         and connection.vendor in FAST_VENDORS
@@ -309,7 +311,7 @@ def _update_returning(
     target: Target, pk: Any, sets: list[Assign], using: str, *, active: bool = True
 ) -> Model | None:
     """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change."""
-    if _by_hand(target, connections[using]):
+    if _by_hand(target, using):
         return _update_with_returning(target, pk, sets, using, active)
     queryset = target.model._base_manager.db_manager(using).filter(pk=pk, **{target.active: active})
     return _update_then_select(queryset, pk, sets, using)
