@@ -131,6 +131,7 @@ def fetch_one(
     through a cursor (with the BEGIN folded in by :func:`begin_with_next_query`).
     """
     connection = connections[using]
+    connection.close_if_health_check_failed()  # before taking its driver connection
     raw = _wire(connection)
     if raw is not None:
         begins = _begins_here(connection, raw)
@@ -146,8 +147,7 @@ def _fetch_one_in_message(
     connection: Any, raw: Any, sql: str, params: Sequence[Any], begin: bool
 ) -> tuple[Any, ...] | None:
     psycopg = _psycopg()
-    # What Django checks before a cursor runs a query.
-    connection.close_if_health_check_failed()
+    # What Django checks before a cursor runs a query (the health check ran in fetch_one).
     connection.validate_thread_sharing()
     connection.validate_no_broken_transaction()
     message = sql % tuple(_literal(raw, value) for value in params)
