@@ -151,8 +151,10 @@ class DeactivatingTask(_TaskBase):
     # -- running ----------------------------------------------------------------------------
 
     def get_queryset(self, using: str) -> Any:
-        """Where the instance is read from with ``deactivate_pass_object`` (override it to add
-        ``select_related()``...).  The drop-in form reads only the active flag and the count."""
+        """Where the instance is read from with ``deactivate_pass_object``: override it to add
+        ``select_related()``, annotations...  Not overridden, the instance is read with one
+        hand-written ``SELECT`` of every concrete column instead (the same instance, no query
+        compilation).  The drop-in form reads only the active flag and the count."""
         return self._target().model._base_manager.db_manager(using).all()
 
     def _load(self, target: Target, pk: Any, using: str, fold: bool) -> Model:
