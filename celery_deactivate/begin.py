@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from typing import Any
 
@@ -153,19 +153,14 @@ def _fetch_one_in_message(
     message = sql % tuple(_literal(raw, value) for value in params)
     if begin:
         message = f"{begin_statement(raw)};\n{message}"
-        raw.autocommit = True  # see _begun_by_us (inlined: this runs on every task)
     start = time.monotonic()
-    try:
-        with connection.wrap_database_errors, raw.lock:
-            pgconn = raw.pgconn
-            pgconn.send_query(message.encode(raw.info.encoding))
-            results = raw.wait(psycopg.generators.execute(pgconn))
-            for result in results:
-                if result.status == FATAL_ERROR:
-                    raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
-    finally:
-        if begin and raw.pgconn.transaction_status == IDLE:
-            raw.autocommit = False
+    with connection.wrap_database_errors, _begun_by_us(raw) if begin else nullcontext(), raw.lock:
+        pgconn = raw.pgconn
+        pgconn.send_query(message.encode(raw.info.encoding))
+        results = raw.wait(psycopg.generators.execute(pgconn))
+        for result in results:
+            if result.status == FATAL_ERROR:
+                raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
     if connection.queries_logged:  # as Django's debug cursor records a query
         duration = time.monotonic() - start
         connection.queries_log.append({"sql": message, "time": f"{duration:.3f}"})
@@ -176,26 +171,8 @@ def _fetch_one_in_message(
     return _load_row(raw, rows)
 
 
-#: Text-format loaders of the types of the library's own columns (the state read): booleans
-#: and integers, exact and cheaper than setting up psycopg's loaders for one row.
-_TEXT_LOADERS: dict[int, Callable[[bytes], Any]] = {
-    16: lambda value: value == b"t",  # bool
-    20: int,  # int8
-    21: int,  # int2
-    23: int,  # int4
-}
-
-
 def _load_row(raw: Any, rows: Any) -> tuple[Any, ...]:
-    """The first row of a result, as psycopg's cursor would load it."""
-    if rows.binary_tuples == 0:
-        loaders = [_TEXT_LOADERS.get(rows.ftype(i)) for i in range(rows.nfields)]
-        if None not in loaders:
-            values = [rows.get_value(0, i) for i in range(rows.nfields)]  # None for NULL
-            return tuple(
-                None if value is None else load(value)  # type: ignore[misc]
-                for value, load in zip(values, loaders, strict=True)
-            )
+    """The first row of a result, loaded by the connection's adapters as its cursors would."""
     loader = _psycopg().adapt.Transformer(raw)
     loader.set_pgresult(rows)
     row: tuple[Any, ...] = loader.load_row(0, tuple)
