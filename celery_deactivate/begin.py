@@ -121,14 +121,15 @@ def _begun_by_us(raw: Any) -> Iterator[None]:
 
 
 def fetch_one(
-    using: str, sql: str, params: Sequence[Any], fold: bool = True
+    using: str, sql: str, params: Sequence[Any], fold: bool = False
 ) -> tuple[Any, ...] | None:
     """The first row a statement returns (a SELECT, an ``UPDATE ... RETURNING``), or None.
 
     The statement goes as one message, without the cursor layers, when nothing needs them: no
     execute wrapper installed, and psycopg would send no BEGIN of its own, or it is the first
-    query of the transaction and ``fold`` puts the BEGIN in the message.  Otherwise it runs
-    through a cursor (with the BEGIN folded in by :func:`begin_with_next_query`).
+    query of the transaction and ``fold`` (a task's ``deactivate_fold_begin``) puts the BEGIN in
+    the message.  Otherwise it runs through a cursor (with the BEGIN folded in by
+    :func:`begin_with_next_query` when ``fold``).
     """
     connection = connections[using]
     connection.close_if_health_check_failed()  # before taking its driver connection
@@ -187,7 +188,7 @@ def _literal(raw: Any, value: Any) -> str:
 
 
 @contextmanager
-def begin_with_next_query(using: str, enabled: bool = True) -> Iterator[None]:
+def begin_with_next_query(using: str, enabled: bool) -> Iterator[None]:
     """Inside, the first single query run through a cursor on ``using`` carries the
     transaction's BEGIN (see :func:`_begun_by_us` for the state it leaves)."""
     connection = connections[using]

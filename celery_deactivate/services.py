@@ -232,12 +232,12 @@ def _failure_values(target: Target, exc: BaseException, threshold: int) -> list[
     return sets
 
 
-def read_state(target: Target, pk: Any, using: str, fold: bool = True) -> tuple[Any, ...]:
+def read_state(target: Target, pk: Any, using: str, fold: bool = False) -> tuple[Any, ...]:
     """``(active, failure_count)`` of the row (``(active,)`` without a counter): one SELECT.
 
-    As the first query of a transaction (PostgreSQL, psycopg 3, ``fold``), it carries the
-    transaction's BEGIN (:mod:`celery_deactivate.begin`).  Raises the model's ``DoesNotExist``
-    for a missing row.
+    As the first query of a transaction (PostgreSQL, psycopg 3, ``fold``: the task's
+    ``deactivate_fold_begin``), it carries the transaction's BEGIN
+    (:mod:`celery_deactivate.begin`).  Raises the model's ``DoesNotExist`` for a missing row.
     """
     model = target.model
     connection = connections[using]
@@ -252,7 +252,7 @@ def read_state(target: Target, pk: Any, using: str, fold: bool = True) -> tuple[
     return state
 
 
-def read_object(target: Target, pk: Any, using: str, fold: bool = True) -> Model:
+def read_object(target: Target, pk: Any, using: str, fold: bool = False) -> Model:
     """The row as a model instance (``Model.from_db``), like ``_base_manager.get(pk=pk)``: one
     SELECT written by hand (no query compilation), carrying the BEGIN like :func:`read_state`.
     Raises the model's ``DoesNotExist`` for a missing row."""

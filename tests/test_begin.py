@@ -128,9 +128,9 @@ def test_the_block_is_one_transaction_that_commits(form: str) -> None:
     feed = Feed.objects.create(title="a")
     with transaction.atomic():
         if form == "message":
-            assert fetch_one("default", STATE_SQL, [feed.pk]) == (True,)
+            assert fetch_one("default", STATE_SQL, [feed.pk], fold=True) == (True,)
         else:
-            with begin_with_next_query("default"):
+            with begin_with_next_query("default", True):
                 assert Feed.objects.get(pk=feed.pk).polls == 0
         assert connection.connection.pgconn.transaction_status == INTRANS
         first = xact_id()
@@ -147,7 +147,7 @@ def test_an_exception_rolls_the_block_back() -> None:
 
     def block() -> None:
         with transaction.atomic():
-            fetch_one("default", STATE_SQL, [feed.pk])
+            fetch_one("default", STATE_SQL, [feed.pk], fold=True)
             Feed.objects.filter(pk=feed.pk).update(polls=5)
             raise ZeroDivisionError
 
@@ -162,7 +162,7 @@ def test_an_exception_rolls_the_block_back() -> None:
 def test_a_failing_read_raises_django_s_error_and_rolls_back() -> None:
     feed = Feed.objects.create(title="a")
     with pytest.raises(ProgrammingError, match="no_such_table"), transaction.atomic():
-        fetch_one("default", "SELECT * FROM no_such_table WHERE id = %s", [1])
+        fetch_one("default", "SELECT * FROM no_such_table WHERE id = %s", [1], fold=True)
     assert connection.get_autocommit() and connection.connection.autocommit
     Feed.objects.filter(pk=feed.pk).update(polls=2)
     assert Feed.objects.get(pk=feed.pk).polls == 2
@@ -170,9 +170,9 @@ def test_a_failing_read_raises_django_s_error_and_rolls_back() -> None:
 
 def test_a_missing_row_is_none_and_parameters_are_quoted() -> None:
     with transaction.atomic():
-        assert fetch_one("default", STATE_SQL, [-1]) is None
+        assert fetch_one("default", STATE_SQL, [-1], fold=True) is None
     with transaction.atomic():
-        assert fetch_one("default", "SELECT %s::text", ["it's 100%s"]) == ("it's 100%s",)
+        assert fetch_one("default", "SELECT %s::text", ["it's 100%s"], fold=True) == ("it's 100%s",)
 
 
 @pytest.fixture
@@ -202,9 +202,9 @@ def test_the_connection_s_isolation_level_applies_from_the_first_query(
     def block() -> None:
         with transaction.atomic():
             if form == "message":
-                fetch_one("default", STATE_SQL, [feed.pk])
+                fetch_one("default", STATE_SQL, [feed.pk], fold=True)
             else:
-                with begin_with_next_query("default"):
+                with begin_with_next_query("default", True):
                     Feed.objects.get(pk=feed.pk)
             with connection.cursor() as cursor:
                 cursor.execute("SELECT current_setting('transaction_isolation')")
@@ -227,8 +227,8 @@ def test_not_inside_an_outer_transaction() -> None:
         with transaction.atomic():
             Feed.objects.get(pk=feed.pk)
             with transaction.atomic():
-                fetch_one("default", STATE_SQL, [feed.pk])
-                with begin_with_next_query("default"):
+                fetch_one("default", STATE_SQL, [feed.pk], fold=True)
+                with begin_with_next_query("default", True):
                     Feed.objects.get(pk=feed.pk)
 
     not_folded(nested)
@@ -238,8 +238,8 @@ def test_not_outside_a_transaction() -> None:
     feed = Feed.objects.create(title="a")
 
     def autocommit() -> None:
-        fetch_one("default", STATE_SQL, [feed.pk])
-        with begin_with_next_query("default"):
+        fetch_one("default", STATE_SQL, [feed.pk], fold=True)
+        with begin_with_next_query("default", True):
             Feed.objects.get(pk=feed.pk)
 
     not_folded(autocommit)
@@ -262,7 +262,7 @@ def test_the_wrapper_form_stays_off_with_server_side_binding(server_side_binding
     feed = Feed.objects.create(title="a")
 
     def block() -> None:
-        with transaction.atomic(), begin_with_next_query("default"):
+        with transaction.atomic(), begin_with_next_query("default", True):
             Feed.objects.get(pk=feed.pk)
 
     not_folded(block)
@@ -273,7 +273,7 @@ def test_the_message_form_works_with_server_side_binding(server_side_binding: No
 
     def block() -> None:
         with transaction.atomic():
-            assert fetch_one("default", STATE_SQL, [feed.pk]) == (True,)
+            assert fetch_one("default", STATE_SQL, [feed.pk], fold=True) == (True,)
             Feed.objects.get(pk=feed.pk)
 
     assert messages(block)[0].startswith("BEGIN;\nSELECT")
@@ -283,7 +283,7 @@ def test_only_the_first_query_and_never_executemany() -> None:
     feed = Feed.objects.create(title="a")
 
     def executemany_first() -> None:
-        with transaction.atomic(), begin_with_next_query("default"):
+        with transaction.atomic(), begin_with_next_query("default", True):
             with connection.cursor() as cursor:
                 cursor.executemany("SELECT %s", [(1,), (2,)])
             Feed.objects.get(pk=feed.pk)
@@ -291,7 +291,7 @@ def test_only_the_first_query_and_never_executemany() -> None:
     not_folded(executemany_first)
 
     def two_reads() -> None:
-        with transaction.atomic(), begin_with_next_query("default"):
+        with transaction.atomic(), begin_with_next_query("default", True):
             Feed.objects.get(pk=feed.pk)
             Feed.objects.get(pk=feed.pk)
 
@@ -332,7 +332,23 @@ def test_django_s_checks_run_first() -> None:
 
     feed = Feed.objects.create(title="a")
     with transaction.atomic():
-        fetch_one("default", STATE_SQL, [feed.pk])
+        fetch_one("default", STATE_SQL, [feed.pk], fold=True)
         transaction.set_rollback(True)
         with pytest.raises(TransactionManagementError):
-            fetch_one("default", STATE_SQL, [feed.pk])
+            fetch_one("default", STATE_SQL, [feed.pk], fold=True)
+
+
+def test_only_a_task_folds() -> None:
+    """The option is a task's: a service called as the first statement of someone else's
+    transaction leaves psycopg to send its own BEGIN."""
+    from celery_deactivate import services
+
+    feed = Feed.objects.create(title="a")
+
+    def block() -> None:
+        with transaction.atomic():
+            services.deactivate(Feed, feed.pk)
+
+    wire = messages(block)
+    assert wire[0] == "BEGIN" and wire[1].startswith('UPDATE "testapp_feed"')
+    assert Feed.objects.get(pk=feed.pk).active is False
