@@ -293,16 +293,20 @@ def _by_hand(target: Target, using: str) -> bool:
 @lru_cache(maxsize=256)
 def _object_sql(model: type[Model], using: str) -> str:
     _, columns, _ = _row_reader(model, using)
-    quote = connections[using].ops.quote_name
-    _, pk_column = _pk(model)
-    return f"SELECT {columns} FROM {quote(model._meta.db_table)} WHERE {quote(pk_column)} = %s"
+    return _select_by_pk(model, using, columns)
 
 
 @lru_cache(maxsize=256)
 def _state_sql(target: Target, using: str) -> str:
-    model = target.model
     quote = connections[using].ops.quote_name
-    columns = ", ".join(quote(_column(model, name)) for name in target.state_fields())
+    names = target.state_fields()
+    return _select_by_pk(
+        target.model, using, ", ".join(quote(_column(target.model, n)) for n in names)
+    )
+
+
+def _select_by_pk(model: type[Model], using: str, columns: str) -> str:
+    quote = connections[using].ops.quote_name
     _, pk_column = _pk(model)
     return f"SELECT {columns} FROM {quote(model._meta.db_table)} WHERE {quote(pk_column)} = %s"
 
