@@ -40,6 +40,7 @@ from django.db import connections
 logger = logging.getLogger("django.db.backends")
 
 IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (libpq's PQTRANS_IDLE)
+PIPELINE_OFF = 0  # psycopg.pq.PipelineStatus.OFF
 FATAL_ERROR = 7  # psycopg.pq.ExecStatus.FATAL_ERROR (libpq's PGRES_FATAL_ERROR)
 
 
@@ -61,20 +62,14 @@ def _psycopg() -> Any:
 def _psycopg_connection(connection: Any) -> Any:
     """The connected psycopg 3 connection behind a Django connection, outside pipeline mode."""
     raw = connection.connection
-    if connection.vendor != "postgresql" or raw is None:
+    if raw is None or connection.vendor != "postgresql":
         return None
     psycopg = _psycopg()
     if psycopg is None or not isinstance(raw, psycopg.Connection):
         return None
-    if raw.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
+    if raw.pgconn.pipeline_status != PIPELINE_OFF:
         return None
     return raw
-
-
-def _wire(connection: Any) -> Any:
-    """The psycopg 3 connection, when a statement may go to it without the cursor layers (no
-    execute wrapper to run)."""
-    return None if connection.execute_wrappers else _psycopg_connection(connection)
 
 
 def _begins_here(connection: Any, raw: Any) -> bool:
@@ -103,27 +98,37 @@ def begin_statement(raw: Any) -> str:
     return " ".join(parts)
 
 
-@contextmanager
-def _begun_by_us(raw: Any) -> Iterator[None]:
+_NOTHING = nullcontext()
+
+
+class _BegunByUs:
     """Keep psycopg from sending a BEGIN of its own: ours is in the message.
 
     Once the message has run, the server holds the transaction open and psycopg's autocommit
     stays on (it can be switched back only outside a transaction, which Django does when the
     block ends; psycopg commits and rolls back by the server's transaction status).  If the
-    BEGIN did not take effect, autocommit is switched back off at once.
+    BEGIN did not take effect, autocommit is switched back off at once.  (A class, not a
+    generator-based context manager: it runs on every task.)
     """
-    raw.autocommit = True
-    try:
-        yield
-    finally:
-        if raw.pgconn.transaction_status == IDLE:
-            raw.autocommit = False
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def __enter__(self) -> None:
+        self.raw.autocommit = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.raw.pgconn.transaction_status == IDLE:
+            self.raw.autocommit = False
 
 
 def fetch_one(
-    using: str, sql: str, params: Sequence[Any], fold: bool = False
+    connection: Any, sql: str, params: Sequence[Any], fold: bool = False
 ) -> tuple[Any, ...] | None:
-    """The first row a statement returns (a SELECT, an ``UPDATE ... RETURNING``), or None.
+    """The first row a statement returns (a SELECT, an ``UPDATE ... RETURNING``) on a Django
+    connection, or None.
 
     The statement goes as one message, without the cursor layers, when nothing needs them: no
     execute wrapper installed, and psycopg would send no BEGIN of its own, or it is the first
@@ -131,14 +136,13 @@ def fetch_one(
     the message.  Otherwise it runs through a cursor (with the BEGIN folded in by
     :func:`begin_with_next_query` when ``fold``).
     """
-    connection = connections[using]
     connection.close_if_health_check_failed()  # before taking its driver connection
-    raw = _wire(connection)
+    raw = None if connection.execute_wrappers else _psycopg_connection(connection)
     if raw is not None:
         begins = _begins_here(connection, raw)
         if fold or not begins:
-            return _fetch_one_in_message(connection, raw, sql, params, begin=begins)
-    with begin_with_next_query(using, fold), connection.cursor() as cursor:
+            return _fetch_one_in_message(connection, raw, sql, params, begins)
+    with begin_with_next_query(connection.alias, fold), connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
         return None if row is None else tuple(row)
@@ -147,21 +151,22 @@ def fetch_one(
 def _fetch_one_in_message(
     connection: Any, raw: Any, sql: str, params: Sequence[Any], begin: bool
 ) -> tuple[Any, ...] | None:
-    psycopg = _psycopg()
     # What Django checks before a cursor runs a query (the health check ran in fetch_one).
     connection.validate_thread_sharing()
     connection.validate_no_broken_transaction()
-    message = sql % tuple(_literal(raw, value) for value in params)
+    message = sql % tuple([_literal(raw, value) for value in params])
     if begin:
         message = f"{begin_statement(raw)};\n{message}"
+    encoding = raw.info.encoding
     start = time.monotonic()
-    with connection.wrap_database_errors, _begun_by_us(raw) if begin else nullcontext(), raw.lock:
+    # _BegunByUs before the lock: psycopg's autocommit setter takes it.
+    with connection.wrap_database_errors, _BegunByUs(raw) if begin else _NOTHING, raw.lock:
         pgconn = raw.pgconn
-        pgconn.send_query(message.encode(raw.info.encoding))
-        results = raw.wait(psycopg.generators.execute(pgconn))
+        pgconn.send_query(message.encode(encoding))
+        results = raw.wait(_psycopg().generators.execute(pgconn))
         for result in results:
             if result.status == FATAL_ERROR:
-                raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
+                raise _psycopg().errors.error_from_result(result, encoding=encoding)
     if connection.queries_logged:  # as Django's debug cursor records a query
         duration = time.monotonic() - start
         connection.queries_log.append({"sql": message, "time": f"{duration:.3f}"})
@@ -190,7 +195,7 @@ def _literal(raw: Any, value: Any) -> str:
 @contextmanager
 def begin_with_next_query(using: str, enabled: bool) -> Iterator[None]:
     """Inside, the first single query run through a cursor on ``using`` carries the
-    transaction's BEGIN (see :func:`_begun_by_us` for the state it leaves)."""
+    transaction's BEGIN (see :class:`_BegunByUs` for the state it leaves)."""
     connection = connections[using]
     raw = _foldable(connection) if enabled else None
     if raw is None or not issubclass(raw.cursor_factory, _psycopg().ClientCursor):
@@ -205,7 +210,7 @@ def begin_with_next_query(using: str, enabled: bool) -> Iterator[None]:
         if not armed or many or raw.pgconn.transaction_status != IDLE:
             return execute(sql, params, many, context)
         armed = False
-        with _begun_by_us(raw):
+        with _BegunByUs(raw):
             # BEGIN first, so that an isolation level applies to the query too.
             result = execute(f"{begin_statement(raw)};\n{sql}", params, many, context)
             context["cursor"].nextset()  # the query's result, after BEGIN's

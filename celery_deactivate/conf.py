@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from django.core.signals import setting_changed
@@ -179,11 +180,27 @@ def resolve(task: Task[Any, Any] | type[Task[Any, Any]], name: str) -> Any:
     if value is None:
         value = app_setting(task._get_app().conf, name)  # type: ignore[union-attr]
     if value is None:
-        return option.coerce(option.default)
+        return _default(option)
     try:
         return option.coerce(value)
     except (ValueError, TypeError, ImportError, AttributeError) as exc:
         raise DeactivateConfigError(f"{name} {exc}", task=task.name) from exc
+
+
+#: Coerced defaults (they are constants; the notifier's is imported once).  Read-only values:
+#: the fields mapping is a read-only view.
+_defaults: dict[str, Any] = {}
+
+
+def _default(option: Option) -> Any:
+    try:
+        return _defaults[option.name]
+    except KeyError:
+        value = option.coerce(option.default)
+        if isinstance(value, dict):
+            value = MappingProxyType(value)
+        _defaults[option.name] = value
+        return value
 
 
 #: Option values an app's configuration source gave (Django settings, a config object), per

@@ -240,16 +240,17 @@ def read_state(target: Target, pk: Any, using: str, fold: bool = False) -> tuple
     (:mod:`celery_deactivate.begin`).  Raises the model's ``DoesNotExist`` for a missing row.
     """
     model = target.model
+    sql = _state_sql(target, using)
+    if sql is None:
+        manager = model._base_manager.db_manager(using)
+        with begin_with_next_query(using, fold):
+            state: tuple[Any, ...] = manager.values_list(*target.state_fields()).get(pk=pk)
+        return state
     connection = connections[using]
-    if _by_hand(target, using):
-        row = fetch_one(using, _state_sql(target, using), _pk_param(model, pk, connection), fold)
-        if row is None:
-            raise _does_not_exist(model)
-        return row
-    manager = model._base_manager.db_manager(using)
-    with begin_with_next_query(using, fold):
-        state: tuple[Any, ...] = manager.values_list(*target.state_fields()).get(pk=pk)
-    return state
+    row = fetch_one(connection, sql, [_pk_value(model, pk, connection)], fold)
+    if row is None:
+        raise _does_not_exist(model)
+    return row
 
 
 def read_object(target: Target, pk: Any, using: str, fold: bool = False) -> Model:
@@ -257,20 +258,20 @@ def read_object(target: Target, pk: Any, using: str, fold: bool = False) -> Mode
     SELECT written by hand (no query compilation), carrying the BEGIN like :func:`read_state`.
     Raises the model's ``DoesNotExist`` for a missing row."""
     model = target.model
-    connection = connections[using]
     if not _by_hand(target, using):
         with begin_with_next_query(using, fold):
             found: Model = model._base_manager.db_manager(using).get(pk=pk)
         return found
-    row = fetch_one(using, _object_sql(model, using), _pk_param(model, pk, connection), fold)
+    connection = connections[using]
+    sql = _object_sql(model, using)
+    row = fetch_one(connection, sql, [_pk_value(model, pk, connection)], fold)
     if row is None:
         raise _does_not_exist(model)
     return _instance(model, using, row)
 
 
-def _pk_param(model: type[Model], pk: Any, connection: Any) -> list[Any]:
-    pk_field, _ = _pk(model)
-    return [pk_field.get_db_prep_value(pk, connection)]
+def _pk_value(model: type[Model], pk: Any, connection: Any) -> Any:
+    return cast("Field[Any, Any]", model._meta.pk).get_db_prep_value(pk, connection)
 
 
 def _does_not_exist(model: type[Model]) -> Exception:
@@ -297,7 +298,10 @@ def _object_sql(model: type[Model], using: str) -> str:
 
 
 @lru_cache(maxsize=256)
-def _state_sql(target: Target, using: str) -> str:
+def _state_sql(target: Target, using: str) -> str | None:
+    """The state read written by hand, or ``None`` where the ORM reads it (see _by_hand)."""
+    if not _by_hand(target, using):
+        return None
     quote = connections[using].ops.quote_name
     names = target.state_fields()
     return _select_by_pk(
@@ -335,8 +339,8 @@ def _update_with_returning(
         sql, values = assign.sql(model, connection)
         assignments.append(sql)
         params.extend(values)
-    pk_field, pk_column = _pk(model)
-    params.append(pk_field.get_db_prep_value(pk, connection))
+    _, pk_column = _pk(model)
+    params.append(_pk_value(model, pk, connection))
     params.append(_field(model, target.active).get_db_prep_value(active, connection))
     _, returning, _ = _row_reader(model, using)
     statement = (
@@ -344,7 +348,7 @@ def _update_with_returning(
         f"WHERE {quote(pk_column)} = %s AND {quote(_column(model, target.active))} = %s "
         f"RETURNING {returning}"
     )
-    row = fetch_one(using, statement, params)
+    row = fetch_one(connection, statement, params)
     return None if row is None else _instance(model, using, row)
 
 

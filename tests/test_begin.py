@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from django.db import ProgrammingError, connection, transaction
+from django.db import ProgrammingError, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
 from celery_deactivate.begin import begin_statement, begin_with_next_query, fetch_one
@@ -128,7 +128,7 @@ def test_the_block_is_one_transaction_that_commits(form: str) -> None:
     feed = Feed.objects.create(title="a")
     with transaction.atomic():
         if form == "message":
-            assert fetch_one("default", STATE_SQL, [feed.pk], fold=True) == (True,)
+            assert fetch_one(connections["default"], STATE_SQL, [feed.pk], fold=True) == (True,)
         else:
             with begin_with_next_query("default", True):
                 assert Feed.objects.get(pk=feed.pk).polls == 0
@@ -147,7 +147,7 @@ def test_an_exception_rolls_the_block_back() -> None:
 
     def block() -> None:
         with transaction.atomic():
-            fetch_one("default", STATE_SQL, [feed.pk], fold=True)
+            fetch_one(connections["default"], STATE_SQL, [feed.pk], fold=True)
             Feed.objects.filter(pk=feed.pk).update(polls=5)
             raise ZeroDivisionError
 
@@ -162,7 +162,9 @@ def test_an_exception_rolls_the_block_back() -> None:
 def test_a_failing_read_raises_django_s_error_and_rolls_back() -> None:
     feed = Feed.objects.create(title="a")
     with pytest.raises(ProgrammingError, match="no_such_table"), transaction.atomic():
-        fetch_one("default", "SELECT * FROM no_such_table WHERE id = %s", [1], fold=True)
+        fetch_one(
+            connections["default"], "SELECT * FROM no_such_table WHERE id = %s", [1], fold=True
+        )
     assert connection.get_autocommit() and connection.connection.autocommit
     Feed.objects.filter(pk=feed.pk).update(polls=2)
     assert Feed.objects.get(pk=feed.pk).polls == 2
@@ -170,9 +172,11 @@ def test_a_failing_read_raises_django_s_error_and_rolls_back() -> None:
 
 def test_a_missing_row_is_none_and_parameters_are_quoted() -> None:
     with transaction.atomic():
-        assert fetch_one("default", STATE_SQL, [-1], fold=True) is None
+        assert fetch_one(connections["default"], STATE_SQL, [-1], fold=True) is None
     with transaction.atomic():
-        assert fetch_one("default", "SELECT %s::text", ["it's 100%s"], fold=True) == ("it's 100%s",)
+        assert fetch_one(connections["default"], "SELECT %s::text", ["it's 100%s"], fold=True) == (
+            "it's 100%s",
+        )
 
 
 @pytest.fixture
@@ -202,7 +206,7 @@ def test_the_connection_s_isolation_level_applies_from_the_first_query(
     def block() -> None:
         with transaction.atomic():
             if form == "message":
-                fetch_one("default", STATE_SQL, [feed.pk], fold=True)
+                fetch_one(connections["default"], STATE_SQL, [feed.pk], fold=True)
             else:
                 with begin_with_next_query("default", True):
                     Feed.objects.get(pk=feed.pk)
@@ -227,7 +231,7 @@ def test_not_inside_an_outer_transaction() -> None:
         with transaction.atomic():
             Feed.objects.get(pk=feed.pk)
             with transaction.atomic():
-                fetch_one("default", STATE_SQL, [feed.pk], fold=True)
+                fetch_one(connections["default"], STATE_SQL, [feed.pk], fold=True)
                 with begin_with_next_query("default", True):
                     Feed.objects.get(pk=feed.pk)
 
@@ -238,7 +242,7 @@ def test_not_outside_a_transaction() -> None:
     feed = Feed.objects.create(title="a")
 
     def autocommit() -> None:
-        fetch_one("default", STATE_SQL, [feed.pk], fold=True)
+        fetch_one(connections["default"], STATE_SQL, [feed.pk], fold=True)
         with begin_with_next_query("default", True):
             Feed.objects.get(pk=feed.pk)
 
@@ -273,7 +277,7 @@ def test_the_message_form_works_with_server_side_binding(server_side_binding: No
 
     def block() -> None:
         with transaction.atomic():
-            assert fetch_one("default", STATE_SQL, [feed.pk], fold=True) == (True,)
+            assert fetch_one(connections["default"], STATE_SQL, [feed.pk], fold=True) == (True,)
             Feed.objects.get(pk=feed.pk)
 
     assert messages(block)[0].startswith("BEGIN;\nSELECT")
@@ -303,7 +307,7 @@ def test_a_statement_in_autocommit_goes_alone_and_commits() -> None:
     feed = Feed.objects.create(title="a")
     update = 'UPDATE "testapp_feed" SET "polls" = %s WHERE "id" = %s RETURNING "polls"'
 
-    wire = messages(lambda: fetch_one("default", update, [3, feed.pk]))
+    wire = messages(lambda: fetch_one(connections["default"], update, [3, feed.pk]))
 
     assert wire == [update % (3, feed.pk)]
     assert Feed.objects.get(pk=feed.pk).polls == 3
@@ -332,10 +336,10 @@ def test_django_s_checks_run_first() -> None:
 
     feed = Feed.objects.create(title="a")
     with transaction.atomic():
-        fetch_one("default", STATE_SQL, [feed.pk], fold=True)
+        fetch_one(connections["default"], STATE_SQL, [feed.pk], fold=True)
         transaction.set_rollback(True)
         with pytest.raises(TransactionManagementError):
-            fetch_one("default", STATE_SQL, [feed.pk], fold=True)
+            fetch_one(connections["default"], STATE_SQL, [feed.pk], fold=True)
 
 
 def test_only_a_task_folds() -> None:
