@@ -23,6 +23,8 @@ else:
         }
     }
 
+EMAIL_BACKEND = "tests.benchmarks.mail.RenderingBackend"
+
 CELERY_BROKER_URL = os.environ.get("BENCH_BROKER_URL", "filesystem://")
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
