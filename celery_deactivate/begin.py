@@ -154,27 +154,49 @@ def _fetch_one_in_message(
     # What Django checks before a cursor runs a query (the health check ran in fetch_one).
     connection.validate_thread_sharing()
     connection.validate_no_broken_transaction()
-    message = sql % tuple([_literal(raw, value) for value in params])
+    message = _message(raw, sql, params)
     if begin:
-        message = f"{begin_statement(raw)};\n{message}"
-    encoding = raw.info.encoding
-    start = time.monotonic()
+        message = f"{begin_statement(raw)};\n".encode() + message
+    logged = connection.queries_logged
+    start = time.monotonic() if logged else 0.0
     # _BegunByUs before the lock: psycopg's autocommit setter takes it.
     with connection.wrap_database_errors, _BegunByUs(raw) if begin else _NOTHING, raw.lock:
         pgconn = raw.pgconn
-        pgconn.send_query(message.encode(encoding))
+        pgconn.send_query(message)
         results = raw.wait(_psycopg().generators.execute(pgconn))
         for result in results:
             if result.status == FATAL_ERROR:
-                raise _psycopg().errors.error_from_result(result, encoding=encoding)
-    if connection.queries_logged:  # as Django's debug cursor records a query
+                raise _psycopg().errors.error_from_result(result, encoding=raw.info.encoding)
+    if logged:  # as Django's debug cursor records a query
         duration = time.monotonic() - start
-        connection.queries_log.append({"sql": message, "time": f"{duration:.3f}"})
-        logger.debug("(%.3f) %s; args=None; alias=%s", duration, message, connection.alias)
+        text = message.decode(raw.info.encoding)
+        connection.queries_log.append({"sql": text, "time": f"{duration:.3f}"})
+        logger.debug("(%.3f) %s; args=None; alias=%s", duration, text, connection.alias)
     rows = results[-1]
     if not rows.ntuples:
         return None
     return _load_row(raw, rows)
+
+
+def _message(raw: Any, sql: str, params: Sequence[Any]) -> bytes:
+    """The statement with its parameters inlined as literals, in the connection's encoding."""
+    if len(params) == 1 and type(params[0]) is int:
+        head = _ascii_head(sql)
+        if head is not None:  # the hot case: "... WHERE pk = %s" with an integer key
+            return b"%s%d" % (head, params[0])
+    text = sql % tuple([_literal(raw, value) for value in params])
+    encoded: bytes = text.encode(raw.info.encoding)
+    return encoded
+
+
+@lru_cache(maxsize=256)
+def _ascii_head(sql: str) -> bytes | None:
+    """The bytes before a statement's one and final ``%s``, when the statement is ASCII (the
+    same bytes in every client encoding PostgreSQL offers), else None."""
+    head, placeholder, tail = sql.rpartition("%s")
+    if not placeholder or tail or "%" in head or not head.isascii():
+        return None
+    return head.encode("ascii")
 
 
 def _load_row(raw: Any, rows: Any) -> tuple[Any, ...]:

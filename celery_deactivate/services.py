@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
 
-from django.db import connections, router, transaction
+from django.db import connections, models, router, transaction
 from django.db.models import Case, F, Field, Model, Q, Value, When
 from django.dispatch import Signal
 from django.utils import timezone
@@ -271,7 +271,25 @@ def read_object(target: Target, pk: Any, using: str, fold: bool = False) -> Mode
 
 
 def _pk_value(model: type[Model], pk: Any, connection: Any) -> Any:
-    return cast("Field[Any, Any]", model._meta.pk).get_db_prep_value(pk, connection)
+    """The primary key as the database takes it (the field's ``get_db_prep_value``)."""
+    field = cast("Field[Any, Any]", model._meta.pk)
+    if type(pk) is int and type(field) in _INTEGER_KEYS:
+        return pk  # what those fields return for an int on PostgreSQL and SQLite, sans calls
+    return field.get_db_prep_value(pk, connection)
+
+
+#: Primary key fields whose database value of an ``int`` is the ``int`` itself (exact classes: a
+#: subclass may convert).
+_INTEGER_KEYS = frozenset(
+    {
+        models.AutoField,
+        models.BigAutoField,
+        models.SmallAutoField,
+        models.IntegerField,
+        models.BigIntegerField,
+        models.SmallIntegerField,
+    }
+)
 
 
 def _does_not_exist(model: type[Model]) -> Exception:

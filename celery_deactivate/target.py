@@ -26,9 +26,13 @@ FIELD_TYPES: Mapping[str, tuple[type[models.Field[Any, Any]], ...]] = {
 ModelRef = type[models.Model] | str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Target:
-    """A model and the names of its fields by role (``None``: the role is not recorded)."""
+    """A model and the names of its fields by role (``None``: the role is not recorded).
+
+    One instance per configuration (:func:`resolve_target` caches them), compared and hashed by
+    identity: the hot paths key their caches on it once per task.
+    """
 
     model: type[models.Model]
     active: str

@@ -170,6 +170,22 @@ def test_a_failing_read_raises_django_s_error_and_rolls_back() -> None:
     assert Feed.objects.get(pk=feed.pk).polls == 2
 
 
+def test_the_message_inlines_parameters_as_the_wire_shows_them() -> None:
+    """An integer key is written into the precomputed ASCII head; every other case takes
+    psycopg's literals (quoting, escaped percent signs, non-ASCII names)."""
+    feed = Feed.objects.create(title="a")
+    sent = messages(lambda: fetch_one(connections["default"], STATE_SQL, [feed.pk]))
+    assert sent == [STATE_SQL % feed.pk]
+    escaped = 'SELECT 100 %% 7 AS "mod", %s::int'
+    assert fetch_one(connections["default"], escaped, [5]) == (2, 5)
+    assert messages(lambda: fetch_one(connections["default"], escaped, [5])) == [
+        'SELECT 100 % 7 AS "mod", 5::int'
+    ]
+    non_ascii = "SELECT 'clé', %s::int"
+    assert fetch_one(connections["default"], non_ascii, [7]) == ("clé", 7)
+    assert fetch_one(connections["default"], "SELECT %s::bool", [True]) == (True,)
+
+
 def test_a_missing_row_is_none_and_parameters_are_quoted() -> None:
     with transaction.atomic():
         assert fetch_one(connections["default"], STATE_SQL, [-1], fold=True) is None

@@ -128,6 +128,16 @@ def test_read_object_is_the_orm_s_instance(in_transaction: bool) -> None:
         services.read_object(target(), -1, "default")
 
 
+def test_a_key_given_as_text_is_prepared_by_the_field() -> None:
+    # An integer key skips the field's preparation; any other value goes through it.
+    feed = Feed.objects.create(title="f", failure_count=3)
+    assert services.read_state(target(), feed.pk, "default") == (True, 3)
+    assert services.read_state(target(), str(feed.pk), "default") == (True, 3)
+    assert services.read_object(target(), str(feed.pk), "default").pk == feed.pk
+    with pytest.raises(ValueError, match="expected a number"):
+        services.read_state(target(), "not a key", "default")
+
+
 def test_read_object_of_a_multi_table_child_takes_the_orm_path() -> None:
     child = SpecialFeed.objects.create(title="child", kind="mti")
     instance = services.read_object(services.target_for(SpecialFeed), child.pk, "default")

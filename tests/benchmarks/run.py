@@ -1,12 +1,14 @@
-"""``python -m tests.benchmarks.run [--rounds 5] [--n 1000] [--fanout-n 10000] [--memory]``.
+"""``python -m tests.benchmarks.run [--rounds 7] [--n 2000] [--fanout-n 10000] [--memory]``.
 
 
 For each available backend (the embedded default: SQLite file + SQLAlchemy/SQLite broker;
 PostgreSQL + Redis when ``DATABASE_URL`` and ``CELERY_BROKER_URL`` are set), a child process
 starts ONE real ``celery worker --pool=prefork --concurrency=2`` and runs every scenario in
-interleaved rounds: two gate tasks hold the pool children while N messages are queued, then the
-clock runs from the first measured task's start to the last one's end (no worker boot, no
-publishing).  The table of medians goes to stdout and to ``tests/benchmarks/results.md``.
+interleaved rounds (forwards, then backwards, so that compared scenarios run side by side and
+each before the other as often): the table is reset (and, on PostgreSQL, vacuumed), two gate
+tasks hold the pool children while N messages are queued, then the clock runs from the first
+measured task's start to the last one's end (no worker boot, no publishing).  The table of
+medians goes to stdout and to ``tests/benchmarks/results.md``.
 """
 
 from __future__ import annotations
@@ -186,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--n", type=int, default=1000, help="tasks per scenario and round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--n", type=int, default=2000, help="tasks per scenario and round")
     parser.add_argument("--fanout-n", type=int, default=10000, help="fan-out size on Redis")
     parser.add_argument(
         "--embedded-fanout-n",

@@ -201,8 +201,8 @@ def dispatch_rss() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--fanout-n", type=int, default=10000)
     parser.add_argument("--workdir", default=".")
     parser.add_argument("--memory", action="store_true")
