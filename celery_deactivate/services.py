@@ -240,13 +240,13 @@ def read_state(target: Target, pk: Any, using: str, fold: bool = False) -> tuple
     (:mod:`celery_deactivate.begin`).  Raises the model's ``DoesNotExist`` for a missing row.
     """
     model = target.model
-    sql = _state_sql(target, using)
-    if sql is None:
+    if not _by_hand(target, using):
         manager = model._base_manager.db_manager(using)
         with begin_with_next_query(using, fold):
             state: tuple[Any, ...] = manager.values_list(*target.state_fields()).get(pk=pk)
         return state
     connection = connections[using]
+    sql = _state_sql(target, using)
     row = fetch_one(connection, sql, [_pk_value(model, pk, connection)], fold)
     if row is None:
         raise _does_not_exist(model)
@@ -316,10 +316,7 @@ def _object_sql(model: type[Model], using: str) -> str:
 
 
 @lru_cache(maxsize=256)
-def _state_sql(target: Target, using: str) -> str | None:
-    """The state read written by hand, or ``None`` where the ORM reads it (see _by_hand)."""
-    if not _by_hand(target, using):
-        return None
+def _state_sql(target: Target, using: str) -> str:
     quote = connections[using].ops.quote_name
     names = target.state_fields()
     return _select_by_pk(
