@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
 
-from django.db import connections, models, router, transaction
+from django.db import connections, router, transaction
 from django.db.models import Case, F, Field, Model, Q, Value, When
 from django.dispatch import Signal
 from django.utils import timezone
@@ -245,12 +245,7 @@ def read_state(target: Target, pk: Any, using: str, fold: bool = False) -> tuple
         with begin_with_next_query(using, fold):
             state: tuple[Any, ...] = manager.values_list(*target.state_fields()).get(pk=pk)
         return state
-    connection = connections[using]
-    sql = _state_sql(target, using)
-    row = fetch_one(connection, sql, [_pk_value(model, pk, connection)], fold)
-    if row is None:
-        raise _does_not_exist(model)
-    return row
+    return _row_by_pk(model, _state_sql(target, using), pk, using, fold)
 
 
 def read_object(target: Target, pk: Any, using: str, fold: bool = False) -> Model:
@@ -262,34 +257,21 @@ def read_object(target: Target, pk: Any, using: str, fold: bool = False) -> Mode
         with begin_with_next_query(using, fold):
             found: Model = model._base_manager.db_manager(using).get(pk=pk)
         return found
+    return _instance(model, using, _row_by_pk(model, _object_sql(model, using), pk, using, fold))
+
+
+def _row_by_pk(model: type[Model], sql: str, pk: Any, using: str, fold: bool) -> tuple[Any, ...]:
+    """The row a ``... WHERE pk = %s`` statement reads; the model's ``DoesNotExist`` if none."""
     connection = connections[using]
-    sql = _object_sql(model, using)
     row = fetch_one(connection, sql, [_pk_value(model, pk, connection)], fold)
     if row is None:
         raise _does_not_exist(model)
-    return _instance(model, using, row)
+    return row
 
 
 def _pk_value(model: type[Model], pk: Any, connection: Any) -> Any:
     """The primary key as the database takes it (the field's ``get_db_prep_value``)."""
-    field = cast("Field[Any, Any]", model._meta.pk)
-    if type(pk) is int and type(field) in _INTEGER_KEYS:
-        return pk  # what those fields return for an int on PostgreSQL and SQLite, sans calls
-    return field.get_db_prep_value(pk, connection)
-
-
-#: Primary key fields whose database value of an ``int`` is the ``int`` itself (exact classes: a
-#: subclass may convert).
-_INTEGER_KEYS = frozenset(
-    {
-        models.AutoField,
-        models.BigAutoField,
-        models.SmallAutoField,
-        models.IntegerField,
-        models.BigIntegerField,
-        models.SmallIntegerField,
-    }
-)
+    return cast("Field[Any, Any]", model._meta.pk).get_db_prep_value(pk, connection)
 
 
 def _does_not_exist(model: type[Model]) -> Exception:

@@ -129,7 +129,7 @@ def test_read_object_is_the_orm_s_instance(in_transaction: bool) -> None:
 
 
 def test_a_key_given_as_text_is_prepared_by_the_field() -> None:
-    # An integer key skips the field's preparation; any other value goes through it.
+    # The key goes through the field's preparation: text is converted, nonsense is refused.
     feed = Feed.objects.create(title="f", failure_count=3)
     assert services.read_state(target(), feed.pk, "default") == (True, 3)
     assert services.read_state(target(), str(feed.pk), "default") == (True, 3)

@@ -28,7 +28,7 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
 from tests.benchmarks.run import SCENARIOS  # noqa: E402
-from tests.testapp.models import Feed  # noqa: E402
+from tests.benchmarks.worker_run import reset_rows  # noqa: E402
 
 
 def server_cpu() -> Callable[[], float]:
@@ -54,8 +54,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=500, help="tasks per scenario and round")
     args = parser.parse_args()
     call_command("migrate", run_syncdb=True, verbosity=0)
-    Feed.objects.all().delete()
-    pks = [feed.pk for feed in Feed.objects.bulk_create(Feed(title=f"f{i}") for i in range(args.n))]
+    pks = reset_rows(args.n)
     tracers = {
         name: build_tracer(name, app.tasks[name], app=app, propagate=False)
         for _, _, name in SCENARIOS
@@ -64,7 +63,7 @@ def main() -> int:
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in tracers}
     for _ in range(args.rounds):
         for name, trace in tracers.items():
-            Feed.objects.update(active=True, error=False, failure_count=0)
+            reset_rows(args.n)
             wall, cpu, srv = time.perf_counter(), time.process_time(), server()
             for pk in pks:
                 trace(str(uuid.uuid4()), (pk,), {}, {"delivery_info": {}})
