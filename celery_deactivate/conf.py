@@ -228,7 +228,31 @@ def app_setting(conf: Any, name: str) -> Any:
         return value
 
 
+#: Counts Django's ``setting_changed`` signals: part of :func:`option_inputs`.
+_settings_generation = 0
+
+
+def option_inputs(task: Task[Any, Any], names: tuple[str, ...]) -> tuple[Any, ...]:
+    """Everything options ``names`` of ``task`` are resolved from: the per-task values, the app's
+    configuration object, the values set on it and the Django settings' generation.
+
+    Equal inputs resolve to equal values, so a task may keep what it resolved from them (the hot
+    path checks these instead of resolving again; a value set anew is seen, one mutated in place
+    is not).
+    """
+    conf = task._get_app().conf  # type: ignore[attr-defined]
+    changes = conf.changes
+    return (
+        conf,
+        _settings_generation,
+        *[getattr(task, name, None) for name in names],
+        *[changes.get(name) for name in names],
+    )
+
+
 def _forget_settings(**kwargs: Any) -> None:
+    global _settings_generation
+    _settings_generation += 1
     _from_source.clear()
 
 

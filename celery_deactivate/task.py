@@ -24,7 +24,7 @@ from django.db.models import Model
 
 from . import services
 from .begin import begin_with_next_query
-from .conf import ExceptionTypes, Notifier, check_option_names, resolve
+from .conf import ExceptionTypes, Notifier, check_option_names, option_inputs, resolve
 from .exceptions import DeactivateConfigError
 from .target import ModelRef, Target, resolve_target
 
@@ -59,6 +59,19 @@ class FailurePolicy:
 
     def counts(self, exc: BaseException) -> bool:
         return isinstance(exc, self.on) and not isinstance(exc, self.dont_on)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of one task that every run reads, resolved."""
+
+    target: Target
+    pass_object: bool
+    fold_begin: bool
+
+
+#: The options :class:`RunOptions` is resolved from (with the task's ``model``).
+RUN_OPTIONS = ("deactivate_fields", "deactivate_pass_object", "deactivate_fold_begin")
 
 
 if TYPE_CHECKING:
@@ -129,6 +142,21 @@ class DeactivatingTask(_TaskBase):
         fields = resolve(cls, "deactivate_fields")
         return resolve_target(cls.model, tuple(sorted(fields.items())), cls.name)
 
+    def _run_options(self) -> RunOptions:
+        """:class:`RunOptions`, resolved again only when what they are resolved from changed."""
+        inputs = (self.model, option_inputs(self, RUN_OPTIONS))
+        memo = self.__dict__.get("_run_memo")
+        if memo is not None and memo[0] == inputs:
+            options: RunOptions = memo[1]
+            return options
+        options = RunOptions(
+            target=self._target(),
+            pass_object=resolve(self, "deactivate_pass_object"),
+            fold_begin=resolve(self, "deactivate_fold_begin"),
+        )
+        self._run_memo = (inputs, options)
+        return options
+
     @classmethod
     def _failure_policy(cls, target: Target) -> FailurePolicy:
         after = resolve(cls, "deactivate_after")
@@ -177,15 +205,16 @@ class DeactivatingTask(_TaskBase):
             _eager_propagates.reset(token)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        target = self._target()
+        options = self._run_options()
         if not args:
             raise TypeError(
-                f"{self.name} takes the {target.label} primary key as first positional argument"
+                f"{self.name} takes the {options.target.label} primary key as first positional "
+                "argument"
             )
         request = self.request
         record_here = request.called_directly or (request.is_eager and _eager_propagates.get())
         try:
-            return self._run_atomic(target, args, kwargs, request.called_directly)
+            return self._run_atomic(options, args, kwargs, request.called_directly)
         except CONTROL_FLOW:
             raise
         except Exception as exc:
@@ -194,7 +223,7 @@ class DeactivatingTask(_TaskBase):
             raise
 
     def _run_atomic(
-        self, target: Target, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool
+        self, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool
     ) -> Any:
         """Run the body in a transaction if the object is active.
 
@@ -202,14 +231,13 @@ class DeactivatingTask(_TaskBase):
         traceback, so each wrapper frame costs on the failure path.
         """
         pk = args[0]
+        target, fold = options.target, options.fold_begin
         using = router.db_for_write(target.model)
-        pass_object = resolve(self, "deactivate_pass_object")
         failure: BaseException | None = None
         try:
             with transaction.atomic(using=using):
                 try:
-                    fold = resolve(self, "deactivate_fold_begin")
-                    if pass_object:
+                    if options.pass_object:
                         first = self._load(target, pk, using, fold)
                         state = tuple(getattr(first, name) for name in target.state_fields())
                     else:

@@ -72,17 +72,22 @@ def eager(celery_app: Celery) -> Iterator[Celery]:
 
 @pytest.fixture
 def conf(celery_app: Celery) -> Iterator[Callable[..., None]]:
-    """Set app settings for one test: ``conf(deactivate_after=2)``."""
-    saved: dict[str, Any] = {}
+    """Set app settings for one test: ``conf(deactivate_after=2)``.  Afterwards a key that was not
+    set on the app is unset again (a ``None`` left behind would hide the Django setting)."""
+    changes = celery_app.conf.changes
+    saved: dict[str, tuple[bool, Any]] = {}
 
     def set_conf(**values: Any) -> None:
         for key, value in values.items():
-            saved.setdefault(key, celery_app.conf.get(key))
+            saved.setdefault(key, (key in changes, changes.get(key)))
             celery_app.conf[key] = value
 
     yield set_conf
-    for key, value in saved.items():
-        celery_app.conf[key] = value
+    for key, (was_set, value) in saved.items():
+        if was_set:
+            changes[key] = value
+        else:
+            changes.pop(key, None)
 
 
 @pytest.fixture(autouse=True)

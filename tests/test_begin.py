@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from django.db import ProgrammingError, connection, connections, transaction
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from celery_deactivate.begin import begin_statement, begin_with_next_query, fetch_one
@@ -90,6 +91,34 @@ def test_the_option_turns_it_off(eager: Celery, conf: Callable[..., None]) -> No
     task = messages(lambda: tasks.poll.delay(feed.pk).get())
 
     assert task[0] == "BEGIN" and task[1].startswith('SELECT "active"')
+
+
+@pytest.mark.parametrize("where", ["task", "app", "django"])
+def test_a_change_of_the_option_reaches_the_next_run(
+    eager: Celery, conf: Callable[..., None], where: str
+) -> None:
+    # The hot path keeps the options it resolved while what they are resolved from is unchanged.
+    feed = Feed.objects.create(title="a")
+    run = lambda: messages(lambda: tasks.poll.delay(feed.pk).get())[0]  # noqa: E731
+    assert run().startswith("BEGIN;")  # resolved, kept
+
+    if where == "task":
+        tasks.poll.deactivate_fold_begin = False
+        try:
+            changed = run()
+        finally:
+            del tasks.poll.deactivate_fold_begin
+    elif where == "app":
+        conf(deactivate_fold_begin=False)
+        changed = run()
+        conf(deactivate_fold_begin=True)
+    else:
+        with override_settings(CELERY_DEACTIVATE_FOLD_BEGIN=False):
+            changed = run()
+
+    assert changed == "BEGIN"
+    assert run().startswith("BEGIN;")  # and back
+    assert Feed.objects.get(pk=feed.pk).polls == 3
 
 
 def test_django_s_query_log_records_the_read(eager: Celery) -> None:
