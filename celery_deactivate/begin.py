@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -98,32 +98,6 @@ def begin_statement(raw: Any) -> str:
     return " ".join(parts)
 
 
-_NOTHING = nullcontext()
-
-
-class _BegunByUs:
-    """Keep psycopg from sending a BEGIN of its own: ours is in the message.
-
-    Once the message has run, the server holds the transaction open and psycopg's autocommit
-    stays on (it can be switched back only outside a transaction, which Django does when the
-    block ends; psycopg commits and rolls back by the server's transaction status).  If the
-    BEGIN did not take effect, autocommit is switched back off at once.  (A class, not a
-    generator-based context manager: it runs on every task.)
-    """
-
-    __slots__ = ("raw",)
-
-    def __init__(self, raw: Any) -> None:
-        self.raw = raw
-
-    def __enter__(self) -> None:
-        self.raw.autocommit = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.raw.pgconn.transaction_status == IDLE:
-            self.raw.autocommit = False
-
-
 def fetch_one(
     connection: Any, sql: str, params: Sequence[Any], fold: bool = False
 ) -> tuple[Any, ...] | None:
@@ -159,8 +133,9 @@ def _fetch_one_in_message(
         message = f"{begin_statement(raw)};\n".encode() + message
     logged = connection.queries_logged
     start = time.monotonic() if logged else 0.0
-    # _BegunByUs before the lock: psycopg's autocommit setter takes it.
-    with connection.wrap_database_errors, _BegunByUs(raw) if begin else _NOTHING, raw.lock:
+    # psycopg sends a BEGIN of its own only before a query of its own, and only when the server
+    # is outside a transaction: once this message has run, it sees the one ours began.
+    with connection.wrap_database_errors, raw.lock:
         pgconn = raw.pgconn
         pgconn.send_query(message)
         results = raw.wait(_psycopg().generators.execute(pgconn))
@@ -217,7 +192,7 @@ def _literal(raw: Any, value: Any) -> str:
 @contextmanager
 def begin_with_next_query(using: str, enabled: bool) -> Iterator[None]:
     """Inside, the first single query run through a cursor on ``using`` carries the
-    transaction's BEGIN (see :class:`_BegunByUs` for the state it leaves)."""
+    transaction's BEGIN."""
     connection = connections[using]
     raw = _foldable(connection) if enabled else None
     if raw is None or not issubclass(raw.cursor_factory, _psycopg().ClientCursor):
@@ -232,10 +207,19 @@ def begin_with_next_query(using: str, enabled: bool) -> Iterator[None]:
         if not armed or many or raw.pgconn.transaction_status != IDLE:
             return execute(sql, params, many, context)
         armed = False
-        with _BegunByUs(raw):
+        # psycopg's cursor would send a BEGIN of its own before the query: autocommit keeps it
+        # from doing so.  Once the query has run, the server holds the transaction and
+        # autocommit stays on (psycopg commits and rolls back by the server's transaction status;
+        # Django switches autocommit back when the block ends).  If the BEGIN did not take
+        # effect, it is switched back off at once.
+        raw.autocommit = True
+        try:
             # BEGIN first, so that an isolation level applies to the query too.
             result = execute(f"{begin_statement(raw)};\n{sql}", params, many, context)
             context["cursor"].nextset()  # the query's result, after BEGIN's
+        finally:
+            if raw.pgconn.transaction_status == IDLE:
+                raw.autocommit = False
         return result
 
     with connection.execute_wrapper(wrapper):
