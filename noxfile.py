@@ -35,6 +35,7 @@ PASSTHROUGH_ENV = (
     "CELERY_BROKER_URL",
     "CELERY_RESULT_BACKEND",
     "TEST_DATABASE_NAME",
+    "PGBOUNCER_URL",
 )
 
 # (python, celery, django, tags)

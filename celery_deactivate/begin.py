@@ -24,10 +24,27 @@ Two forms:
 The BEGIN is folded in only where that is exact: at the start of an outermost ``atomic`` block
 that has sent nothing yet, outside pipeline mode.  The ``deactivate_fold_begin`` option turns
 folding off (for a proxy that refuses several statements in one query).
+
+A folded read by primary key is also a server-side prepared statement, so PostgreSQL parses
+and plans it once per connection instead of on every task (``BEGIN; EXECUTE
+celery_deactivate_<hash>(42)``; the ``PREPARE`` rides in the first such message, no round trip
+is added).  Only on a direct connection to PostgreSQL: a transaction pooler (PgBouncer and the
+like) may run the next transaction on another server connection, where the statement does not
+exist.  The connection is checked once, in its first folded message: the backend's
+``pg_backend_pid()`` must be the process id the server announced at connect time (a pooler
+announces one of its own).  Nothing is prepared either when the database's ``OPTIONS`` set
+psycopg's ``prepare_threshold`` to ``None`` or it sets ``DISABLE_SERVER_SIDE_CURSORS`` (what
+Django and psycopg document for transaction pooling).  Django passes ``prepare_threshold=None``
+to psycopg when ``OPTIONS`` do not name it, which keeps psycopg from preparing Django's own
+statements; it is not read as a refusal here.  A statement that turns out unusable (missing
+after ``DEALLOCATE ALL`` or ``DISCARD ALL``, a name already taken, a plan made stale by a
+migration) is dealt with in the same call: the transaction its message began is rolled back, the
+read is sent unprepared in a new one, and the connection prepares nothing more.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +59,11 @@ logger = logging.getLogger("django.db.backends")
 IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (libpq's PQTRANS_IDLE)
 PIPELINE_OFF = 0  # psycopg.pq.PipelineStatus.OFF
 FATAL_ERROR = 7  # psycopg.pq.ExecStatus.FATAL_ERROR (libpq's PGRES_FATAL_ERROR)
+SQLSTATE = ord("C")  # psycopg.pq.DiagnosticField.SQLSTATE
+
+#: SQLSTATEs of a prepared statement that cannot be used: missing (26000), one of the same name
+#: exists (42P05), its cached plan no longer fits the table (0A000).
+UNUSABLE_PREPARED = frozenset({b"26000", b"42P05", b"0A000"})
 
 
 @lru_cache(maxsize=1)
@@ -128,17 +150,33 @@ def _fetch_one_in_message(
     # What Django checks before a cursor runs a query (the health check ran in fetch_one).
     connection.validate_thread_sharing()
     connection.validate_no_broken_transaction()
-    message = _message(raw, sql, params)
+    prepared = _prepared_on(connection, raw) if begin else None
+    preparable = _preparable(sql) if prepared is not None else None
+    if prepared is None or preparable is None:
+        prepared, message = None, _message(raw, sql, params)
+    else:
+        message = prepared.message(raw, preparable, sql, params)
     if begin:
-        message = f"{begin_statement(raw)};\n".encode() + message
+        message = _begin(raw) + message
     logged = connection.queries_logged
     start = time.monotonic() if logged else 0.0
     # psycopg sends a BEGIN of its own only before a query of its own, and only when the server
     # is outside a transaction: once this message has run, it sees the one ours began.
     with connection.wrap_database_errors, raw.lock:
-        pgconn = raw.pgconn
-        pgconn.send_query(message)
-        results = raw.wait(_psycopg().generators.execute(pgconn))
+        results = _run(raw, message)
+        if prepared is not None and preparable is not None:
+            if prepared.allowed and _unusable(results):
+                # The message began the transaction and nothing else ran in it: start again.
+                prepared.allowed = False
+                logger.info(
+                    "celery_deactivate: prepared statements off for this connection (%s)",
+                    results[-1].error_message.decode(raw.info.encoding, "replace").strip(),
+                )
+                _run(raw, b"ROLLBACK")
+                message = _begin(raw) + _message(raw, sql, params)
+                results = _run(raw, message)
+            elif not prepared.settled(preparable):
+                prepared.learn(raw, preparable, results)
         for result in results:
             if result.status == FATAL_ERROR:
                 raise _psycopg().errors.error_from_result(result, encoding=raw.info.encoding)
@@ -151,6 +189,98 @@ def _fetch_one_in_message(
     if not rows.ntuples:
         return None
     return _load_row(raw, rows)
+
+
+def _begin(raw: Any) -> bytes:
+    return f"{begin_statement(raw)};\n".encode()
+
+
+def _run(raw: Any, message: bytes) -> list[Any]:
+    """Send one simple-protocol query and wait for its results (psycopg's wait)."""
+    pgconn = raw.pgconn
+    pgconn.send_query(message)
+    results: list[Any] = raw.wait(_psycopg().generators.execute(pgconn))
+    return results
+
+
+def _unusable(results: list[Any]) -> bool:
+    last = results[-1]
+    return bool(last.status == FATAL_ERROR and last.error_field(SQLSTATE) in UNUSABLE_PREPARED)
+
+
+#: A statement's prepared form: its name, its ``PREPARE`` and its ``EXECUTE name(%s)``.
+Preparable = tuple[bytes, bytes, str]
+
+
+@lru_cache(maxsize=256)
+def _preparable(sql: str) -> Preparable | None:
+    """The prepared form of a statement with one final ``%s`` (a read by primary key), else
+    None.  The name is a hash of the statement: the same name, the same statement."""
+    head = _ascii_head(sql)
+    if head is None:
+        return None
+    text = head + b"$1"
+    name = "celery_deactivate_" + hashlib.sha1(text).hexdigest()[:20]
+    return name.encode(), f"PREPARE {name} AS ".encode() + text, f"EXECUTE {name}(%s)"
+
+
+#: Where a Django connection keeps what its psycopg connection has prepared.
+_PREPARED_ATTRIBUTE = "_celery_deactivate_prepared"
+
+
+class _Prepared:
+    """The statements one psycopg connection has prepared, and whether it may prepare.
+
+    ``allowed`` is ``None`` until the first folded message has compared the backend's process id
+    with the one announced at connect time.
+    """
+
+    __slots__ = ("allowed", "names", "raw")
+
+    def __init__(self, raw: Any, allowed: bool | None) -> None:
+        self.raw = raw
+        self.allowed = allowed
+        self.names: set[bytes] = set()
+
+    def message(self, raw: Any, preparable: Preparable, sql: str, params: Sequence[Any]) -> bytes:
+        """What follows the BEGIN: the check and the plain statement on first use, then the
+        prepared statement (prepared in the first message that executes it)."""
+        name, prepare, execute_sql = preparable
+        if self.allowed is None:
+            return b"SELECT pg_backend_pid();\n" + _message(raw, sql, params)
+        execute = _message(raw, execute_sql, params)
+        return execute if name in self.names else prepare + b";\n" + execute
+
+    def settled(self, preparable: Preparable) -> bool:
+        """Whether the message only executed a statement prepared before (the hot case)."""
+        return bool(self.allowed) and preparable[0] in self.names
+
+    def learn(self, raw: Any, preparable: Preparable, results: list[Any]) -> None:
+        """Record what a message that checked the connection or prepared a statement did."""
+        if any(result.status == FATAL_ERROR for result in results):
+            return
+        if self.allowed is None:
+            pid = results[-2].get_value(0, 0)
+            self.allowed = pid is not None and int(pid) == raw.pgconn.backend_pid
+        else:
+            self.names.add(preparable[0])
+
+
+def _prepared_on(connection: Any, raw: Any) -> _Prepared | None:
+    """The prepared statements of a Django connection's current psycopg connection, or None
+    where the settings say not to prepare."""
+    prepared: _Prepared | None = getattr(connection, _PREPARED_ATTRIBUTE, None)
+    if prepared is None or prepared.raw is not raw:
+        settings = connection.settings_dict
+        # Django passes prepare_threshold=None to psycopg unless OPTIONS sets it (its statements
+        # are never prepared by default); a None set in OPTIONS says "no prepared statements".
+        refused = (
+            "prepare_threshold" in settings["OPTIONS"]
+            and settings["OPTIONS"]["prepare_threshold"] is None
+        ) or settings.get("DISABLE_SERVER_SIDE_CURSORS")
+        prepared = _Prepared(raw, False if refused else None)
+        setattr(connection, _PREPARED_ATTRIBUTE, prepared)
+    return prepared if prepared.allowed is not False else None
 
 
 def _message(raw: Any, sql: str, params: Sequence[Any]) -> bytes:

@@ -148,8 +148,9 @@ OPTIONS: Mapping[str, Option] = {
             True,
             _bool,
             "PostgreSQL with psycopg 3: send the transaction's BEGIN in the same message as the "
-            "read before the body (one round trip less per task).  Turn it off behind a proxy "
-            "that refuses several statements in one query.",
+            "read before the body (one round trip less per task); on a direct connection the "
+            "read is a prepared statement (not behind a pooler: see celery_deactivate.begin).  "
+            "Turn it off behind a proxy that refuses several statements in one query.",
         ),
     )
 }

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Start/stop a throwaway PostgreSQL and Redis on loopback for the test suite.
+# Start/stop a throwaway PostgreSQL, PgBouncer and Redis on loopback for the test suite.
 #
 # Usage: scripts/services.sh start|stop|status|env
 #
 #   start   install redis-server if missing (apt-get), initdb on first use,
 #           start PostgreSQL on 127.0.0.1:$PG_PORT (fsync off, 200 connections),
-#           create database "celery_deactivate", start Redis on
-#           127.0.0.1:$REDIS_PORT, wait for both. Idempotent.
-#   stop    stop both; fine if they are already stopped. Idempotent.
-#   status  say whether each is up; exit 0 only if both are.
+#           create database "celery_deactivate", start PgBouncer in
+#           transaction pooling mode on 127.0.0.1:$PGBOUNCER_PORT in front of
+#           it, start Redis on 127.0.0.1:$REDIS_PORT, wait for each. Idempotent.
+#   stop    stop them; fine if they are already stopped. Idempotent.
+#   status  say whether each is up; exit 0 only if all are.
 #   env     print the export lines the test suite reads:
 #             eval "$(scripts/services.sh env)"
 #
@@ -18,6 +19,7 @@
 #                 the "postgres" user, so this dir must be traversable by it.
 #   PG_PORT       default 55432
 #   REDIS_PORT    default 56379
+#   PGBOUNCER_PORT default 56432
 #
 # Progress goes to stderr; `status` and `env` write their answer to stdout.
 set -euo pipefail
@@ -25,6 +27,7 @@ set -euo pipefail
 SERVICES_DIR="${SERVICES_DIR:-/tmp/celery-deactivate-services}"
 PG_PORT="${PG_PORT:-55432}"
 REDIS_PORT="${REDIS_PORT:-56379}"
+PGBOUNCER_PORT="${PGBOUNCER_PORT:-56432}"
 PG_DB=celery_deactivate
 PG_USER=postgres
 START_TIMEOUT="${START_TIMEOUT:-60}"   # seconds to wait for each service
@@ -36,6 +39,9 @@ PG_LOG="$PG_DIR/postgres.log"
 REDIS_DIR="$SERVICES_DIR/redis"
 REDIS_PID="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
+PGB_DIR="$SERVICES_DIR/pgbouncer"
+PGB_PID="$PGB_DIR/pgbouncer.pid"
+PGB_LOG="$PGB_DIR/pgbouncer.log"
 
 log() { printf 'services: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -81,6 +87,10 @@ psql_q() {
 }
 
 pg_up()    { psql_q -d postgres -c 'select 1' >/dev/null 2>&1; }
+pgbouncer_up() {
+    PGCONNECT_TIMEOUT=3 psql -h 127.0.0.1 -p "$PGBOUNCER_PORT" -U "$PG_USER" -d "$PG_DB" \
+        -X -q -A -t -c 'select 1' >/dev/null 2>&1
+}
 redis_up() { [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
 
 # wait_until DESCRIPTION TIMEOUT_SECONDS COMMAND...: poll until COMMAND succeeds.
@@ -112,6 +122,7 @@ ensure_tools() {
     command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
     command -v redis-cli >/dev/null 2>&1 || pkgs+=(redis-tools)
     command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client)
+    command -v pgbouncer >/dev/null 2>&1 || pkgs+=(pgbouncer)
     if ! pg_bindir >/dev/null || ! id "$PG_USER" >/dev/null 2>&1; then
         pkgs+=(postgresql)
     fi
@@ -120,6 +131,7 @@ ensure_tools() {
     fi
     pg_bindir >/dev/null || die "no PostgreSQL server binaries (initdb/pg_ctl) found"
     command -v redis-server >/dev/null 2>&1 || die "redis-server not found after install"
+    command -v pgbouncer >/dev/null 2>&1 || die "pgbouncer not found after install"
 }
 
 prepare_dirs() {
@@ -172,6 +184,41 @@ start_pg() {
     log "postgresql ready: postgresql://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB"
 }
 
+# PgBouncer as deployments run it with Django: transaction pooling, so that one client's
+# successive transactions may run on different server connections (round robin).
+start_pgbouncer() {
+    if pgbouncer_up; then
+        log "pgbouncer already running on 127.0.0.1:$PGBOUNCER_PORT"
+        return 0
+    fi
+    mkdir -p "$PGB_DIR"
+    cat >"$PGB_DIR/pgbouncer.ini" <<EOF
+[databases]
+* = host=127.0.0.1 port=$PG_PORT user=$PG_USER
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = any
+pool_mode = transaction
+server_round_robin = 1
+default_pool_size = 20
+max_client_conn = 200
+admin_users = $PG_USER
+logfile = $PGB_LOG
+pidfile = $PGB_PID
+EOF
+    chown -R "$PG_USER:" "$PGB_DIR"
+    log "starting pgbouncer (transaction pooling) on 127.0.0.1:$PGBOUNCER_PORT"
+    # PgBouncer refuses to run as root.
+    as_postgres pgbouncer -d "$PGB_DIR/pgbouncer.ini" </dev/null >&2 \
+        || { tail -n 30 "$PGB_LOG" >&2 || true; die "pgbouncer failed to start"; }
+    wait_until "pgbouncer on 127.0.0.1:$PGBOUNCER_PORT" "$START_TIMEOUT" pgbouncer_up \
+        || { tail -n 30 "$PGB_LOG" >&2 || true; die "pgbouncer is not answering on 127.0.0.1:$PGBOUNCER_PORT"; }
+    log "pgbouncer ready: postgresql://$PG_USER@127.0.0.1:$PGBOUNCER_PORT/$PG_DB"
+}
+
 start_redis() {
     if redis_up; then
         log "redis already running on 127.0.0.1:$REDIS_PORT"
@@ -191,6 +238,7 @@ cmd_start() {
     ensure_tools
     prepare_dirs
     start_pg
+    start_pgbouncer
     start_redis
 }
 
@@ -209,6 +257,20 @@ stop_pg() {
     log "stopping postgresql"
     as_postgres "$bindir/pg_ctl" -D "$PG_DATA" -m fast -t "$START_TIMEOUT" -w stop >&2 \
         || die "pg_ctl stop failed (see $PG_LOG)"
+}
+
+stop_pgbouncer() {
+    local pid=""
+    [ -f "$PGB_PID" ] && pid="$(cat "$PGB_PID" 2>/dev/null || true)"
+    if pid_alive "$pid"; then
+        log "stopping pgbouncer"
+        kill "$pid" 2>/dev/null || true
+        wait_until "pgbouncer pid $pid to exit" "$START_TIMEOUT" bash -c "! kill -0 $pid 2>/dev/null" \
+            || die "pgbouncer (pid $pid) did not stop"
+    else
+        log "pgbouncer not running"
+    fi
+    rm -f "$PGB_PID"
 }
 
 stop_redis() {
@@ -231,6 +293,7 @@ stop_redis() {
 }
 
 cmd_stop() {
+    stop_pgbouncer
     stop_pg
     stop_redis
 }
@@ -244,6 +307,11 @@ cmd_status() {
     else
         echo "postgresql: down (127.0.0.1:$PG_PORT)"; ok=1
     fi
+    if pgbouncer_up; then
+        echo "pgbouncer: up (127.0.0.1:$PGBOUNCER_PORT, transaction pooling)"
+    else
+        echo "pgbouncer: down (127.0.0.1:$PGBOUNCER_PORT)"; ok=1
+    fi
     if redis_up; then
         echo "redis: up (127.0.0.1:$REDIS_PORT)"
     else
@@ -254,6 +322,7 @@ cmd_status() {
 
 cmd_env() {
     echo "export DATABASE_URL=postgresql://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB"
+    echo "export PGBOUNCER_URL=postgresql://$PG_USER@127.0.0.1:$PGBOUNCER_PORT/$PG_DB"
     echo "export CELERY_BROKER_URL=redis://127.0.0.1:$REDIS_PORT/0"
     echo "export CELERY_RESULT_BACKEND=redis://127.0.0.1:$REDIS_PORT/1"
 }

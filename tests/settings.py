@@ -85,6 +85,14 @@ else:
         }
     }
 
+# The same database through PgBouncer in transaction pooling mode (scripts/services.sh), for the
+# tests of what the library does behind a pooler (tests/test_prepare.py).
+if os.environ.get("PGBOUNCER_URL") and DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    DATABASES["pooled"] = {
+        **database_from_url(os.environ["PGBOUNCER_URL"]),
+        "TEST": {"MIRROR": "default"},
+    }
+
 # A worker subprocess of the crash tests (tests/crash) uses the test database of the pytest run
 # that started it, and writes its mail where that run can read it.
 if os.environ.get("USE_TEST_DATABASE_NAME"):

@@ -25,6 +25,7 @@ from tests.testapp.models import Feed
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("unprepared"),  # the plain statements (test_prepare.py: prepared)
     pytest.mark.skipif(
         connection.vendor != "postgresql", reason="the fold is for PostgreSQL with psycopg 3"
     ),
@@ -34,12 +35,12 @@ STATE_SQL = 'SELECT "active" FROM "testapp_feed" WHERE "id" = %s'
 INTRANS = 2  # psycopg.pq.TransactionStatus.INTRANS
 
 
-def messages(run: Callable[[], Any]) -> list[str]:
+def messages(run: Callable[[], Any], using: str = "default") -> list[str]:
     """The simple-protocol queries ``run`` sends on the wire, one per round trip."""
     from psycopg import pq
 
-    connection.ensure_connection()
-    pgconn = connection.connection.pgconn
+    connections[using].ensure_connection()
+    pgconn = connections[using].connection.pgconn
     with tempfile.TemporaryFile("w+b") as trace:
         pgconn.trace(trace.fileno())
         pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)

@@ -20,7 +20,10 @@ from django.test.utils import CaptureQueriesContext
 from tests.testapp import tasks
 from tests.testapp.models import Feed
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("unprepared"),  # statements as written (prepared: test_prepare.py)
+]
 
 TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVEPOINT")
 
