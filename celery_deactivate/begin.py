@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -224,10 +225,6 @@ def _preparable(sql: str) -> Preparable | None:
     return name.encode(), f"PREPARE {name} AS ".encode() + text, f"EXECUTE {name}(%s)"
 
 
-#: Where a Django connection keeps what its psycopg connection has prepared.
-_PREPARED_ATTRIBUTE = "_celery_deactivate_prepared"
-
-
 class _Prepared:
     """The statements one psycopg connection has prepared, and whether it may prepare.
 
@@ -235,10 +232,9 @@ class _Prepared:
     with the one announced at connect time.
     """
 
-    __slots__ = ("allowed", "names", "raw")
+    __slots__ = ("allowed", "names")
 
-    def __init__(self, raw: Any, allowed: bool | None) -> None:
-        self.raw = raw
+    def __init__(self, allowed: bool | None) -> None:
         self.allowed = allowed
         self.names: set[bytes] = set()
 
@@ -266,11 +262,16 @@ class _Prepared:
             self.names.add(preparable[0])
 
 
+#: What each psycopg connection has prepared.  Kept with the psycopg connection, not the Django
+#: one: Django's connection pool hands a psycopg connection to one thread after another.
+_prepared: weakref.WeakKeyDictionary[Any, _Prepared] = weakref.WeakKeyDictionary()
+
+
 def _prepared_on(connection: Any, raw: Any) -> _Prepared | None:
-    """The prepared statements of a Django connection's current psycopg connection, or None
-    where the settings say not to prepare."""
-    prepared: _Prepared | None = getattr(connection, _PREPARED_ATTRIBUTE, None)
-    if prepared is None or prepared.raw is not raw:
+    """What a Django connection's psycopg connection has prepared, or None where the settings say
+    not to prepare."""
+    prepared = _prepared.get(raw)
+    if prepared is None:
         settings = connection.settings_dict
         # Django passes prepare_threshold=None to psycopg unless OPTIONS sets it (its statements
         # are never prepared by default); a None set in OPTIONS says "no prepared statements".
@@ -278,8 +279,7 @@ def _prepared_on(connection: Any, raw: Any) -> _Prepared | None:
             "prepare_threshold" in settings["OPTIONS"]
             and settings["OPTIONS"]["prepare_threshold"] is None
         ) or settings.get("DISABLE_SERVER_SIDE_CURSORS")
-        prepared = _Prepared(raw, False if refused else None)
-        setattr(connection, _PREPARED_ATTRIBUTE, prepared)
+        prepared = _prepared[raw] = _Prepared(False if refused else None)
     return prepared if prepared.allowed is not False else None
 
 

@@ -6,6 +6,7 @@ SQLite and Celery's in-memory transport.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -90,6 +91,19 @@ else:
 if os.environ.get("PGBOUNCER_URL") and DATABASES["default"]["ENGINE"].endswith("postgresql"):
     DATABASES["pooled"] = {
         **database_from_url(os.environ["PGBOUNCER_URL"]),
+        "TEST": {"MIRROR": "default"},
+    }
+
+# The same database through Django's connection pool (Django 5.1+, psycopg_pool), one psycopg
+# connection handed to one thread after another (tests/test_prepare.py).
+if (
+    DATABASES["default"]["ENGINE"].endswith("postgresql")
+    and django.VERSION >= (5, 1)
+    and importlib.util.find_spec("psycopg_pool")
+):
+    DATABASES["pool"] = {
+        **DATABASES["default"],
+        "OPTIONS": {"pool": {"min_size": 1, "max_size": 1}},
         "TEST": {"MIRROR": "default"},
     }
 

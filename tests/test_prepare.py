@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from celery import Celery
 from django.db import connection, connections, transaction
 from django.test import override_settings
 
-from celery_deactivate.begin import begin_statement
+from celery_deactivate.begin import begin_statement, fetch_one
 from tests.test_begin import messages, recipe_body
 from tests.testapp import tasks
 from tests.testapp.models import Feed
@@ -222,3 +223,45 @@ def test_behind_a_transaction_pooler_nothing_is_prepared(eager: Celery, pooled: 
     assert wires[0][0] == f"{begin}SELECT pg_backend_pid();\n{STATE}{feeds[0].pk}"
     assert [wire[0] for wire in wires[1:]] == [f"{begin}{STATE}{feed.pk}" for feed in feeds[1:]]
     assert [Feed.objects.get(pk=feed.pk).polls for feed in feeds] == [1, 1, 1, 1]
+
+
+@pytest.fixture
+def django_pool() -> Iterator[Any]:
+    """The test database through Django's connection pool of one psycopg connection; the pool
+    is closed afterwards, so that the test database can be dropped."""
+    if "pool" not in connections:
+        pytest.skip("Django's connection pool needs Django 5.1+ and psycopg_pool")
+    yield connections["pool"]
+    connections["pool"].close_pool()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "pool"])
+def test_a_pooled_connection_keeps_what_it_prepared_from_thread_to_thread(
+    django_pool: Any,
+) -> None:
+    feed = Feed.objects.create(title="a")
+    seen: list[tuple[int, str]] = []
+
+    def read() -> None:  # in a thread of its own: a Django connection of its own
+        database = connections["pool"]
+
+        def block() -> None:
+            with transaction.atomic(using="pool"):
+                assert fetch_one(database, STATE + "%s", [feed.pk], fold=True) == (True, 0)
+
+        try:
+            wire = messages(block, using="pool")
+            seen.append((id(database.connection), wire[0]))
+        finally:
+            database.close()  # the psycopg connection goes back to the pool
+
+    for _ in range(3):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+
+    assert len(seen) == 3 and len({raw for raw, _ in seen}) == 1  # one psycopg connection
+    first, second, third = (message for _, message in seen)
+    assert "SELECT pg_backend_pid()" in first
+    assert "PREPARE celery_deactivate_" in second
+    assert re.fullmatch(f"BEGIN[^;]*;\\nEXECUTE {NAME}\\({feed.pk}\\)", third)
