@@ -55,7 +55,8 @@ from typing import Any
 
 from django.db import connections
 
-logger = logging.getLogger("django.db.backends")
+logger = logging.getLogger("django.db.backends")  # the statements, as Django logs its own
+events = logging.getLogger("celery_deactivate")
 
 IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (libpq's PQTRANS_IDLE)
 PIPELINE_OFF = 0  # psycopg.pq.PipelineStatus.OFF
@@ -169,7 +170,7 @@ def _fetch_one_in_message(
             if prepared.allowed and _unusable(results):
                 # The message began the transaction and nothing else ran in it: start again.
                 prepared.allowed = False
-                logger.info(
+                events.info(
                     "celery_deactivate: prepared statements off for this connection (%s)",
                     results[-1].error_message.decode(raw.info.encoding, "replace").strip(),
                 )

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from django.conf import settings
 from django.db import connection, connections, transaction
 from django.test import override_settings
 
@@ -126,7 +127,7 @@ def test_an_unusable_statement_is_sent_again_unprepared(
     with connection.cursor() as cursor:
         cursor.execute(break_it)
     try:
-        with caplog.at_level(logging.INFO, logger="django.db.backends"):
+        with caplog.at_level(logging.INFO, logger="celery_deactivate"):
             wire = poll(feeds[2])
         after = poll(feeds[3])
     finally:
@@ -144,18 +145,18 @@ def test_an_unusable_statement_is_sent_again_unprepared(
 @pytest.fixture(params=["prepare_threshold", "DISABLE_SERVER_SIDE_CURSORS"])
 def pooled_settings(request: pytest.FixtureRequest) -> Iterator[None]:
     """The settings psycopg and Django document for a transaction pooler, on a new connection."""
-    settings = connection.settings_dict
-    saved_options = dict(settings["OPTIONS"])
-    saved_flag = settings.get("DISABLE_SERVER_SIDE_CURSORS")
+    config = connection.settings_dict
+    saved_options = dict(config["OPTIONS"])
+    saved_flag = config.get("DISABLE_SERVER_SIDE_CURSORS")
     if request.param == "prepare_threshold":
-        settings["OPTIONS"]["prepare_threshold"] = None
+        config["OPTIONS"]["prepare_threshold"] = None
     else:
-        settings["DISABLE_SERVER_SIDE_CURSORS"] = True
+        config["DISABLE_SERVER_SIDE_CURSORS"] = True
     connection.close()
     yield
     connection.close()
-    settings["OPTIONS"] = saved_options
-    settings["DISABLE_SERVER_SIDE_CURSORS"] = saved_flag
+    config["OPTIONS"] = saved_options
+    config["DISABLE_SERVER_SIDE_CURSORS"] = saved_flag
 
 
 def test_the_pooler_settings_turn_it_off(eager: Celery, pooled_settings: None) -> None:
@@ -181,18 +182,14 @@ def pgbouncer(database: Any, **options: Any) -> Any:
     """A psycopg connection through the PgBouncer of ``database`` (another client)."""
     import psycopg
 
-    settings = database.settings_dict
-    return psycopg.connect(
-        host=settings["HOST"], port=settings["PORT"], user=settings["USER"], **options
-    )
+    config = database.settings_dict
+    return psycopg.connect(host=config["HOST"], port=config["PORT"], user=config["USER"], **options)
 
 
 @pytest.fixture
 def pooled() -> Iterator[Any]:
     """The test database through PgBouncer (transaction pooling); its server connections are
     closed afterwards, so that the test database can be dropped."""
-    if "pooled" not in connections:
-        pytest.skip("PgBouncer not running (PGBOUNCER_URL unset)")
     database = connections["pooled"]
     database.close()
     yield database
@@ -203,6 +200,9 @@ def pooled() -> Iterator[Any]:
             admin.pgconn.exec_(command + name)
 
 
+@pytest.mark.skipif(
+    "pooled" not in settings.DATABASES, reason="PgBouncer not running (PGBOUNCER_URL unset)"
+)
 @pytest.mark.django_db(transaction=True, databases=["default", "pooled"])
 def test_behind_a_transaction_pooler_nothing_is_prepared(eager: Celery, pooled: Any) -> None:
     feeds = [Feed.objects.create(title=str(i)) for i in range(4)]
@@ -229,12 +229,14 @@ def test_behind_a_transaction_pooler_nothing_is_prepared(eager: Celery, pooled: 
 def django_pool() -> Iterator[Any]:
     """The test database through Django's connection pool of one psycopg connection; the pool
     is closed afterwards, so that the test database can be dropped."""
-    if "pool" not in connections:
-        pytest.skip("Django's connection pool needs Django 5.1+ and psycopg_pool")
     yield connections["pool"]
     connections["pool"].close_pool()
 
 
+@pytest.mark.skipif(
+    "pool" not in settings.DATABASES,
+    reason="Django's connection pool needs Django 5.1+ and psycopg_pool",
+)
 @pytest.mark.django_db(transaction=True, databases=["default", "pool"])
 def test_a_pooled_connection_keeps_what_it_prepared_from_thread_to_thread(
     django_pool: Any,
