@@ -145,18 +145,17 @@ def test_an_unusable_statement_is_sent_again_unprepared(
 @pytest.fixture(params=["prepare_threshold", "DISABLE_SERVER_SIDE_CURSORS"])
 def pooled_settings(request: pytest.FixtureRequest) -> Iterator[None]:
     """The settings psycopg and Django document for a transaction pooler, on a new connection."""
-    config = connection.settings_dict
-    saved_options = dict(config["OPTIONS"])
-    saved_flag = config.get("DISABLE_SERVER_SIDE_CURSORS")
     if request.param == "prepare_threshold":
-        config["OPTIONS"]["prepare_threshold"] = None
-    else:
-        config["DISABLE_SERVER_SIDE_CURSORS"] = True
+        request.getfixturevalue("unprepared")  # OPTIONS: {"prepare_threshold": None}
+        yield
+        return
+    config = connection.settings_dict
+    saved = config.get("DISABLE_SERVER_SIDE_CURSORS")
+    config["DISABLE_SERVER_SIDE_CURSORS"] = True
     connection.close()
     yield
     connection.close()
-    config["OPTIONS"] = saved_options
-    config["DISABLE_SERVER_SIDE_CURSORS"] = saved_flag
+    config["DISABLE_SERVER_SIDE_CURSORS"] = saved
 
 
 def test_the_pooler_settings_turn_it_off(eager: Celery, pooled_settings: None) -> None:
