@@ -152,12 +152,8 @@ def _fetch_one_in_message(
     # What Django checks before a cursor runs a query (the health check ran in fetch_one).
     connection.validate_thread_sharing()
     connection.validate_no_broken_transaction()
-    prepared = _prepared_on(connection, raw) if begin else None
-    preparable = _preparable(sql) if prepared is not None else None
-    if prepared is None or preparable is None:
-        prepared, message = None, _message(raw, sql, params)
-    else:
-        message = prepared.message(raw, preparable, sql, params)
+    prepared = _prepared_on(connection, raw, sql) if begin else None
+    message = _message(raw, sql, params) if prepared is None else prepared.message(raw, sql, params)
     if begin:
         message = _begin(raw) + message
     logged = connection.queries_logged
@@ -166,7 +162,7 @@ def _fetch_one_in_message(
     # is outside a transaction: once this message has run, it sees the one ours began.
     with connection.wrap_database_errors, raw.lock:
         results = _run(raw, message)
-        if prepared is not None and preparable is not None:
+        if prepared is not None:
             if prepared.allowed and _unusable(results):
                 # The message began the transaction and nothing else ran in it: start again.
                 prepared.allowed = False
@@ -177,8 +173,8 @@ def _fetch_one_in_message(
                 _run(raw, b"ROLLBACK")
                 message = _begin(raw) + _message(raw, sql, params)
                 results = _run(raw, message)
-            elif not prepared.settled(preparable):
-                prepared.learn(raw, preparable, results)
+            else:
+                prepared.learn(raw, sql, results)
         for result in results:
             if result.status == FATAL_ERROR:
                 raise _psycopg().errors.error_from_result(result, encoding=raw.info.encoding)
@@ -239,28 +235,27 @@ class _Prepared:
         self.allowed = allowed
         self.names: set[bytes] = set()
 
-    def message(self, raw: Any, preparable: Preparable, sql: str, params: Sequence[Any]) -> bytes:
-        """What follows the BEGIN: the check and the plain statement on first use, then the
-        prepared statement (prepared in the first message that executes it)."""
-        name, prepare, execute_sql = preparable
+    def message(self, raw: Any, sql: str, params: Sequence[Any]) -> bytes:
+        """What follows the BEGIN for a preparable ``sql``: the check and the plain statement on
+        first use, then the prepared statement (prepared in the first message that executes it)."""
         if self.allowed is None:
             return b"SELECT pg_backend_pid();\n" + _message(raw, sql, params)
+        form = _preparable(sql)
+        assert form is not None  # _prepared_on() gives a _Prepared for a preparable sql only
+        name, prepare, execute_sql = form
         execute = _message(raw, execute_sql, params)
         return execute if name in self.names else prepare + b";\n" + execute
 
-    def settled(self, preparable: Preparable) -> bool:
-        """Whether the message only executed a statement prepared before (the hot case)."""
-        return bool(self.allowed) and preparable[0] in self.names
-
-    def learn(self, raw: Any, preparable: Preparable, results: list[Any]) -> None:
-        """Record what a message that checked the connection or prepared a statement did."""
-        if any(result.status == FATAL_ERROR for result in results):
-            return
+    def learn(self, raw: Any, sql: str, results: list[Any]) -> None:
+        """Record what a message that ran did: the check's answer, a statement now prepared."""
         if self.allowed is None:
-            pid = results[-2].get_value(0, 0)
-            self.allowed = pid is not None and int(pid) == raw.pgconn.backend_pid
-        else:
-            self.names.add(preparable[0])
+            if not any(result.status == FATAL_ERROR for result in results):
+                pid = results[-2].get_value(0, 0)
+                self.allowed = pid is not None and int(pid) == raw.pgconn.backend_pid
+        elif results[-1].status != FATAL_ERROR:  # an error ends the message where it occurs
+            form = _preparable(sql)
+            assert form is not None
+            self.names.add(form[0])
 
 
 #: What each psycopg connection has prepared.  Kept with the psycopg connection, not the Django
@@ -268,9 +263,11 @@ class _Prepared:
 _prepared: weakref.WeakKeyDictionary[Any, _Prepared] = weakref.WeakKeyDictionary()
 
 
-def _prepared_on(connection: Any, raw: Any) -> _Prepared | None:
-    """What a Django connection's psycopg connection has prepared, or None where the settings say
-    not to prepare."""
+def _prepared_on(connection: Any, raw: Any, sql: str) -> _Prepared | None:
+    """What a Django connection's psycopg connection has prepared, or None when ``sql`` has no
+    prepared form or the settings say not to prepare."""
+    if _preparable(sql) is None:
+        return None
     prepared = _prepared.get(raw)
     if prepared is None:
         settings = connection.settings_dict

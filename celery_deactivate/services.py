@@ -236,8 +236,9 @@ def read_state(target: Target, pk: Any, using: str, fold: bool = False) -> tuple
     """``(active, failure_count)`` of the row (``(active,)`` without a counter): one SELECT.
 
     As the first query of a transaction (PostgreSQL, psycopg 3, ``fold``: the task's
-    ``deactivate_fold_begin``), it carries the transaction's BEGIN
-    (:mod:`celery_deactivate.begin`).  Raises the model's ``DoesNotExist`` for a missing row.
+    ``deactivate_fold_begin``), it carries the transaction's BEGIN, and on a direct connection
+    it is a prepared statement (:mod:`celery_deactivate.begin`).  Raises the model's
+    ``DoesNotExist`` for a missing row.
     """
     model = target.model
     if not _by_hand(target, using):

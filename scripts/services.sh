@@ -81,16 +81,16 @@ as_postgres() {
     fi
 }
 
-psql_q() {
-    PGCONNECT_TIMEOUT=3 psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" \
+# psql_at PORT ARGS...: a quiet psql on 127.0.0.1:PORT (PostgreSQL or PgBouncer).
+psql_at() {
+    local port="$1"; shift
+    PGCONNECT_TIMEOUT=3 psql -h 127.0.0.1 -p "$port" -U "$PG_USER" \
         -X -q -A -t -v ON_ERROR_STOP=1 "$@"
 }
+psql_q() { psql_at "$PG_PORT" "$@"; }
 
 pg_up()    { psql_q -d postgres -c 'select 1' >/dev/null 2>&1; }
-pgbouncer_up() {
-    PGCONNECT_TIMEOUT=3 psql -h 127.0.0.1 -p "$PGBOUNCER_PORT" -U "$PG_USER" -d "$PG_DB" \
-        -X -q -A -t -c 'select 1' >/dev/null 2>&1
-}
+pgbouncer_up() { psql_at "$PGBOUNCER_PORT" -d "$PG_DB" -c 'select 1' >/dev/null 2>&1; }
 redis_up() { [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
 
 # wait_until DESCRIPTION TIMEOUT_SECONDS COMMAND...: poll until COMMAND succeeds.

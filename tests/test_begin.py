@@ -100,7 +100,10 @@ def test_a_change_of_the_option_reaches_the_next_run(
 ) -> None:
     # The hot path keeps the options it resolved while what they are resolved from is unchanged.
     feed = Feed.objects.create(title="a")
-    run = lambda: messages(lambda: tasks.poll.delay(feed.pk).get())[0]  # noqa: E731
+
+    def run() -> str:
+        return messages(lambda: tasks.poll.delay(feed.pk).get())[0]
+
     assert run().startswith("BEGIN;")  # resolved, kept
 
     if where == "task":
