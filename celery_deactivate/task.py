@@ -137,6 +137,15 @@ class DeactivatingTask(_TaskBase):
 
     # -- resolution -------------------------------------------------------------------------
 
+    @property
+    def target(self) -> Target:
+        """The model this task works on and its fields by role (resolved, checked).
+
+        Public: the fan-out (:mod:`celery_deactivate.dispatch`), the operators' tools and
+        receivers read ``task.target.model``, ``task.target.active``...
+        """
+        return self._target()
+
     @classmethod
     def _target(cls) -> Target:
         fields = resolve(cls, "deactivate_fields")
