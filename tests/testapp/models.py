@@ -1,3 +1,7 @@
+from __future__ import annotations
+
+import uuid
+
 from django.db import models
 
 from celery_deactivate import DeactivatableModel
@@ -69,3 +73,55 @@ class SignalLog(models.Model):
     failure_count = models.IntegerField(null=True)
     exception = models.TextField(blank=True, default="")
     process = models.CharField(max_length=40, blank=True, default="")
+
+
+class UuidFeed(DeactivatableModel):
+    """A UUID primary key (no MIN/MAX in PostgreSQL)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    title = models.CharField(max_length=100)
+    behaviour = models.CharField(max_length=20, default="ok")
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class KeyedFeed(DeactivatableModel):
+    """A string primary key."""
+
+    key = models.CharField(primary_key=True, max_length=40)
+    title = models.CharField(max_length=100)
+    behaviour = models.CharField(max_length=20, default="ok")
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class ProxyFeed(Feed):
+    """A proxy of Feed: same table, its own class."""
+
+    class Meta:
+        proxy = True
+
+
+class VisibleManager(models.Manager):  # type: ignore[type-arg]
+    """Hides archived rows, even from related lookups (the model's base manager)."""
+
+    def get_queryset(self) -> models.QuerySet:  # type: ignore[type-arg]
+        return super().get_queryset().filter(archived=False)
+
+
+class HiddenFeed(DeactivatableModel):
+    """A filtering base manager (``Meta.base_manager_name``): archived rows do not exist."""
+
+    title = models.CharField(max_length=100)
+    behaviour = models.CharField(max_length=20, default="ok")
+    archived = models.BooleanField(default=False)
+
+    objects = VisibleManager()
+
+    class Meta:
+        base_manager_name = "objects"
+
+    def __str__(self) -> str:
+        return self.title

@@ -9,7 +9,7 @@ from django.db.models import Count, F
 from celery_deactivate import DeactivatingTask
 from tests.celery_app import app
 
-from .models import Entry, Feed, RecipeObject, Renamed
+from .models import Entry, Feed, HiddenFeed, KeyedFeed, ProxyFeed, RecipeObject, Renamed, UuidFeed
 
 
 class Boom(ValueError):
@@ -131,3 +131,23 @@ class PollAnnotated(DeactivatingTask):
 
 
 poll_annotated = app.register_task(PollAnnotated())
+
+
+@app.task(base=DeactivatingTask, model=UuidFeed)
+def poll_uuid(pk: Any) -> Any:
+    return work(UuidFeed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=KeyedFeed)
+def poll_keyed(pk: Any) -> Any:
+    return work(KeyedFeed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=ProxyFeed)
+def poll_proxy(pk: Any) -> Any:
+    return work(ProxyFeed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=HiddenFeed)
+def poll_hidden(pk: Any) -> Any:
+    return work(HiddenFeed.objects.get(pk=pk))
