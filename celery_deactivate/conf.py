@@ -70,6 +70,19 @@ def _exception_types(value: Any) -> ExceptionTypes:
     return types
 
 
+def _failure_types(value: Any) -> ExceptionTypes:
+    types = _exception_types(value)
+    for item in types:
+        if not issubclass(item, Exception):
+            raise ValueError(
+                f"can only name Exception subclasses, got {item.__qualname__}: Celery treats "
+                "other BaseExceptions (SystemExit, KeyboardInterrupt, GeneratorExit...) as the "
+                "worker's own control flow and calls no failure hook for them, so they could "
+                "never be counted"
+            )
+    return types
+
+
 def _callable(value: Any) -> Notifier:
     func = symbol_by_name(value) if isinstance(value, str) else value
     if not callable(func):
@@ -101,8 +114,8 @@ OPTIONS: Mapping[str, Option] = {
         Option(
             "deactivate_on",
             (Exception,),
-            _exception_types,
-            "Exception types that count as failures (classes or dotted paths).",
+            _failure_types,
+            "Exception types that count as failures (Exception subclasses or dotted paths).",
         ),
         Option(
             "dont_deactivate_on",
@@ -144,13 +157,13 @@ OPTIONS: Mapping[str, Option] = {
             "killed child): the bound on its lock wait and statements.",
         ),
         Option(
-            "deactivate_fold_begin",
+            "deactivate_atomic",
             True,
             _bool,
-            "PostgreSQL with psycopg 3: send the transaction's BEGIN in the same message as the "
-            "read before the body (one round trip less per task); on a direct connection the "
-            "read is a prepared statement (not behind a pooler: see celery_deactivate.begin).  "
-            "Turn it off behind a proxy that refuses several statements in one query.",
+            "Run the body in a transaction on the model's write database, rolled back when it "
+            "fails.  False runs it outside any transaction (for long, I/O-bound bodies that "
+            "should not hold a connection 'idle in transaction'): a failure still counts and "
+            "deactivates, but what the body wrote before failing stays.",
         ),
     )
 }

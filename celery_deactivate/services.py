@@ -1,12 +1,17 @@
 """Every change of an object's deactivation state goes through these functions.
 
 The task, the worker's crash handler, the admin actions and the management command all call them,
-so they all write the same fields with targeted updates and send the same signals.
+so they all write the same fields and send the same signals.  Each change is one ORM ``UPDATE``
+of the library's own columns, conditioned on the row's active flag (so concurrent callers change
+a row once), and a read of the row in the same transaction; the signal is sent in that
+transaction, like Django's model signals.  Everything goes through Django's ``QuerySet`` or
+``connection.cursor()``, on every backend.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,19 +19,14 @@ from functools import lru_cache
 from typing import Any, cast
 
 from django.db import connections, router, transaction
-from django.db.models import Case, F, Field, Model, Q, Value, When
+from django.db.models import Case, F, Field, Model, Q, QuerySet, Value, When
 from django.dispatch import Signal
 from django.utils import timezone
 
 from . import signals
-from .begin import begin_with_next_query, fetch_one
 from .target import Target, resolve_target
 
 logger = logging.getLogger("celery_deactivate")
-
-#: Backends on which the hot paths use hand-written SQL: ``UPDATE ... RETURNING`` lets one
-#: statement both change and read the row.  Others take the ORM (one statement more).
-FAST_VENDORS = frozenset({"postgresql", "sqlite"})
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,35 @@ class FailureOutcome:
     failure_count: int | None
 
 
-def format_error(exc: BaseException | None, max_length: int | None) -> str:
-    """``"ValueError: the text"``, cut to fit a column of ``max_length`` characters."""
+# -- describing an exception ------------------------------------------------------------------
+
+
+def describe(exc: BaseException | None) -> str:
+    """``"ValueError: the text"``; never raises, whatever the exception's ``__str__`` does.
+
+    The type's name is always there; text that cannot be rendered becomes a placeholder.
+    """
     if exc is None:
         return ""
-    text = f"{type(exc).__qualname__}: {exc}"
+    name = type(exc).__qualname__
+    try:
+        text = str(exc)
+    except Exception as error:  # a broken __str__ must not hide the failure
+        text = f"<str() raised {type(error).__qualname__}>"
+    return f"{name}: {text}" if text else name
+
+
+def format_error(exc: BaseException | None, max_length: int | None) -> str:
+    """:func:`describe`, made storable: NUL bytes (PostgreSQL text cannot hold them) and lone
+    surrogates replaced, cut to fit a column of ``max_length`` characters."""
+    text = describe(exc).replace("\x00", "\ufffd")
+    text = text.encode("utf-8", "replace").decode("utf-8")
     if max_length is not None and len(text) > max_length:
         text = text[: max(max_length - 1, 0)] + "…"
     return text
+
+
+# -- the state changes ----------------------------------------------------------------------
 
 
 def db_for(target: Target) -> str:
@@ -65,21 +86,21 @@ def record_failure(
 ) -> FailureOutcome:
     """Count one final failure of an active object, deactivating it at ``threshold``.
 
-    One statement does it (``UPDATE ... WHERE pk AND active RETURNING``), so concurrent failures of
-    the same object never lose an increment nor deactivate it twice.  An inactive or missing object
-    is left alone.  Sends :data:`~celery_deactivate.signals.object_deactivated` or
+    One conditioned ``UPDATE`` (``failure_count = failure_count + 1``, and the deactivation when
+    the count reaches ``threshold``, ``WHERE pk AND active``), so concurrent failures of the same
+    object never lose an increment nor deactivate it twice.  An inactive or missing object is left
+    alone.  Sends :data:`~celery_deactivate.signals.object_deactivated` or
     :data:`~celery_deactivate.signals.failure_counted` when the row changed.
     """
     using = using or db_for(target)
-    sets = _failure_values(target, exc, threshold)
-    with bounded(using, timeout):
-        instance = _update_returning(target, pk, sets, using)
-    if instance is None:
-        return FailureOutcome(None, False, None)
-    count = target.count_of(instance)
-    deactivated = not getattr(instance, target.active)
-    signal = signals.object_deactivated if deactivated else signals.failure_counted
-    _send(signal, target, sender, instance, exception=exc, task_id=task_id, failure_count=count)
+    with transaction.atomic(using=using), bounded(using, timeout):
+        instance = _change(target, pk, _failure_values(target, exc, threshold), True, using)
+        if instance is None:
+            return FailureOutcome(None, False, None)
+        count = target.count_of(instance)
+        deactivated = not getattr(instance, target.active)
+        signal = signals.object_deactivated if deactivated else signals.failure_counted
+        send(signal, target, sender, instance, exception=exc, task_id=task_id, failure_count=count)
     return FailureOutcome(instance, deactivated, count)
 
 
@@ -87,11 +108,11 @@ def reset_failures(target: Target, pk: Any, *, using: str | None = None) -> int:
     """Set a positive failure count back to 0 (a success ends the run of failures)."""
     if not target.failure_count:
         return 0
-    manager = target.model._base_manager.db_manager(using or db_for(target))
-    updated: int = manager.filter(pk=pk, **{f"{target.failure_count}__gt": 0}).update(
+    rows = _rows(target, pk, using or db_for(target))
+    changed: int = rows.filter(**{f"{target.failure_count}__gt": 0}).update(
         **{target.failure_count: 0}
     )
-    return updated
+    return changed
 
 
 def deactivate(
@@ -105,18 +126,19 @@ def deactivate(
     """Deactivate one active object by hand (admin, command); ``None`` if it was not active."""
     target = target_for(model, fields)
     using = using or db_for(target)
-    sets = _deactivation(target, exception, error=exception is not None)
-    instance = _update_returning(target, pk, sets, using)
-    if instance is not None:
-        _send(
-            signals.object_deactivated,
-            target,
-            model,
-            instance,
-            exception=exception,
-            task_id=None,
-            failure_count=target.count_of(instance),
-        )
+    values = _deactivation(target, exception, error=exception is not None)
+    with transaction.atomic(using=using):
+        instance = _change(target, pk, values, True, using)
+        if instance is not None:
+            send(
+                signals.object_deactivated,
+                target,
+                model,
+                instance,
+                exception=exception,
+                task_id=None,
+                failure_count=target.count_of(instance),
+            )
     return instance
 
 
@@ -130,18 +152,18 @@ def reactivate(
     """Make one inactive object active again and clear its error; ``None`` if it was active."""
     target = target_for(model, fields)
     using = using or db_for(target)
-    sets = [Assign(target.active, True)]
-    if target.error:
-        sets.append(Assign(target.error, False))
-    if target.error_message:
-        sets.append(Assign(target.error_message, ""))
-    if target.deactivated_at:
-        sets.append(Assign(target.deactivated_at, None))
-    if target.failure_count:
-        sets.append(Assign(target.failure_count, 0))
-    instance = _update_returning(target, pk, sets, using, active=False)
-    if instance is not None:
-        _send(signals.object_reactivated, target, model, instance)
+    values: dict[str, Any] = {target.active: True}
+    cleared = {
+        target.error: False,
+        target.error_message: "",
+        target.deactivated_at: None,
+        target.failure_count: 0,
+    }
+    values.update((name, value) for name, value in cleared.items() if name)
+    with transaction.atomic(using=using):
+        instance = _change(target, pk, values, False, using)
+        if instance is not None:
+            send(signals.object_reactivated, target, model, instance)
     return instance
 
 
@@ -150,129 +172,160 @@ def target_for(model: type[Model], fields: Mapping[str, str | None] | None = Non
     return resolve_target(model, tuple(sorted((fields or {}).items())), model._meta.label)
 
 
-@dataclass(frozen=True)
-class Assign:
-    """One column of a targeted update: ``name = value``, ``name = name + 1`` (``increment``),
-    or ``name = value`` only on the failure that reaches ``threshold`` (``when_count_reaches``).
+def _rows(target: Target, pk: Any, using: str) -> QuerySet[Any]:
+    """The object's row, as a queryset an ``UPDATE`` of the library's columns can run on.
 
-    It renders to hand-written SQL on the fast path and to Django expressions on the fallback.
+    Through the model's base manager.  With multi-table inheritance the columns live in an
+    ancestor's table: the update runs on that table, restricted to the rows the model's base
+    manager has (a subquery), so it stays one ``UPDATE`` whose conditions hold under concurrency
+    (the ORM's update of a child model selects the keys first and drops the conditions).
     """
+    rows: QuerySet[Any] = target.model._base_manager.db_manager(using).filter(pk=pk)
+    if not target.inherited:
+        return rows
+    owner = cast("type[Model]", target.owner)
+    owned: QuerySet[Any] = owner._base_manager.db_manager(using).filter(
+        pk=pk, pk__in=rows.values("pk")
+    )
+    return owned
 
-    name: str
-    value: Any = None
-    increment: bool = False
-    when_count_reaches: tuple[str, int] | None = None  # (failure_count field, threshold)
 
-    def sql(self, model: type[Model], connection: Any) -> tuple[str, list[Any]]:
-        quote = connection.ops.quote_name
-        column = quote(_column(model, self.name))
-        if self.increment:
-            return f"{column} = {column} + 1", []
-        value = _field(model, self.name).get_db_prep_save(self.value, connection)
-        if self.when_count_reaches is None:
-            return f"{column} = %s", [value]
-        counter, threshold = self.when_count_reaches
-        count = quote(_column(model, counter))
-        return f"{column} = CASE WHEN {count} >= %s THEN %s ELSE {column} END", [
-            threshold - 1,
-            value,
-        ]
+def _change(
+    target: Target, pk: Any, values: Mapping[str, Any], active: bool, using: str
+) -> Model | None:
+    """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change.
 
-    def expression(self, model: type[Model]) -> Any:
-        if self.increment:
-            return F(self.name) + 1
-        if self.when_count_reaches is None:
-            return self.value
-        counter, threshold = self.when_count_reaches
-        return Case(
-            When(
-                Q(**{f"{counter}__gte": threshold - 1}),
-                then=Value(self.value, output_field=_field(model, self.name)),
-            ),
-            default=F(self.name),
-        )
+    Called in a transaction: the row stays locked between the update and the read.
+    """
+    if not _rows(target, pk, using).filter(**{target.active: active}).update(**values):
+        return None
+    instance: Model = target.model._base_manager.db_manager(using).get(pk=pk)
+    return instance
 
 
 def _field(model: type[Model], name: str) -> Field[Any, Any]:
     return cast("Field[Any, Any]", model._meta.get_field(name))
 
 
-def _column(model: type[Model], name: str) -> str:
-    return cast(str, _field(model, name).column)
-
-
-def _pk(model: type[Model]) -> tuple[Field[Any, Any], str]:
-    """The primary key field and its column."""
-    pk = cast("Field[Any, Any]", model._meta.pk)
-    return pk, cast(str, pk.column)
-
-
-def _deactivation(target: Target, exc: BaseException | None, *, error: bool = True) -> list[Assign]:
-    sets = [Assign(target.active, False)]
+def _deactivation(
+    target: Target, exc: BaseException | None, *, error: bool = True
+) -> dict[str, Any]:
+    values: dict[str, Any] = {target.active: False}
     if target.error:
-        sets.append(Assign(target.error, error))
+        values[target.error] = error
     if target.error_message:
-        sets.append(
-            Assign(target.error_message, format_error(exc, target.error_message_max_length))
-        )
+        values[target.error_message] = format_error(exc, target.error_message_max_length)
     if target.deactivated_at:
-        sets.append(Assign(target.deactivated_at, timezone.now()))
-    return sets
+        values[target.deactivated_at] = timezone.now()
+    return values
 
 
-def _failure_values(target: Target, exc: BaseException, threshold: int) -> list[Assign]:
-    sets = _deactivation(target, exc)
-    if target.failure_count:
-        if threshold > 1:
-            # SET expressions see the row as it was: the failure that reaches the threshold
-            # flips it.
-            reached = (target.failure_count, threshold)
-            sets = [Assign(a.name, a.value, when_count_reaches=reached) for a in sets]
-        sets.append(Assign(target.failure_count, increment=True))
-    return sets
+def _failure_values(target: Target, exc: BaseException, threshold: int) -> dict[str, Any]:
+    values = _deactivation(target, exc)
+    if not target.failure_count:
+        return values
+    counter = target.failure_count
+    if threshold > 1:
+        # An UPDATE's expressions see the row as it was: the failure that reaches the threshold
+        # deactivates; earlier ones leave the columns as they are.
+        reached = Q(**{f"{counter}__gte": threshold - 1})
+        model = target.model
+        values = {
+            name: Case(
+                When(reached, then=Value(value, output_field=_field(model, name))),
+                default=F(name),
+            )
+            for name, value in values.items()
+        }
+    values[counter] = F(counter) + 1
+    return values
 
 
-def read_state(target: Target, pk: Any, using: str, fold: bool = False) -> tuple[Any, ...]:
+# -- the read before the body ----------------------------------------------------------------
+
+
+def read_state(target: Target, pk: Any, using: str) -> tuple[Any, ...]:
     """``(active, failure_count)`` of the row (``(active,)`` without a counter): one SELECT.
 
-    As the first query of a transaction (PostgreSQL, psycopg 3, ``fold``: the task's
-    ``deactivate_fold_begin``), it carries the transaction's BEGIN, and on a direct connection
-    it is a prepared statement (:mod:`celery_deactivate.begin`).  Raises the model's
-    ``DoesNotExist`` for a missing row.
+    A plain ``SELECT`` built once per model, run through ``connection.cursor()`` (no query
+    compilation per task); through the base manager for models whose rows it filters or joins.
+    Raises the model's ``DoesNotExist`` for a missing row.
     """
-    model = target.model
-    if not _by_hand(target, using):
-        manager = model._base_manager.db_manager(using)
-        with begin_with_next_query(using, fold):
-            state: tuple[Any, ...] = manager.values_list(*target.state_fields()).get(pk=pk)
+    names = target.state_fields()
+    if not target.plain_rows:
+        manager = target.model._base_manager.db_manager(using)
+        state: tuple[Any, ...] = manager.values_list(*names).get(pk=pk)
         return state
-    return _row_by_pk(model, _state_sql(target, using), pk, using, fold)
-
-
-def read_object(target: Target, pk: Any, using: str, fold: bool = False) -> Model:
-    """The row as a model instance (``Model.from_db``), like ``_base_manager.get(pk=pk)``: one
-    SELECT written by hand (no query compilation), carrying the BEGIN like :func:`read_state`.
-    Raises the model's ``DoesNotExist`` for a missing row."""
-    model = target.model
-    if not _by_hand(target, using):
-        with begin_with_next_query(using, fold):
-            found: Model = model._base_manager.db_manager(using).get(pk=pk)
-        return found
-    return _instance(model, using, _row_by_pk(model, _object_sql(model, using), pk, using, fold))
-
-
-def _row_by_pk(model: type[Model], sql: str, pk: Any, using: str, fold: bool) -> tuple[Any, ...]:
-    """The row a ``... WHERE pk = %s`` statement reads; the model's ``DoesNotExist`` if none."""
     connection = connections[using]
-    row = fetch_one(connection, sql, [_pk_value(model, pk, connection)], fold)
+    with connection.cursor() as cursor:
+        cursor.execute(_select_sql(target.model, using, names), [_pk_value(target, pk, using)])
+        row = cursor.fetchone()
+    if row is None:
+        raise _does_not_exist(target.model)
+    return tuple(row)
+
+
+def read_object(target: Target, pk: Any, using: str) -> Model:
+    """The row as a model instance, what ``Model._base_manager.get(pk=pk)`` returns: for a plain
+    model one ``SELECT`` of every concrete column built once per model, turned into an instance
+    with ``Model.from_db()`` and the fields' converters.  Raises ``DoesNotExist``."""
+    model = target.model
+    if not target.plain_rows:
+        found: Model = model._base_manager.db_manager(using).get(pk=pk)
+        return found
+    fields = model._meta.concrete_fields
+    connection = connections[using]
+    with connection.cursor() as cursor:
+        names = tuple(field.name for field in fields)
+        cursor.execute(_select_sql(model, using, names), [_pk_value(target, pk, using)])
+        row = cursor.fetchone()
     if row is None:
         raise _does_not_exist(model)
-    return row
+    values = list(row)
+    for index, converters, expression in _converters(connection, model):
+        for convert in converters:
+            values[index] = convert(values[index], expression, connection)
+    instance: Model = model.from_db(using, [field.attname for field in fields], values)
+    return instance
 
 
-def _pk_value(model: type[Model], pk: Any, connection: Any) -> Any:
+@lru_cache(maxsize=512)
+def _select_sql(model: type[Model], using: str, names: tuple[str, ...]) -> str:
+    """``SELECT <columns> FROM <table> WHERE <pk> = %s``, quoted for the alias's backend."""
+    quote = connections[using].ops.quote_name
+    meta = model._meta
+    columns = ", ".join(quote(cast(str, _field(model, name).column)) for name in names)
+    pk_column = quote(cast(str, cast("Field[Any, Any]", meta.pk).column))
+    return f"SELECT {columns} FROM {quote(meta.db_table)} WHERE {pk_column} = %s"
+
+
+def _pk_value(target: Target, pk: Any, using: str) -> Any:
     """The primary key as the database takes it (the field's ``get_db_prep_value``)."""
-    return cast("Field[Any, Any]", model._meta.pk).get_db_prep_value(pk, connection)
+    field = cast("Field[Any, Any]", target.model._meta.pk)
+    return field.get_db_prep_value(field.to_python(pk), connections[using])
+
+
+#: Per connection (each thread has its own), per model: the converters the ORM applies to the
+#: columns of a row, as ``(index, functions, column expression)``.
+_row_converters: weakref.WeakKeyDictionary[Any, dict[type[Model], list[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _converters(connection: Any, model: type[Model]) -> list[Any]:
+    known = _row_converters.setdefault(connection, {})
+    try:
+        return known[model]
+    except KeyError:
+        pass
+    found = []
+    for index, field in enumerate(model._meta.concrete_fields):
+        column = field.get_col(model._meta.db_table)
+        functions = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
+        if functions:
+            found.append((index, functions, column))
+    known[model] = found
+    return found
 
 
 def _does_not_exist(model: type[Model]) -> Exception:
@@ -280,157 +333,70 @@ def _does_not_exist(model: type[Model]) -> Exception:
     return missing(f"{model._meta.object_name} matching query does not exist.")
 
 
-@lru_cache(maxsize=256)
-def _by_hand(target: Target, using: str) -> bool:
-    """Whether the hot statements may be written by hand: one table, a backend with
-    ``UPDATE ... RETURNING`` (SQLite >= 3.35 reports it as returning columns from inserts)."""
-    connection = connections[using]
-    return (
-        target.single_table
-        and connection.vendor in FAST_VENDORS
-        and connection.features.can_return_columns_from_insert
-    )
-
-
-@lru_cache(maxsize=256)
-def _object_sql(model: type[Model], using: str) -> str:
-    _, columns, _ = _row_reader(model, using)
-    return _select_by_pk(model, using, columns)
-
-
-@lru_cache(maxsize=256)
-def _state_sql(target: Target, using: str) -> str:
-    quote = connections[using].ops.quote_name
-    names = target.state_fields()
-    return _select_by_pk(
-        target.model, using, ", ".join(quote(_column(target.model, n)) for n in names)
-    )
-
-
-def _select_by_pk(model: type[Model], using: str, columns: str) -> str:
-    quote = connections[using].ops.quote_name
-    _, pk_column = _pk(model)
-    return f"SELECT {columns} FROM {quote(model._meta.db_table)} WHERE {quote(pk_column)} = %s"
-
-
-def _update_returning(
-    target: Target, pk: Any, sets: list[Assign], using: str, *, active: bool = True
-) -> Model | None:
-    """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change."""
-    if _by_hand(target, using):
-        return _update_with_returning(target, pk, sets, using, active)
-    queryset = target.model._base_manager.db_manager(using).filter(pk=pk, **{target.active: active})
-    return _update_then_select(queryset, pk, sets, using)
-
-
-def _update_with_returning(
-    target: Target, pk: Any, sets: list[Assign], using: str, active: bool
-) -> Model | None:
-    """One statement, written by hand (the ORM compiles no ``RETURNING`` for updates):
-    ``UPDATE t SET ... WHERE pk = %s AND active = %s RETURNING <every column>``."""
-    model = target.model
-    meta = model._meta
-    connection = connections[using]
-    quote = connection.ops.quote_name
-    assignments, params = [], []
-    for assign in sets:
-        sql, values = assign.sql(model, connection)
-        assignments.append(sql)
-        params.extend(values)
-    _, pk_column = _pk(model)
-    params.append(_pk_value(model, pk, connection))
-    params.append(_field(model, target.active).get_db_prep_value(active, connection))
-    _, returning, _ = _row_reader(model, using)
-    statement = (
-        f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "
-        f"WHERE {quote(pk_column)} = %s AND {quote(_column(model, target.active))} = %s "
-        f"RETURNING {returning}"
-    )
-    row = fetch_one(connection, statement, params)
-    return None if row is None else _instance(model, using, row)
-
-
-def _instance(model: type[Model], using: str, row: Any) -> Model:
-    """A model instance from a row of every concrete column, converted as the ORM does."""
-    attnames, _, converters = _row_reader(model, using)
-    values = list(row)
-    connection = connections[using]
-    for index, (functions, expression) in converters:
-        for convert in functions:
-            values[index] = convert(values[index], expression, connection)
-    instance: Model = model.from_db(using, attnames, values)
-    return instance
-
-
-@lru_cache(maxsize=256)
-def _row_reader(
-    model: type[Model], using: str
-) -> tuple[list[str], str, list[tuple[int, tuple[list[Any], Any]]]]:
-    """Attribute names, the column list (every concrete column) and the value converters of a
-    model's row."""
-    connection = connections[using]
-    fields = model._meta.concrete_fields
-    quote = connection.ops.quote_name
-    converters = []
-    for index, field in enumerate(fields):
-        column = field.get_col(model._meta.db_table)
-        functions = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
-        if functions:
-            converters.append((index, (functions, column)))
-    returning = ", ".join(quote(cast(str, field.column)) for field in fields)
-    return [field.attname for field in fields], returning, converters
-
-
-def _update_then_select(queryset: Any, pk: Any, sets: list[Assign], using: str) -> Model | None:
-    """Other backends, and models whose fields span tables: the ORM's update and a read of the
-    row, in one transaction (the row lock is held in between)."""
-    model = queryset.model
-    with transaction.atomic(using=using):
-        if not queryset.update(**{assign.name: assign.expression(model) for assign in sets}):
-            return None
-        instance: Model = model._base_manager.db_manager(using).get(pk=pk)
-        return instance
+# -- bounds and signals -----------------------------------------------------------------------
 
 
 @contextmanager
 def bounded(using: str, seconds: float | None) -> Iterator[None]:
-    """Bound how long the statements inside may wait for locks and run.
+    """Bound how long the statements inside may wait for locks and run (called in a
+    transaction).
 
     PostgreSQL: ``lock_timeout`` and ``statement_timeout`` for this transaction.  SQLite: the
     connection's busy timeout (the worker's crash handler runs on a connection of its own, closed
-    when it is done).
+    when it is done).  Other backends: unbounded.
     """
     connection = connections[using]
-    if not seconds or connection.vendor not in FAST_VENDORS:
+    if not seconds or connection.vendor not in ("postgresql", "sqlite"):
         yield
         return
     millis = max(int(seconds * 1000), 1)
-    if connection.vendor == "sqlite":
-        with connection.cursor() as cursor:
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
             cursor.execute(f"PRAGMA busy_timeout = {millis}")
-        yield
+        else:
+            cursor.execute(f"SET LOCAL lock_timeout = {millis}")
+            cursor.execute(f"SET LOCAL statement_timeout = {millis}")
+    yield
+
+
+class _ReceiversFailed(Exception):
+    """Rolls back what the receivers of one signal wrote when one of them raised."""
+
+    def __init__(self, failures: list[tuple[Any, BaseException]]) -> None:
+        super().__init__(failures)
+        self.failures = failures
+
+
+def send(signal: Signal, target: Target, sender: Any, instance: Model, **kwargs: Any) -> None:
+    """Send ``signal`` synchronously, in the caller's transaction, like Django's model signals.
+
+    Every receiver runs.  Their writes are in a savepoint: if one raises, the savepoint is rolled
+    back (what the receivers wrote goes, the state change stays) and each error is logged at
+    ERROR, never raised.
+    """
+    if not signal.has_listeners(sender):
         return
-    with transaction.atomic(using=using), connection.cursor() as cursor:
-        cursor.execute(f"SET LOCAL lock_timeout = {millis}")
-        cursor.execute(f"SET LOCAL statement_timeout = {millis}")
-        yield
-
-
-def _send(signal: Signal, target: Target, sender: Any, instance: Model, **kwargs: Any) -> None:
-    for receiver, result in signal.send_robust(sender=sender, instance=instance, **kwargs):
-        if isinstance(result, Exception):
+    using = instance._state.db or db_for(target)
+    try:
+        with transaction.atomic(using=using):
+            results = signal.send_robust(sender=sender, instance=instance, **kwargs)
+            failures = [(r, e) for r, e in results if isinstance(e, BaseException)]
+            if failures:
+                raise _ReceiversFailed(failures)
+    except _ReceiversFailed as failed:
+        for receiver, error in failed.failures:
             logger.error(
-                "celery_deactivate: receiver %r of %s raised for %s: %r",
+                "celery_deactivate: receiver %r of %s raised for %s: %s",
                 receiver,
-                _SIGNAL_NAMES.get(id(signal), repr(signal)),
+                SIGNAL_NAMES.get(signal, repr(signal)),
                 target.identity(instance.pk),
-                result,
-                exc_info=result,
+                describe(error),
+                exc_info=error,
             )
 
 
-_SIGNAL_NAMES = {
-    id(signals.object_deactivated): "object_deactivated",
-    id(signals.object_reactivated): "object_reactivated",
-    id(signals.failure_counted): "failure_counted",
+SIGNAL_NAMES = {
+    signals.object_deactivated: "object_deactivated",
+    signals.object_reactivated: "object_reactivated",
+    signals.failure_counted: "failure_counted",
 }

@@ -31,7 +31,7 @@ class Target:
     """A model and the names of its fields by role (``None``: the role is not recorded).
 
     One instance per configuration (:func:`resolve_target` caches them), compared and hashed by
-    identity: the hot paths key their caches on it once per task.
+    identity.
     """
 
     model: type[models.Model]
@@ -41,13 +41,23 @@ class Target:
     error_message_max_length: int | None
     deactivated_at: str | None
     failure_count: str | None
-    #: Every concrete field lives in the model's own table (no multi-table inheritance): the hot
-    #: paths may use hand-written SQL on it.
-    single_table: bool = True
+    #: The concrete model whose table holds the fields: ``model`` itself (or its concrete model,
+    #: for a proxy), or the ancestor that declares them (multi-table inheritance).
+    owner: type[models.Model] | None = None
+    #: Rows are exactly the table's rows: no multi-table inheritance, and the base manager is
+    #: Django's own (no ``Meta.base_manager_name`` naming a manager that may filter), so a plain
+    #: ``SELECT ... WHERE pk = %s`` reads what the ORM would.  Otherwise reads go through the
+    #: model's base manager.
+    plain_rows: bool = True
 
     @property
     def label(self) -> str:
         return self.model._meta.label
+
+    @property
+    def inherited(self) -> bool:
+        """The fields live in an ancestor's table (multi-table inheritance)."""
+        return self.owner is not None and self.owner is not self.model._meta.concrete_model
 
     def identity(self, pk: Any) -> str:
         """How logs name one object: ``app_label.Model pk=42``."""
@@ -136,10 +146,20 @@ def resolve_target(
         return None if field is None else field.name
 
     message_field = found["error_message"]
-    single_table = all(
-        field.model._meta.concrete_model is concrete._meta.concrete_model
-        for field in concrete._meta.concrete_fields
-    )
+    owners = {field.model._meta.concrete_model for field in found.values() if field is not None}
+    if len(owners) > 1:
+        names = ", ".join(
+            f"{field.name} ({field.model._meta.label})"
+            for field in found.values()
+            if field is not None
+        )
+        raise DeactivateConfigError(
+            f"the fields {concrete._meta.label} records a deactivation in must live in one table, "
+            f"they are spread over {len(owners)}: {names}",
+            task=task_name,
+            model=concrete._meta.label,
+        )
+    (owner,) = owners
     active = name_of("active")
     assert active is not None
     return Target(
@@ -150,5 +170,10 @@ def resolve_target(
         error_message_max_length=message_field.max_length if message_field else None,
         deactivated_at=name_of("deactivated_at"),
         failure_count=name_of("failure_count"),
-        single_table=single_table,
+        owner=owner,
+        # Django's own base manager (not a subclass, which may filter): every row of the table.
+        plain_rows=(
+            owner is concrete._meta.concrete_model
+            and type(concrete._base_manager) is models.Manager
+        ),
     )

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
-from celery._state import _task_stack  # type: ignore[attr-defined]
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from django.apps import apps
@@ -23,8 +22,8 @@ from django.db import DatabaseError, router, transaction
 from django.db.models import Model
 
 from . import services
-from .begin import begin_with_next_query
 from .conf import ExceptionTypes, Notifier, check_option_names, option_inputs, resolve
+from .dispatch import dispatch_active
 from .exceptions import DeactivateConfigError
 from .target import ModelRef, Target, resolve_target
 
@@ -39,6 +38,12 @@ _eager_propagates: ContextVar[bool] = ContextVar(
 #: Set while a worker's main-process hook runs (Celery 5.7 calls ``Task.on_failure`` from
 #: ``Request.on_timeout``): the request has recorded that failure already.
 in_main_process_hook: ContextVar[bool] = ContextVar("celery_deactivate_main_hook", default=False)
+
+#: The last exception raised by the library's own statements before the body (the read of the
+#: object): not a failure of the object, so the failure hook does not count it.
+_own_error: ContextVar[BaseException | None] = ContextVar(
+    "celery_deactivate_own_error", default=None
+)
 
 #: Task classes declared before Django's app registry was ready; checked by ``AppConfig.ready()``.
 pending_checks: weakref.WeakSet[type[DeactivatingTask]] = weakref.WeakSet()
@@ -67,11 +72,11 @@ class RunOptions:
 
     target: Target
     pass_object: bool
-    fold_begin: bool
+    atomic: bool
 
 
 #: The options :class:`RunOptions` is resolved from (with the task's ``model``).
-RUN_OPTIONS = ("deactivate_fields", "deactivate_pass_object", "deactivate_fold_begin")
+RUN_OPTIONS = ("deactivate_fields", "deactivate_pass_object", "deactivate_atomic")
 
 
 if TYPE_CHECKING:
@@ -107,8 +112,8 @@ class DeactivatingTask(_TaskBase):
     deactivate_pass_object: ClassVar[bool | None] = None
     #: Seconds the worker's main process may spend recording a crash (default 10).
     deactivate_crash_timeout: ClassVar[float | None] = None
-    #: Send BEGIN with the read before the body, on PostgreSQL + psycopg 3 (default ``True``).
-    deactivate_fold_begin: ClassVar[bool | None] = None
+    #: Run the body in a transaction, rolled back on failure (default ``True``).
+    deactivate_atomic: ClassVar[bool | None] = None
 
     #: The worker-side request class: records crashes (hard time limit, killed child).
     Request = "celery_deactivate.request:DeactivatingRequest"
@@ -133,7 +138,7 @@ class DeactivatingTask(_TaskBase):
         cls._failure_policy(cls._target())
         resolve(cls, "deactivate_pass_object")
         resolve(cls, "deactivate_crash_timeout")
-        resolve(cls, "deactivate_fold_begin")
+        resolve(cls, "deactivate_atomic")
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -161,7 +166,7 @@ class DeactivatingTask(_TaskBase):
         options = RunOptions(
             target=self._target(),
             pass_object=resolve(self, "deactivate_pass_object"),
-            fold_begin=resolve(self, "deactivate_fold_begin"),
+            atomic=resolve(self, "deactivate_atomic"),
         )
         self._run_memo = (inputs, options)
         return options
@@ -189,18 +194,17 @@ class DeactivatingTask(_TaskBase):
 
     def get_queryset(self, using: str) -> Any:
         """Where the instance is read from with ``deactivate_pass_object``: override it to add
-        ``select_related()``, annotations...  Not overridden, the instance is read with one
-        hand-written ``SELECT`` of every concrete column instead (the same instance, no query
-        compilation).  The drop-in form reads only the active flag and the count."""
-        return self._target().model._base_manager.db_manager(using).all()
+        ``select_related()``, annotations, ``select_for_update()``...  Not overridden, the
+        instance is read with one plain ``SELECT`` of every concrete column built once per model
+        (the same instance as ``Model._base_manager.get(pk=pk)``, without compiling a query).
+        The drop-in form reads only the active flag and the count."""
+        return self.target.model._base_manager.db_manager(using).all()
 
-    def _load(self, target: Target, pk: Any, using: str, fold: bool) -> Model:
-        """The instance for ``deactivate_pass_object``: one hand-written SELECT, unless
-        ``get_queryset`` is overridden."""
+    def _load(self, target: Target, pk: Any, using: str) -> Model:
+        """The instance for ``deactivate_pass_object``."""
         if type(self).get_queryset is DeactivatingTask.get_queryset:
-            return services.read_object(target, pk, using, fold)
-        with begin_with_next_query(using, fold):
-            instance: Model = self.get_queryset(using).get(pk=pk)
+            return services.read_object(target, pk, using)
+        instance: Model = self.get_queryset(using).get(pk=pk)
         return instance
 
     def apply(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
@@ -221,9 +225,16 @@ class DeactivatingTask(_TaskBase):
                 "argument"
             )
         request = self.request
-        record_here = request.called_directly or (request.is_eager and _eager_propagates.get())
+        direct = request.called_directly
+        record_here = direct or (request.is_eager and _eager_propagates.get())
         try:
-            return self._run_atomic(options, args, kwargs, request.called_directly)
+            if direct:  # not traced by Celery: push a request for the body, as Task.__call__ does
+                self.push_request(args=args, kwargs=kwargs)
+                try:
+                    return self._run(options, args, kwargs)
+                finally:
+                    self.pop_request()
+            return self._run(options, args, kwargs)
         except CONTROL_FLOW:
             raise
         except Exception as exc:
@@ -231,43 +242,62 @@ class DeactivatingTask(_TaskBase):
                 self.record_failure(exc, args[0], request.id)
             raise
 
-    def _run_atomic(
-        self, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool
-    ) -> Any:
-        """Run the body in a transaction if the object is active.
+    def _run(self, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Read the object's state, run the body on an active object, reset a positive count.
 
-        One frame between ``__call__`` and the body: Celery formats every frame of a failure's
-        traceback, so each wrapper frame costs on the failure path.
+        The drop-in form reads the state before the body's transaction opens (a read holding no
+        lock into the body: on SQLite the body's first write would have to upgrade it); the
+        pass-object form reads the instance in the transaction, as the body's own ``get()``
+        would.  Errors of these reads are the library's, not the object's (never counted).
         """
         pk = args[0]
-        target, fold = options.target, options.fold_begin
+        target = options.target
         using = router.db_for_write(target.model)
+        if not options.pass_object:
+            state = self._read(services.read_state, target, pk, using)
+            if not self._may_run(state[0], target, pk):
+                return None
+            run: Any = self.run
+        else:
+            state = ()
+
+            def run(first: Any, *rest: Any, **named: Any) -> Any:
+                nonlocal state
+                instance = self._read(self._load, target, first, using)
+                state = tuple(getattr(instance, name) for name in target.state_fields())
+                if not self._may_run(state[0], target, pk):
+                    return None
+                return self.run(instance, *rest, **named)
+
+        if options.atomic:
+            result = self._run_atomic(run, args, kwargs, using, target)
+        else:
+            result = run(*args, **kwargs)
+        if len(state) > 1 and state[1]:
+            self._reset_failures(target, pk, using)
+        return result
+
+    def _read(self, read: Any, target: Target, pk: Any, using: str) -> Any:
+        try:
+            return read(target, pk, using)
+        except Exception as exc:
+            _own_error.set(exc)
+            raise
+
+    def _may_run(self, active: Any, target: Target, pk: Any) -> bool:
+        if not active:
+            logger.info("%s: %s is inactive, the body did not run", self.name, target.identity(pk))
+        return bool(active)
+
+    def _run_atomic(
+        self, run: Any, args: tuple[Any, ...], kwargs: dict[str, Any], using: str, target: Target
+    ) -> Any:
+        """Run the body in ``transaction.atomic()`` on the model's write database."""
         failure: BaseException | None = None
         try:
             with transaction.atomic(using=using):
                 try:
-                    if options.pass_object:
-                        first = self._load(target, pk, using, fold)
-                        state = tuple(getattr(first, name) for name in target.state_fields())
-                    else:
-                        first, state = pk, services.read_state(target, pk, using, fold)
-                    if not state[0]:
-                        logger.info(
-                            "%s: %s is inactive, the body did not run",
-                            self.name,
-                            target.identity(pk),
-                        )
-                        return None
-                    # The instance takes the pk's place when it is passed; the request keeps the
-                    # pk (retry() sends the pk).  A traced call (worker, apply) has its request
-                    # on the stack already: like Celery's own __protected_call__, push nothing.
-                    if direct:
-                        result = self._call_directly(first, args, kwargs)
-                    else:
-                        result = self.run(first, *args[1:], **kwargs)
-                    if len(state) > 1 and state[1]:
-                        services.reset_failures(target, pk, using=using)
-                    return result
+                    return run(*args, **kwargs)
                 except BaseException as exc:
                     failure = exc
                     raise
@@ -277,24 +307,36 @@ class DeactivatingTask(_TaskBase):
             # The connection died under the body (the database went away): the rollback failed
             # and Django's reconnect at the end of the block raised over the body's exception.
             logger.warning(
-                "celery_deactivate: %s on %s: the database failed at the rollback (%s: %s)",
+                "celery_deactivate: %s on %s: the database failed at the rollback (%s)",
                 self.name,
-                target.identity(pk),
-                type(exc).__qualname__,
-                exc,
+                target.identity(args[0]),
+                services.describe(exc),
             )
         assert failure is not None  # only a rollback failure over the body's exception gets here
         raise failure  # the task's own exception, unchanged
 
-    def _call_directly(self, first: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``Task.__call__`` for a direct call ``poll(pk)``: push a request for the body."""
-        _task_stack.push(self)
-        self.push_request(args=args, kwargs=kwargs)
+    def _reset_failures(self, target: Target, pk: Any, using: str) -> None:
+        """After a success, outside the body's transaction: a body that broke its transaction
+        and returned still succeeds; an error here is logged, never raised over the result."""
+        if _marked_for_rollback(using):  # in someone else's transaction, which the body broke
+            logger.info(
+                "celery_deactivate: %s on %s succeeded in a transaction marked for rollback; "
+                "its failure count was not reset",
+                self.name,
+                target.identity(pk),
+            )
+            return
         try:
-            return self.run(first, *args[1:], **kwargs)
-        finally:
-            self.pop_request()
-            _task_stack.pop()
+            services.reset_failures(target, pk, using=using)
+        except Exception as exc:
+            logger.error(
+                "celery_deactivate: %s succeeded on %s but its failure count could not be "
+                "reset (%s)",
+                self.name,
+                target.identity(pk),
+                services.describe(exc),
+                exc_info=exc,
+            )
 
     # -- fan-out ----------------------------------------------------------------------------
 
@@ -303,8 +345,6 @@ class DeactivatingTask(_TaskBase):
 
         See :func:`celery_deactivate.dispatch.dispatch_active`.
         """
-        from .dispatch import dispatch_active
-
         return dispatch_active(self, queryset, **apply_async_options)
 
     # -- failing ----------------------------------------------------------------------------
@@ -322,15 +362,38 @@ class DeactivatingTask(_TaskBase):
         *,
         timeout: float | None = None,
     ) -> services.FailureOutcome | None:
-        """Count a final failure and deactivate at the threshold.  Never raises: logs at ERROR."""
+        """Count a final failure and deactivate at the threshold.  Never raises: logs at ERROR.
+
+        The notifier runs after the change commits (``transaction.on_commit``): inside someone
+        else's transaction, only if it commits.
+        """
         exc = _original(exc)
         identity = f"{self.model} pk={pk!r}"
         try:
-            target = self._target()
+            target = self.target
             identity = target.identity(pk)
+            if _own_error.get() is exc:
+                logger.info(
+                    "celery_deactivate: %s[%s] on %s: the library's own read failed (%s); not "
+                    "counted against the object",
+                    self.name,
+                    task_id,
+                    identity,
+                    services.describe(exc),
+                )
+                return None
             policy = self._failure_policy(target)
             if not policy.counts(exc):
+                logger.info(
+                    "celery_deactivate: %s[%s] on %s: %s is not counted (deactivate_on / "
+                    "dont_deactivate_on)",
+                    self.name,
+                    task_id,
+                    identity,
+                    type(exc).__qualname__,
+                )
                 return None
+            using = services.db_for(target)
             outcome = services.record_failure(
                 target,
                 pk,
@@ -338,30 +401,45 @@ class DeactivatingTask(_TaskBase):
                 threshold=policy.after,
                 sender=self,
                 task_id=task_id,
+                using=using,
                 timeout=timeout,
             )
-        except Exception:
-            logger.exception(
-                "celery_deactivate: could not record the failure of %s[%s] on %s (%s: %s)",
+        except Exception as error:
+            logger.error(
+                "celery_deactivate: could not record the failure of %s[%s] on %s (%s): %s",
                 self.name,
                 task_id,
                 identity,
-                type(exc).__qualname__,
-                exc,
+                services.describe(exc),
+                services.describe(error),
+                exc_info=error,
             )
             return None
         if outcome.deactivated:
             logger.warning(
-                "celery_deactivate: %s deactivated after %s failure(s) of %s[%s]: %s: %s",
+                "celery_deactivate: %s deactivated after %s failure(s) of %s[%s]: %s",
                 identity,
                 outcome.failure_count or 1,
                 self.name,
                 task_id,
-                type(exc).__qualname__,
-                exc,
+                services.describe(exc),
             )
             if policy.notify:
-                self._notify(policy.notifier, outcome.instance, exc, task_id, identity)
+                instance = outcome.instance
+                transaction.on_commit(
+                    lambda: self._notify(policy.notifier, instance, exc, task_id, identity),
+                    using=using,
+                )
+        elif outcome.instance is not None:
+            logger.info(
+                "celery_deactivate: %s failure %s of %s counted (%s[%s]: %s)",
+                identity,
+                outcome.failure_count,
+                policy.after,
+                self.name,
+                task_id,
+                services.describe(exc),
+            )
         return outcome
 
     def _notify(
@@ -374,14 +452,24 @@ class DeactivatingTask(_TaskBase):
     ) -> None:
         try:
             notifier(task=self, instance=instance, exception=exc, task_id=task_id)
-        except Exception:
-            logger.exception(
-                "celery_deactivate: notifier %r failed for %s (deactivated by %s[%s])",
+        except Exception as error:
+            logger.error(
+                "celery_deactivate: notifier %r failed for %s (deactivated by %s[%s]): %s",
                 notifier,
                 identity,
                 self.name,
                 task_id,
+                services.describe(error),
+                exc_info=error,
             )
+
+
+def _marked_for_rollback(using: str) -> bool:
+    """Whether the innermost ``atomic`` block on ``using`` will roll back (False outside one)."""
+    try:
+        return transaction.get_rollback(using=using)
+    except transaction.TransactionManagementError:  # autocommit: nothing to roll back
+        return False
 
 
 def _original(exc: BaseException) -> BaseException:

@@ -90,27 +90,6 @@ def conf(celery_app: Celery) -> Iterator[Callable[..., None]]:
             changes.pop(key, None)
 
 
-@pytest.fixture
-def unprepared() -> Iterator[None]:
-    """This thread's connection prepares no statement (psycopg's ``prepare_threshold=None``, the
-    setting for a transaction pooler): for tests of the statements' plain form."""
-    from django.db import connection
-
-    if connection.vendor != "postgresql":
-        yield
-        return
-    options = connection.settings_dict["OPTIONS"]
-    saved = dict(options)
-    options["prepare_threshold"] = None
-    connection.close()
-    try:
-        yield
-    finally:
-        connection.close()
-        options.clear()
-        options.update(saved)
-
-
 @pytest.fixture(autouse=True)
 def _empty_outbox() -> None:
     mail.outbox = []

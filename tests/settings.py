@@ -6,7 +6,6 @@ SQLite and Celery's in-memory transport.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -87,23 +86,10 @@ else:
     }
 
 # The same database through PgBouncer in transaction pooling mode (scripts/services.sh), for the
-# tests of what the library does behind a pooler (tests/test_prepare.py).
+# tests of what the library does behind a pooler (tests/test_poolers.py).
 if os.environ.get("PGBOUNCER_URL") and DATABASES["default"]["ENGINE"].endswith("postgresql"):
     DATABASES["pooled"] = {
         **database_from_url(os.environ["PGBOUNCER_URL"]),
-        "TEST": {"MIRROR": "default"},
-    }
-
-# The same database through Django's connection pool (Django 5.1+, psycopg_pool), one psycopg
-# connection handed to one thread after another (tests/test_prepare.py).
-if (
-    DATABASES["default"]["ENGINE"].endswith("postgresql")
-    and django.VERSION >= (5, 1)
-    and importlib.util.find_spec("psycopg_pool")
-):
-    DATABASES["pool"] = {
-        **DATABASES["default"],
-        "OPTIONS": {"pool": {"min_size": 1, "max_size": 1}},
         "TEST": {"MIRROR": "default"},
     }
 

@@ -1,9 +1,8 @@
 """Query counts are deterministic: the extension's cost on each path, asserted exactly.
 
 The success path adds to the body's own queries only the transaction and one read of the
-object's state; the failure path adds one read and one write (``UPDATE ... RETURNING``) beyond
-the rollback.  On PostgreSQL the transaction's BEGIN travels with that read
-(:mod:`celery_deactivate.begin`; tested in ``test_begin.py``).
+object's state; the failure path adds that read, one conditioned ``UPDATE`` of the library's own
+columns and one read of the changed row, beyond the rollback.
 """
 
 from __future__ import annotations
@@ -20,21 +19,16 @@ from django.test.utils import CaptureQueriesContext
 from tests.testapp import tasks
 from tests.testapp.models import Feed
 
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("unprepared"),  # statements as written (prepared: test_prepare.py)
-]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVEPOINT")
 
 
 def statements(run: Callable[[], Any]) -> list[str]:
-    """The data statements ``run`` sends (transaction control left out, a BEGIN sent in the
-    same message as a query taken off it)."""
+    """The data statements ``run`` sends (transaction control left out)."""
     with CaptureQueriesContext(connection) as captured, contextlib.suppress(Exception):
         run()
     sql = [query["sql"].strip() for query in captured.captured_queries]
-    sql = [s.split(";", 1)[1].strip() if s.startswith("BEGIN") and ";" in s else s for s in sql]
     return [s for s in sql if not s.upper().startswith(TRANSACTION_CONTROL)]
 
 
@@ -68,17 +62,17 @@ def test_success_path_with_the_loaded_object_adds_nothing(eager: Celery) -> None
     assert len(task) == len(body)
 
 
-def test_failure_path_adds_one_read_and_one_write(eager: Celery) -> None:
+def test_failure_path_adds_a_read_a_write_and_a_read_of_the_change(eager: Celery) -> None:
     body = statements(body_alone(Feed.objects.create(title="a", behaviour="fail").pk))
     feed = Feed.objects.create(title="b", behaviour="fail")
 
     task = statements(lambda: tasks.poll.delay(feed.pk))
 
-    assert len(task) == len(body) + 2
+    assert len(task) == len(body) + 3
     assert kinds(task[:1]) == ["SELECT"]
-    assert kinds(task[1:-1]) == kinds(body)
-    last = task[-1].upper()
-    assert last.startswith("UPDATE") and "RETURNING" in last
+    assert kinds(task[1:-2]) == kinds(body)
+    assert kinds(task[-2:]) == ["UPDATE", "SELECT"]
+    assert '"active"' in task[-2][task[-2].upper().index(" WHERE ") :]  # conditioned on it
     assert Feed.objects.get(pk=feed.pk).active is False
 
 
@@ -98,7 +92,7 @@ def test_success_after_failures_resets_the_count_with_one_targeted_update(eager:
 def test_failure_write_touches_only_its_own_columns(eager: Celery) -> None:
     feed = Feed.objects.create(title="b", behaviour="fail")
     task = statements(lambda: tasks.poll.delay(feed.pk))
-    update = task[-1]
+    update = task[-2]
     set_clause = update[update.upper().index(" SET ") : update.upper().index(" WHERE ")]
     for column in ("title", "behaviour", "polls", "note"):
         assert f'"{column}"' not in set_clause

@@ -7,19 +7,20 @@ import threading
 from typing import Any
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
 from celery_deactivate import services
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.testapp import tasks
-from tests.testapp.models import Feed, SpecialFeed
+from tests.testapp.models import Feed, HiddenFeed, ProxyFeed, SpecialFeed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def target() -> Any:
-    return tasks.poll._target()
+    return tasks.poll.target
 
 
 def test_format_error_cuts_to_the_column() -> None:
@@ -134,37 +135,28 @@ def test_a_key_given_as_text_is_prepared_by_the_field() -> None:
     assert services.read_state(target(), feed.pk, "default") == (True, 3)
     assert services.read_state(target(), str(feed.pk), "default") == (True, 3)
     assert services.read_object(target(), str(feed.pk), "default").pk == feed.pk
-    with pytest.raises(ValueError, match="expected a number"):
+    with pytest.raises(ValidationError, match="must be an integer"):
         services.read_state(target(), "not a key", "default")
 
 
-def test_read_object_of_a_multi_table_child_takes_the_orm_path() -> None:
+def test_read_object_of_a_multi_table_child_goes_through_the_orm() -> None:
     child = SpecialFeed.objects.create(title="child", kind="mti")
     instance = services.read_object(services.target_for(SpecialFeed), child.pk, "default")
     assert type(instance) is SpecialFeed and instance.kind == "mti"
 
 
-def test_orm_fallback_and_fast_path_write_the_same_rows() -> None:
-    # Given two identical objects, one updated by hand-written SQL, one by the ORM fallback
-    fast = Feed.objects.create(title="f")
-    slow = Feed.objects.create(title="f")
-    queryset = Feed.objects.filter(pk=slow.pk, active=True)
-    for n in range(4):
-        sets = services._failure_values(target(), ValueError(n), 3)
-        # When each records the same failures (threshold 3)
-        expected = services._update_returning(target(), fast.pk, sets, "default")
-        got = services._update_then_select(queryset, slow.pk, sets, "default")
-        # Then both change (or leave alone) the same way, field by field
-        assert (expected is None) == (got is None)
-        if expected is not None and got is not None:
-            for field in ("active", "error", "error_message", "failure_count"):
-                assert getattr(expected, field) == getattr(got, field), (n, field)
+def test_model_shapes() -> None:
+    feed, child = services.target_for(Feed), services.target_for(SpecialFeed)
+    proxy, hidden = services.target_for(ProxyFeed), services.target_for(HiddenFeed)
+    assert (feed.plain_rows, feed.inherited) == (True, False)
+    assert (child.plain_rows, child.inherited, child.owner) == (False, True, Feed)
+    assert (proxy.plain_rows, proxy.inherited, proxy.owner) == (True, False, Feed)
+    assert (hidden.plain_rows, hidden.inherited) == (False, False)
 
 
-def test_multi_table_child_takes_the_orm_path() -> None:
+def test_multi_table_child() -> None:
     child = SpecialFeed.objects.create(title="child", kind="mti")
     target = services.target_for(SpecialFeed)
-    assert target.single_table is False and services.target_for(Feed).single_table is True
 
     outcome = services.record_failure(target, child.pk, ValueError("x"), threshold=1, sender=None)
 
@@ -172,6 +164,49 @@ def test_multi_table_child_takes_the_orm_path() -> None:
     child.refresh_from_db()
     assert (child.active, child.failure_count, child.kind) == (False, 1, "mti")
     assert services.read_state(target, child.pk, "default") == (False, 1)
+
+
+def test_a_parent_row_without_the_child_is_not_the_child_s() -> None:
+    # A Feed that is no SpecialFeed: the child's update must not reach it through the parent table
+    parent = Feed.objects.create(title="parent only")
+    target = services.target_for(SpecialFeed)
+
+    outcome = services.record_failure(target, parent.pk, ValueError("x"), threshold=1, sender=None)
+
+    assert outcome.instance is None
+    assert Feed.objects.get(pk=parent.pk).active is True
+
+
+def test_a_filtering_base_manager_is_honoured() -> None:
+    archived = HiddenFeed.objects.create(title="archived")
+    HiddenFeed.objects.filter(pk=archived.pk).update(archived=True)
+    target = services.target_for(HiddenFeed)
+
+    with pytest.raises(HiddenFeed.DoesNotExist):
+        services.read_state(target, archived.pk, "default")
+    outcome = services.record_failure(
+        target, archived.pk, ValueError("x"), threshold=1, sender=None
+    )
+
+    assert outcome.instance is None
+    assert services.deactivate(HiddenFeed, archived.pk) is None
+    assert HiddenFeed.objects.count() == 0
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT active FROM {HiddenFeed._meta.db_table}")
+        assert cursor.fetchall() in ([(True,)], [(1,)])
+
+
+def test_format_error_never_raises_and_fits_the_database() -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert services.format_error(Unprintable(), None).endswith(
+        "Unprintable: <str() raised RuntimeError>"
+    )
+    assert services.format_error(ValueError("a\x00b"), None) == "ValueError: a\ufffdb"
+    assert services.format_error(ValueError("\ud800"), None) == "ValueError: ?"
+    assert services.format_error(ValueError(), None) == "ValueError"
 
 
 def test_manual_deactivate_and_reactivate_send_their_signals() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.db import models
 
@@ -107,7 +108,7 @@ class ProxyFeed(Feed):
 class VisibleManager(models.Manager):  # type: ignore[type-arg]
     """Hides archived rows, even from related lookups (the model's base manager)."""
 
-    def get_queryset(self) -> models.QuerySet:  # type: ignore[type-arg]
+    def get_queryset(self) -> Any:
         return super().get_queryset().filter(archived=False)
 
 
@@ -118,7 +119,7 @@ class HiddenFeed(DeactivatableModel):
     behaviour = models.CharField(max_length=20, default="ok")
     archived = models.BooleanField(default=False)
 
-    objects = VisibleManager()
+    objects = VisibleManager()  # type: ignore[misc]
 
     class Meta:
         base_manager_name = "objects"
