@@ -12,6 +12,8 @@ from typing import Any
 from django.core import mail
 from django.db.models import Model
 
+from .services import describe
+
 
 def mail_admins(
     *,
@@ -28,6 +30,6 @@ def mail_admins(
         f"The task {getattr(task, 'name', task)}[{task_id}] failed on {label} pk={instance.pk!r}",
         f"({instance}), which is now deactivated: it is not scheduled until reactivated.",
         "",
-        f"{type(exception).__qualname__}: {exception}" if exception is not None else "",
+        describe(exception),
     ]
     mail.mail_admins(subject, "\n".join(lines), fail_silently=False)

@@ -77,7 +77,7 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(_SQLITE_DIR / "celery_deactivate.sqlite3"),
-            "OPTIONS": {"timeout": 20},
+            "OPTIONS": {},
             "TEST": {
                 "NAME": os.environ.get("TEST_DATABASE_NAME")
                 or str(_SQLITE_DIR / f"celery_deactivate_test_{os.getpid()}.sqlite3")
@@ -97,12 +97,14 @@ if os.environ.get("PGBOUNCER_URL") and DATABASES["default"]["ENGINE"].endswith("
 # that started it, and writes its mail where that run can read it.
 if os.environ.get("USE_TEST_DATABASE_NAME"):
     DATABASES["default"]["NAME"] = DATABASES["default"]["TEST"]["NAME"]
-if (
-    os.environ.get("SQLITE_TRANSACTION_MODE")
-    and DATABASES["default"]["ENGINE"].endswith("sqlite3")
-    and django.VERSION >= (5, 1)  # the option is new in Django 5.1
-):
-    DATABASES["default"]["OPTIONS"]["transaction_mode"] = os.environ["SQLITE_TRANSACTION_MODE"]
+# SQLite shared by several processes: "IMMEDIATE" transactions take the write lock when they
+# begin, so no transaction fails to upgrade a read lock (Django 5.1+; "DEFERRED" is SQLite's and
+# Django's default).
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    _options = DATABASES["default"]["OPTIONS"]
+    _options["timeout"] = float(os.environ.get("SQLITE_TIMEOUT") or 20)
+    if django.VERSION >= (5, 1):
+        _options["transaction_mode"] = os.environ.get("SQLITE_TRANSACTION_MODE") or "IMMEDIATE"
 
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 if os.environ.get("EMAIL_FILE_PATH"):
@@ -129,6 +131,9 @@ elif CELERY_BROKER_URL.startswith("filesystem://"):  # crash tests without Redis
         "polling_interval": 0.05,
     }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = False
+# Keep database connections across tasks (Celery's Django fixup closes them around every task
+# otherwise), as production settings should.
+CELERY_DB_REUSE_MAX = int(os.environ.get("DB_REUSE_MAX") or 0) or None
 # Seconds a prefork worker waits for the result of a killed child before WorkerLostError.
 CELERY_WORKER_LOST_WAIT = float(os.environ.get("WORKER_LOST_WAIT") or 10.0)
 

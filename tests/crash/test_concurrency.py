@@ -101,8 +101,8 @@ def test_two_workers_match_the_sequential_model(meeting: Meeting) -> None:
             feed.polls,
             feed.failure_count,
             feed.active,
-            signals.get((feed.pk, "failure_counted"), 0),
-            signals.get((feed.pk, "object_deactivated"), 0),
+            signals.get((str(feed.pk), "failure_counted"), 0),
+            signals.get((str(feed.pk), "object_deactivated"), 0),
         )
         if actual != expected or mails.get(feed.pk, 0) != expected.deactivated:
             mismatches.append((feed.pk, plan[feed.pk], expected, actual, mails.get(feed.pk, 0)))

@@ -50,8 +50,10 @@ def test_raising_signal_receiver(shared_worker: Worker, meeting: Meeting, failur
     assert result.state == states.FAILURE
     assert type(result.result) is exception
     wait_for(lambda: shared_worker.error_lines("receiver", identity(feed)))
-    assert state(feed) == (False, True, 1)  # committed before the receivers ran
-    assert signals_of(feed) == [("object_deactivated", 1)]
+    assert state(feed) == (False, True, 1)  # the change commits whatever the receivers do
+    # The receivers run in a savepoint of the change's transaction: one raised, so what the
+    # others wrote (the SignalLog row) was rolled back with it.
+    assert signals_of(feed) == []
     wait_for(lambda: meeting.mails_about(feed.pk))  # the notifier still ran
     assert len(meeting.mails_about(feed.pk)) == 1
 
@@ -136,6 +138,7 @@ def test_database_unreachable_between_body_and_deactivation(
     Feed.objects.filter(pk=feed.pk).update(behaviour="fail")
     after = shared_worker.send(TASKS + "crash", feed.pk)
     wait_for(after.ready)
+    wait_for(lambda: not state(feed)[0])  # Celery stores the result before on_failure runs
     assert state(feed) == (False, True, 1)
 
 

@@ -201,7 +201,7 @@ def _log_signal(name: str, instance: Feed, **kwargs: Any) -> None:
     exception = kwargs.get("exception")
     SignalLog.objects.create(
         signal=name,
-        feed_id=instance.pk,
+        feed_id=str(instance.pk),
         task_id=kwargs.get("task_id") or "",
         failure_count=kwargs.get("failure_count"),
         exception=f"{type(exception).__qualname__}: {exception}" if exception else "",

@@ -69,7 +69,7 @@ class SignalLog(models.Model):
     """One row per ``object_deactivated`` / ``failure_counted`` a crash-test worker received."""
 
     signal = models.CharField(max_length=30)
-    feed_id = models.BigIntegerField()
+    feed_id = models.CharField(max_length=64)  # any key type, as text
     task_id = models.CharField(max_length=64, blank=True, default="")
     failure_count = models.IntegerField(null=True)
     exception = models.TextField(blank=True, default="")

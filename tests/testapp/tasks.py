@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+from django.db import IntegrityError, transaction
 from django.db.models import Count, F
 
 from celery_deactivate import DeactivatingTask
 from tests.celery_app import app
 
-from .models import Entry, Feed, HiddenFeed, KeyedFeed, ProxyFeed, RecipeObject, Renamed, UuidFeed
+from .models import (
+    Entry,
+    Feed,
+    HiddenFeed,
+    KeyedFeed,
+    ProxyFeed,
+    RecipeObject,
+    Renamed,
+    SpecialFeed,
+    UuidFeed,
+)
 
 
 class Boom(ValueError):
@@ -20,14 +32,37 @@ class Transient(Exception):
     """A failure worth retrying."""
 
 
+class Unprintable(Exception):
+    """An exception whose text cannot be rendered."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("this exception cannot be rendered")
+
+
+def _swallow_a_database_error(obj: Any) -> None:
+    """What a careless body does: catch an IntegrityError without a savepoint and go on."""
+    with contextlib.suppress(IntegrityError):
+        type(obj)._base_manager.create(pk=obj.pk, title="duplicate")
+
+
 def work(obj: Any) -> Any:
     """Write inside the task's transaction, then behave as the object says."""
+    behaviour = getattr(obj, "behaviour", "fail" if obj.title.startswith("bad") else "ok")
+    if behaviour == "fail_fast":  # before any write: the failure's own statements come first
+        raise Boom(f"{obj.title} is broken")
     if isinstance(obj, Feed):
         Entry.objects.create(feed=obj, text="polled")
         Feed.objects.filter(pk=obj.pk).update(polls=F("polls") + 1)
-    behaviour = getattr(obj, "behaviour", "fail" if obj.title.startswith("bad") else "ok")
     if behaviour == "fail":
         raise Boom(f"{obj.title} is broken")
+    if behaviour == "unprintable":
+        raise Unprintable("secret")
+    if behaviour == "nul":
+        raise Boom("upstream sent a NUL \x00 byte")
+    if behaviour == "swallow":
+        _swallow_a_database_error(obj)
+    if behaviour == "set_rollback":
+        transaction.set_rollback(True)
     if behaviour == "lookup":
         raise LookupError(f"{obj.title} not found upstream")
     if behaviour == "transient":
@@ -148,6 +183,16 @@ def poll_proxy(pk: Any) -> Any:
     return work(ProxyFeed.objects.get(pk=pk))
 
 
+@app.task(base=DeactivatingTask, model=SpecialFeed)
+def poll_special(pk: Any) -> Any:
+    return work(SpecialFeed.objects.get(pk=pk))
+
+
 @app.task(base=DeactivatingTask, model=HiddenFeed)
 def poll_hidden(pk: Any) -> Any:
     return work(HiddenFeed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=Feed, deactivate_atomic=False)
+def poll_outside(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))
