@@ -18,7 +18,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from django.apps import apps
-from django.db import DatabaseError, router, transaction
+from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Model
 
 from . import services
@@ -282,6 +282,8 @@ class DeactivatingTask(_TaskBase):
             return read(target, pk, using)
         except Exception as exc:
             _own_error.set(exc)
+            if isinstance(exc, DatabaseError):
+                _close_if_unusable(using)
             raise
 
     def _may_run(self, active: Any, target: Target, pk: Any) -> bool:
@@ -462,6 +464,16 @@ class DeactivatingTask(_TaskBase):
                 services.describe(error),
                 exc_info=error,
             )
+
+
+def _close_if_unusable(using: str) -> None:
+    """After an error of the library's own statement, outside a transaction: close the connection
+    if it is unusable (a server restart, a failover, an idle timeout), so that the next task
+    connects again.  Celery's Django fixup does so between tasks only without
+    ``CELERY_DB_REUSE_MAX``."""
+    connection = connections[using]
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
 
 
 def _marked_for_rollback(using: str) -> bool:

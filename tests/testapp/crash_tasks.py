@@ -197,7 +197,7 @@ def crash_bounded(self: DeactivatingTask, pk: int) -> Any:
 # -- signals across processes ---------------------------------------------------------------
 
 
-def _log_signal(name: str, instance: Feed, **kwargs: Any) -> None:
+def _log_signal(name: str, instance: Any, **kwargs: Any) -> None:
     exception = kwargs.get("exception")
     SignalLog.objects.create(
         signal=name,
@@ -212,13 +212,11 @@ def _log_signal(name: str, instance: Feed, **kwargs: Any) -> None:
 
 
 def log_deactivated(sender: Any, instance: Any, **kwargs: Any) -> None:
-    if isinstance(instance, Feed):
-        _log_signal("object_deactivated", instance, **kwargs)
+    _log_signal("object_deactivated", instance, **kwargs)
 
 
 def log_counted(sender: Any, instance: Any, **kwargs: Any) -> None:
-    if isinstance(instance, Feed):
-        _log_signal("failure_counted", instance, **kwargs)
+    _log_signal("failure_counted", instance, **kwargs)
 
 
 if os.environ.get("CRASH_SIGNAL_LOG"):

@@ -196,3 +196,21 @@ def poll_hidden(pk: Any) -> Any:
 @app.task(base=DeactivatingTask, model=Feed, deactivate_atomic=False)
 def poll_outside(pk: int) -> Any:
     return work(Feed.objects.get(pk=pk))
+
+
+def _bump(pk: int) -> int:
+    """A body that writes first, then reads."""
+    Feed.objects.filter(pk=pk).update(polls=F("polls") + 1)
+    return Feed.objects.get(pk=pk).polls
+
+
+@app.task(base=DeactivatingTask, model=Feed)
+def bump(pk: int) -> int:
+    return _bump(pk)
+
+
+@app.task
+def bump_plain(pk: int) -> int:
+    """The same body in a plain task, as a project would write it without the library."""
+    with transaction.atomic():
+        return _bump(pk)
