@@ -17,7 +17,7 @@ from celery_deactivate import DeactivatingTask
 from celery_deactivate.conf import resolve
 from celery_deactivate.exceptions import DeactivateConfigError
 from tests.testapp import tasks
-from tests.testapp.models import Feed, NoActive, RecipeObject, WrongActive
+from tests.testapp.models import Feed, NoActive, RecipeObject, SpecialFeed, WrongActive
 
 
 def declare(app: Celery, **options: Any) -> Any:
@@ -89,11 +89,31 @@ def test_typo_in_an_option_name_is_rejected(app: Celery) -> None:
         ("deactivate_notify", "yes", "deactivate_notify must be True or False"),
         ("deactivate_notifier", 42, "deactivate_notifier must be a callable"),
         ("deactivate_pass_object", 1, "deactivate_pass_object must be True or False"),
+        ("deactivate_atomic", "no", "deactivate_atomic must be True or False"),
+        # Celery calls no failure hook for a BaseException that is not an Exception:
+        ("deactivate_on", (BaseException,), "can only name Exception subclasses"),
+        ("deactivate_on", KeyboardInterrupt, "KeyboardInterrupt: Celery treats"),
+        ("deactivate_on", (ValueError, "builtins.SystemExit"), "got SystemExit"),
     ],
 )
 def test_bad_option_values(app: Celery, option: str, value: Any, message: str) -> None:
     with pytest.raises(ImproperlyConfigured, match=message):
         declare(app, model=Feed, **{option: value})
+
+
+def test_an_option_that_was_removed_is_an_error(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="unknown option 'deactivate_fold_begin'"):
+        declare(app, model=Feed, deactivate_fold_begin=False)
+
+
+def test_dont_deactivate_on_may_name_any_exception(app: Celery) -> None:
+    declare(app, model=Feed, dont_deactivate_on=(KeyboardInterrupt, ValueError))
+
+
+def test_fields_spread_over_two_tables_are_rejected(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="must live in one table") as raised:
+        declare(app, model=SpecialFeed, deactivate_fields={"error_message": "kind"})
+    assert "testapp.SpecialFeed" in str(raised.value)
 
 
 def test_counting_needs_a_counter_field(app: Celery) -> None:

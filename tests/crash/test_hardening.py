@@ -170,3 +170,27 @@ def test_sqlite_with_two_processes_adds_no_lock_failures(meeting: Meeting) -> No
     assert polls == (300,)
     if not os.environ.get("CRASH_KEEP"):
         database.unlink()
+
+
+# -- issue #10: instrumentation sees the crash path's statements too -------------------------
+
+
+def test_the_crash_handler_s_statements_go_through_django_s_cursor(meeting: Meeting) -> None:
+    # Given a worker with an execute hook installed the way Sentry's integration installs its own
+    hook_log = meeting.folder / "sql-hook.log"
+    feed = Feed.objects.create(title="killed", behaviour="kill")
+    with Worker(meeting, "hooked", queue="hooked", env={"SQL_HOOK_LOG": str(hook_log)}) as worker:
+        # When the pool child dies under the body and the main process records the crash
+        result = worker.send("tests.testapp.crash_tasks.crash", feed.pk)
+        wait_for(result.ready)
+        wait_for(lambda: not Feed.objects.get(pk=feed.pk).active)
+
+    # Then the hook saw the main process's read and update of the row
+    lines = hook_log.read_text().splitlines()
+    main = [
+        sql
+        for process, _, sql in (line.partition("\t") for line in lines)
+        if process == "MainProcess"
+    ]
+    assert any(sql.startswith('UPDATE "testapp_feed" SET "active"') for sql in main), main
+    assert any(sql.startswith("SELECT") and "testapp_feed" in sql for sql in main), main
