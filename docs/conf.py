@@ -28,6 +28,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.viewcode",
     "myst_parser",
+    "options_table",
+    "house_docstrings",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
