@@ -4,9 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
+# Sphinx: warnings are errors; every warning is reported before the build fails.
+SPHINXOPTS ?= -W --keep-going
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-crash test-matrix demo lint typecheck bench clean dist
+.PHONY: help venv test test-crash test-matrix demo docs lint typecheck bench clean dist
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -16,6 +19,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
 
 venv: $(STAMP) ## Create .venv and install the package with its test and dev extras
 
@@ -30,6 +37,10 @@ test-matrix: $(STAMP) ## Run the suite across Celery 5.3/5.5/5.7 x Django 4.2/5.
 
 demo: $(STAMP) ## Run the example project end to end on SQLite + a filesystem broker
 	$(PY) examples/demo.py
+
+docs: $(DOCS_STAMP) ## Build the documentation site into docs/_build/html (Sphinx, warnings as errors)
+	rm -rf docs/_build/html
+	$(PY) -m sphinx $(SPHINXOPTS) -b html docs docs/_build/html
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check celery_deactivate tests examples
@@ -47,5 +58,5 @@ dist: $(STAMP) ## Build sdist and wheel into dist/
 	$(PY) -m build
 
 clean: ## Remove the venv, build output and caches
-	rm -rf $(VENV) .nox build dist *.egg-info .mypy_cache .ruff_cache examples/var
+	rm -rf $(VENV) .nox build dist *.egg-info .mypy_cache .ruff_cache examples/var docs/_build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
