@@ -29,7 +29,15 @@ FIELD_DEFAULTS: Mapping[str, str] = {
     "error_message": "error_message",
     "deactivated_at": "deactivated_at",
     "failure_count": "failure_count",
+    # Cool-down probes (``deactivate_cooldown``): when the next probe is due, the current
+    # cool-down in seconds, and since when a probe is out.
+    "next_probe_at": "next_probe_at",
+    "cooldown": "cooldown",
+    "probing_since": "probing_since",
 }
+
+#: The roles cool-down probes need (``deactivate_cooldown``).
+PROBE_ROLES = ("next_probe_at", "cooldown", "probing_since")
 
 ExceptionTypes = tuple[type[BaseException], ...]
 Notifier = Callable[..., None]
@@ -58,6 +66,12 @@ def _bool(value: Any) -> bool:
 def _non_negative_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(f"must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _positive_seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"must be a number of seconds > 0, got {value!r}")
     return float(value)
 
 
@@ -157,6 +171,21 @@ OPTIONS: Mapping[str, Option] = {
             "killed child): the bound on its lock wait and statements.",
         ),
         Option(
+            "deactivate_cooldown",
+            None,
+            _positive_seconds,
+            "Seconds after a deactivation by a failure before celery_deactivate.maintain sends "
+            "one probe (the task, with the pk): a probe that succeeds re-activates the object, "
+            "one that fails doubles the cool-down up to deactivate_cooldown_max.  None: off.  "
+            "Needs the next_probe_at, cooldown and probing_since fields (DeactivatableModel).",
+        ),
+        Option(
+            "deactivate_cooldown_max",
+            86400.0,
+            _positive_seconds,
+            "The longest cool-down between two probes of one object, in seconds (a day).",
+        ),
+        Option(
             "deactivate_atomic",
             True,
             _bool,
@@ -210,7 +239,7 @@ def _default(option: Option) -> Any:
     try:
         return _defaults[option.name]
     except KeyError:
-        value = option.coerce(option.default)
+        value = None if option.default is None else option.coerce(option.default)
         if isinstance(value, dict):
             value = MappingProxyType(value)
         _defaults[option.name] = value

@@ -26,10 +26,12 @@ else:
 
 
 class DeactivatableModel(models.Model):
-    """Adds ``active``, ``error``, ``error_message``, ``deactivated_at`` and ``failure_count``.
+    """Adds every field a deactivating task records.
 
-    ``objects`` is a manager with ``active()`` and ``deactivated()``; it returns every row, as
-    Django's default manager does.
+    ``active``, ``error``, ``error_message``, ``deactivated_at`` and ``failure_count``; and for
+    cool-down probes (``deactivate_cooldown``) ``next_probe_at``, ``cooldown`` and
+    ``probing_since``.  ``objects`` is a manager with ``active()`` and ``deactivated()``; it
+    returns every row, as Django's default manager does.
     """
 
     active = models.BooleanField(default=True, db_index=True)
@@ -37,8 +39,49 @@ class DeactivatableModel(models.Model):
     error_message = models.TextField(blank=True, default="")
     deactivated_at = models.DateTimeField(null=True, blank=True)
     failure_count = models.PositiveIntegerField(default=0)
+    #: When the next cool-down probe is due (``None``: no probe, e.g. deactivated by hand).
+    next_probe_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    #: The current cool-down in seconds: doubled by every failed probe, up to the maximum.
+    cooldown = models.FloatField(null=True, blank=True)
+    #: Since when a probe is out (``None``: none is).
+    probing_since = models.DateTimeField(null=True, blank=True)
 
     objects = DeactivatableManager()
 
     class Meta:
         abstract = True
+
+    def deactivate(
+        self, error: BaseException | type[BaseException] | str | bool | None = None
+    ) -> bool:
+        """Take this object out of scheduling, by hand or for an ``error`` (an exception or its
+        class, a message, or ``True``): the same service function as the task (targeted update,
+        :data:`~celery_deactivate.signals.object_deactivated`).  Returns whether it changed;
+        an object already inactive is left as it is and nothing is sent."""
+        from .services import deactivate
+
+        reason: BaseException | str | None
+        if isinstance(error, type):
+            reason = error.__qualname__
+        elif error is True:
+            reason = "deactivated by error"
+        else:
+            reason = error or None
+        changed = deactivate(type(self), self.pk, exception=reason, using=self._state.db)
+        return self._take(changed)
+
+    def reactivate(self) -> bool:
+        """Make this object active again: error cleared, failure count 0, no probe; sends
+        :data:`~celery_deactivate.signals.object_reactivated`.  Returns whether it changed; an
+        active object is left as it is and nothing is sent."""
+        from .services import reactivate
+
+        return self._take(reactivate(type(self), self.pk, using=self._state.db))
+
+    def _take(self, changed: models.Model | None) -> bool:
+        """Copy the fields of the changed row onto this instance."""
+        if changed is None:
+            return False
+        for field in self._meta.concrete_fields:
+            setattr(self, field.attname, getattr(changed, field.attname))
+        return True

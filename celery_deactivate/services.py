@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, cast
 
@@ -36,6 +37,8 @@ class FailureOutcome:
     instance: Model | None
     deactivated: bool
     failure_count: int | None
+    #: The failure was a cool-down probe's: the object stays deactivated, its cool-down doubled.
+    probed: bool = False
 
 
 # -- describing an exception ------------------------------------------------------------------
@@ -59,8 +62,11 @@ def describe(exc: BaseException | None) -> str:
 def format_error(exc: BaseException | None, max_length: int | None) -> str:
     """:func:`describe`, made storable: NUL bytes (PostgreSQL text cannot hold them) and lone
     surrogates replaced, cut to fit a column of ``max_length`` characters."""
-    text = describe(exc).replace("\x00", "\ufffd")
-    text = text.encode("utf-8", "replace").decode("utf-8")
+    return _fit(describe(exc), max_length)
+
+
+def _fit(text: str, max_length: int | None) -> str:
+    text = text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
     if max_length is not None and len(text) > max_length:
         text = text[: max(max_length - 1, 0)] + "…"
     return text
@@ -83,6 +89,7 @@ def record_failure(
     task_id: str | None = None,
     using: str | None = None,
     timeout: float | None = None,
+    cooldown: tuple[float, float] | None = None,
 ) -> FailureOutcome:
     """Count one final failure of an active object, deactivating it at ``threshold``.
 
@@ -91,11 +98,20 @@ def record_failure(
     object never lose an increment nor deactivate it twice.  An inactive or missing object is left
     alone.  Sends :data:`~celery_deactivate.signals.object_deactivated` or
     :data:`~celery_deactivate.signals.failure_counted` when the row changed.
+
+    ``cooldown`` is ``(seconds, max_seconds)`` when cool-down probes are on: a deactivation
+    schedules the first probe, and the failure of a probe (a deactivated object with a probe
+    out) doubles the cool-down up to the maximum and schedules the next one.
     """
     using = using or db_for(target)
+    values = _failure_values(target, exc, threshold, cooldown[0] if cooldown else None)
     with transaction.atomic(using=using), bounded(using, timeout):
-        instance = _change(target, pk, _failure_values(target, exc, threshold), True, using)
+        instance = _change(target, pk, values, True, using)
         if instance is None:
+            if cooldown is not None:
+                probed = _probe_failed(target, pk, exc, cooldown[1], using)
+                if probed is not None:
+                    return FailureOutcome(probed, False, target.count_of(probed), probed=True)
             return FailureOutcome(None, False, None)
         count = target.count_of(instance)
         deactivated = not getattr(instance, target.active)
@@ -119,11 +135,16 @@ def deactivate(
     model: type[Model],
     pk: Any,
     *,
-    exception: BaseException | None = None,
+    exception: BaseException | str | None = None,
     fields: Mapping[str, str | None] | None = None,
     using: str | None = None,
 ) -> Model | None:
-    """Deactivate one active object by hand (admin, command); ``None`` if it was not active."""
+    """Deactivate one active object by hand (admin, command, ``instance.deactivate()``);
+    ``None`` if it was not active.
+
+    With an ``exception`` (or a message) it is recorded as deactivated by an error, else as
+    deactivated by hand.  Either way it is never probed (cool-down probes follow failures only).
+    """
     target = target_for(model, fields)
     using = using or db_for(target)
     values = _deactivation(target, exception, error=exception is not None)
@@ -152,18 +173,71 @@ def reactivate(
     """Make one inactive object active again and clear its error; ``None`` if it was active."""
     target = target_for(model, fields)
     using = using or db_for(target)
-    values: dict[str, Any] = {target.active: True}
-    cleared = {
-        target.error: False,
-        target.error_message: "",
-        target.deactivated_at: None,
-        target.failure_count: 0,
-    }
-    values.update((name, value) for name, value in cleared.items() if name)
     with transaction.atomic(using=using):
-        instance = _change(target, pk, values, False, using)
+        instance = _change(target, pk, _reactivation(target), False, using)
         if instance is not None:
             send(signals.object_reactivated, target, model, instance)
+    return instance
+
+
+def end_probe(target: Target, pk: Any, *, using: str | None = None) -> Model | None:
+    """A cool-down probe succeeded: re-activate the object (as :func:`reactivate` does, sending
+    :data:`~celery_deactivate.signals.object_reactivated`); ``None`` if no probe was out."""
+    using = using or db_for(target)
+    assert target.probing_since is not None
+    with transaction.atomic(using=using):
+        rows = _rows(target, pk, using).filter(**{f"{target.probing_since}__isnull": False})
+        if not rows.filter(**{target.active: False}).update(**_reactivation(target)):
+            return None
+        instance: Model = target.model._base_manager.db_manager(using).get(pk=pk)
+        send(signals.object_reactivated, target, target.model, instance)
+    return instance
+
+
+def claim_probe(target: Target, pk: Any, now: Any, stale_before: Any, *, using: str) -> bool:
+    """Mark a probe of this deactivated object as out, if one is due and none is out (or the
+    one out is older than ``stale_before``: lost).  One conditioned ``UPDATE``: however many
+    callers try at once, one wins."""
+    rows = _rows(target, pk, using).filter(probe_due(target, now, stale_before))
+    return bool(rows.update(**{cast(str, target.probing_since): now}))
+
+
+def probe_due(target: Target, now: Any, stale_before: Any) -> Q:
+    """Deactivated objects whose probe is due and not out, or out since before
+    ``stale_before`` (lost)."""
+    assert target.next_probe_at
+    assert target.probing_since
+    due = Q(**{f"{target.next_probe_at}__lte": now, f"{target.probing_since}__isnull": True})
+    lost = Q(**{f"{target.probing_since}__lt": stale_before})
+    return (due | lost) & Q(**{target.active: False})
+
+
+def _probe_failed(
+    target: Target, pk: Any, exc: BaseException, cooldown_max: float, using: str
+) -> Model | None:
+    """The probe out for this deactivated object failed: double its cool-down (up to
+    ``cooldown_max``), schedule the next probe, count the failure, keep the new error."""
+    if not target.probes:
+        return None
+    rows = _rows(target, pk, using).filter(
+        **{target.active: False, f"{target.probing_since}__isnull": False}
+    )
+    current = rows.select_for_update().values_list(target.cooldown, flat=True).first()
+    if current is None and not rows.exists():
+        return None
+    cooldown = min(float(current or 0) * 2 or cooldown_max, cooldown_max)
+    values: dict[str, Any] = {
+        cast(str, target.cooldown): cooldown,
+        cast(str, target.next_probe_at): timezone.now() + timedelta(seconds=cooldown),
+        cast(str, target.probing_since): None,
+    }
+    if target.error_message:
+        values[target.error_message] = format_error(exc, target.error_message_max_length)
+    if target.failure_count:
+        values[target.failure_count] = F(target.failure_count) + 1
+    if not rows.update(**values):
+        return None
+    instance: Model = target.model._base_manager.db_manager(using).get(pk=pk)
     return instance
 
 
@@ -208,20 +282,51 @@ def _field(model: type[Model], name: str) -> Field[Any, Any]:
 
 
 def _deactivation(
-    target: Target, exc: BaseException | None, *, error: bool = True
+    target: Target,
+    exc: BaseException | str | None,
+    *,
+    error: bool = True,
+    cooldown: float | None = None,
 ) -> dict[str, Any]:
+    """The columns of a deactivation; ``cooldown``: schedule the first probe that far ahead."""
+    now = timezone.now()
     values: dict[str, Any] = {target.active: False}
     if target.error:
         values[target.error] = error
     if target.error_message:
-        values[target.error_message] = format_error(exc, target.error_message_max_length)
+        text = exc if isinstance(exc, str) else format_error(exc, None)
+        values[target.error_message] = _fit(text, target.error_message_max_length)
     if target.deactivated_at:
-        values[target.deactivated_at] = timezone.now()
+        values[target.deactivated_at] = now
+    if target.probes:
+        probe = cooldown is not None
+        values[cast(str, target.next_probe_at)] = (
+            now + timedelta(seconds=cooldown) if cooldown is not None else None
+        )
+        values[cast(str, target.cooldown)] = cooldown if probe else None
+        values[cast(str, target.probing_since)] = None
     return values
 
 
-def _failure_values(target: Target, exc: BaseException, threshold: int) -> dict[str, Any]:
-    values = _deactivation(target, exc)
+def _reactivation(target: Target) -> dict[str, Any]:
+    """The columns of a re-activation: active, error and failures cleared, no probe."""
+    cleared = {
+        target.active: True,
+        target.error: False,
+        target.error_message: "",
+        target.deactivated_at: None,
+        target.failure_count: 0,
+        target.next_probe_at: None,
+        target.cooldown: None,
+        target.probing_since: None,
+    }
+    return {name: value for name, value in cleared.items() if name}
+
+
+def _failure_values(
+    target: Target, exc: BaseException, threshold: int, cooldown: float | None
+) -> dict[str, Any]:
+    values = _deactivation(target, exc, cooldown=cooldown)
     if not target.failure_count:
         return values
     counter = target.failure_count

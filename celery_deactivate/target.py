@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from django.apps import apps
 from django.core.exceptions import FieldDoesNotExist
@@ -21,6 +21,9 @@ FIELD_TYPES: Mapping[str, tuple[type[models.Field[Any, Any]], ...]] = {
     "error_message": (models.CharField, models.TextField),
     "deactivated_at": (models.DateTimeField,),
     "failure_count": (models.IntegerField,),
+    "next_probe_at": (models.DateTimeField,),
+    "cooldown": (models.IntegerField, models.FloatField),
+    "probing_since": (models.DateTimeField,),
 }
 
 ModelRef = type[models.Model] | str
@@ -41,6 +44,11 @@ class Target:
     error_message_max_length: int | None
     deactivated_at: str | None
     failure_count: str | None
+    #: Cool-down probes: when the next probe is due, the current cool-down (seconds), since when
+    #: a probe is out.  ``None`` each when the model has no such field.
+    next_probe_at: str | None = None
+    cooldown: str | None = None
+    probing_since: str | None = None
     #: The concrete model whose table holds the fields: ``model`` itself (or its concrete model,
     #: for a proxy), or the ancestor that declares them (multi-table inheritance).
     owner: type[models.Model] | None = None
@@ -53,6 +61,11 @@ class Target:
     @property
     def label(self) -> str:
         return self.model._meta.label
+
+    @property
+    def probes(self) -> bool:
+        """The model has every field cool-down probes need."""
+        return bool(self.next_probe_at and self.cooldown and self.probing_since)
 
     @property
     def inherited(self) -> bool:
@@ -68,8 +81,32 @@ class Target:
         return getattr(instance, self.failure_count) if self.failure_count else None
 
     def state_fields(self) -> tuple[str, ...]:
-        """The fields read before the body runs: is it active, and its failure count."""
-        return (self.active,) + ((self.failure_count,) if self.failure_count else ())
+        """The fields read before the body runs: is it active, its failure count, is a probe
+        out (those the model has)."""
+        names: tuple[str, ...] = (self.active,)
+        if self.failure_count:
+            names += (self.failure_count,)
+        if self.probes:
+            names += (cast(str, self.probing_since),)
+        return names
+
+    def state_of(self, values: Sequence[Any]) -> State:
+        """The :class:`State` of the values of :meth:`state_fields`, in that order."""
+        found = iter(values)
+        active = bool(next(found))
+        failures = int(next(found) or 0) if self.failure_count else 0
+        probing = next(found) is not None if self.probes else False
+        return State(active, failures, probing)
+
+
+class State(NamedTuple):
+    """What the read before the body found."""
+
+    active: bool
+    #: The consecutive failure count (0 without a counter field).
+    failures: int
+    #: A cool-down probe is out for this (deactivated) object.
+    probing: bool
 
 
 def get_model(model: ModelRef | None, task_name: str) -> type[models.Model]:
@@ -170,6 +207,9 @@ def resolve_target(
         error_message_max_length=message_field.max_length if message_field else None,
         deactivated_at=name_of("deactivated_at"),
         failure_count=name_of("failure_count"),
+        next_probe_at=name_of("next_probe_at"),
+        cooldown=name_of("cooldown"),
+        probing_since=name_of("probing_since"),
         owner=owner,
         # Django's own base manager (not a subclass, which may filter): every row of the table.
         plain_rows=(

@@ -22,10 +22,17 @@ from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Model
 
 from . import services
-from .conf import ExceptionTypes, Notifier, check_option_names, option_inputs, resolve
+from .conf import (
+    PROBE_ROLES,
+    ExceptionTypes,
+    Notifier,
+    check_option_names,
+    option_inputs,
+    resolve,
+)
 from .dispatch import dispatch_active
 from .exceptions import DeactivateConfigError
-from .target import ModelRef, Target, resolve_target
+from .target import ModelRef, State, Target, resolve_target
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -73,10 +80,17 @@ class RunOptions:
     target: Target
     pass_object: bool
     atomic: bool
+    #: Cool-down probes are on (``deactivate_cooldown``).
+    probes: bool
 
 
 #: The options :class:`RunOptions` is resolved from (with the task's ``model``).
-RUN_OPTIONS = ("deactivate_fields", "deactivate_pass_object", "deactivate_atomic")
+RUN_OPTIONS = (
+    "deactivate_fields",
+    "deactivate_pass_object",
+    "deactivate_atomic",
+    "deactivate_cooldown",
+)
 
 
 if TYPE_CHECKING:
@@ -139,6 +153,7 @@ class DeactivatingTask(_TaskBase):
         resolve(cls, "deactivate_pass_object")
         resolve(cls, "deactivate_crash_timeout")
         resolve(cls, "deactivate_atomic")
+        cls._probe_policy(cls._target())
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -167,6 +182,7 @@ class DeactivatingTask(_TaskBase):
             target=self._target(),
             pass_object=resolve(self, "deactivate_pass_object"),
             atomic=resolve(self, "deactivate_atomic"),
+            probes=resolve(self, "deactivate_cooldown") is not None,
         )
         self._run_memo = (inputs, options)
         return options
@@ -189,6 +205,33 @@ class DeactivatingTask(_TaskBase):
             notify=resolve(cls, "deactivate_notify"),
             notifier=resolve(cls, "deactivate_notifier"),
         )
+
+    def probe_policy(self) -> tuple[float, float] | None:
+        """``(cooldown, cooldown_max)`` in seconds when cool-down probes are on, else ``None``."""
+        return self._probe_policy(self.target)
+
+    def outage_open(self) -> bool:
+        """Whether an outage of this task is open (no probe is sent meanwhile)."""
+        return False  # the outage guard (issue #12) answers this
+
+    @classmethod
+    def _probe_policy(cls, target: Target) -> tuple[float, float] | None:
+        """``(cooldown, cooldown_max)`` in seconds when cool-down probes are on, else ``None``."""
+        cooldown = resolve(cls, "deactivate_cooldown")
+        if cooldown is None:
+            return None
+        if not target.probes:
+            missing = [role for role in PROBE_ROLES if getattr(target, role) is None]
+            raise DeactivateConfigError(
+                f"deactivate_cooldown needs the fields {', '.join(PROBE_ROLES)} on "
+                f"{target.label}, which has no {', '.join(repr(m) for m in missing)} field "
+                "(subclass DeactivatableModel, add them, or map the roles with "
+                "deactivate_fields)",
+                task=cls.name,
+                model=target.label,
+                field=missing[0],
+            )
+        return cooldown, max(cooldown, resolve(cls, "deactivate_cooldown_max"))
 
     # -- running ----------------------------------------------------------------------------
 
@@ -253,19 +296,19 @@ class DeactivatingTask(_TaskBase):
         pk = args[0]
         target = options.target
         using = router.db_for_write(target.model)
+        state: State | None = None
         if not options.pass_object:
-            state = self._read(services.read_state, target, pk, using)
-            if not self._may_run(state[0], target, pk):
+            state = target.state_of(self._read(services.read_state, target, pk, using))
+            if not self._may_run(state, options, pk):
                 return None
             run: Any = self.run
         else:
-            state = ()
 
             def run(first: Any, *rest: Any, **named: Any) -> Any:
                 nonlocal state
                 instance = self._read(self._load, target, first, using)
-                state = tuple(getattr(instance, name) for name in target.state_fields())
-                if not self._may_run(state[0], target, pk):
+                state = target.state_of([getattr(instance, n) for n in target.state_fields()])
+                if not self._may_run(state, options, pk):
                     return None
                 return self.run(instance, *rest, **named)
 
@@ -273,8 +316,8 @@ class DeactivatingTask(_TaskBase):
             result = self._run_atomic(run, args, kwargs, using, target)
         else:
             result = run(*args, **kwargs)
-        if len(state) > 1 and state[1]:
-            self._reset_failures(target, pk, using)
+        if state is not None and (state.failures or not state.active):
+            self._after_success(target, pk, using, state)
         return result
 
     def _read(self, read: Any, target: Target, pk: Any, using: str) -> Any:
@@ -286,10 +329,16 @@ class DeactivatingTask(_TaskBase):
                 _close_if_unusable(using)
             raise
 
-    def _may_run(self, active: Any, target: Target, pk: Any) -> bool:
-        if not active:
-            logger.info("%s: %s is inactive, the body did not run", self.name, target.identity(pk))
-        return bool(active)
+    def _may_run(self, state: State, options: RunOptions, pk: Any) -> bool:
+        """Run the body on an active object, or as the cool-down probe of a deactivated one."""
+        if state.active:
+            return True
+        identity = options.target.identity(pk)
+        if state.probing and options.probes:
+            logger.info("celery_deactivate: %s probes %s (deactivated)", self.name, identity)
+            return True
+        logger.info("%s: %s is inactive, the body did not run", self.name, identity)
+        return False
 
     def _run_atomic(
         self, run: Any, args: tuple[Any, ...], kwargs: dict[str, Any], using: str, target: Target
@@ -317,23 +366,30 @@ class DeactivatingTask(_TaskBase):
         assert failure is not None  # only a rollback failure over the body's exception gets here
         raise failure  # the task's own exception, unchanged
 
-    def _reset_failures(self, target: Target, pk: Any, using: str) -> None:
-        """After a success, outside the body's transaction: a body that broke its transaction
-        and returned still succeeds; an error here is logged, never raised over the result."""
+    def _after_success(self, target: Target, pk: Any, using: str, state: State) -> None:
+        """After a success, outside the body's transaction: reset a positive failure count, or
+        re-activate the object whose probe this was.  A body that broke its transaction and
+        returned still succeeds; an error here is logged, never raised over the result."""
         if _marked_for_rollback(using):  # in someone else's transaction, which the body broke
             logger.info(
                 "celery_deactivate: %s on %s succeeded in a transaction marked for rollback; "
-                "its failure count was not reset",
+                "its state was not changed",
                 self.name,
                 target.identity(pk),
             )
             return
         try:
-            services.reset_failures(target, pk, using=using)
+            if state.active:
+                services.reset_failures(target, pk, using=using)
+            elif services.end_probe(target, pk, using=using) is not None:
+                logger.warning(
+                    "celery_deactivate: %s re-activated: its probe %s succeeded",
+                    target.identity(pk),
+                    self.name,
+                )
         except Exception as exc:
             logger.error(
-                "celery_deactivate: %s succeeded on %s but its failure count could not be "
-                "reset (%s)",
+                "celery_deactivate: %s succeeded on %s but its state could not be updated (%s)",
                 self.name,
                 target.identity(pk),
                 services.describe(exc),
@@ -405,6 +461,7 @@ class DeactivatingTask(_TaskBase):
                 task_id=task_id,
                 using=using,
                 timeout=timeout,
+                cooldown=self._probe_policy(target),
             )
         except Exception as error:
             logger.error(
@@ -432,6 +489,16 @@ class DeactivatingTask(_TaskBase):
                     lambda: self._notify(policy.notifier, instance, exc, task_id, identity),
                     using=using,
                 )
+        elif outcome.probed:
+            logger.warning(
+                "celery_deactivate: %s stays deactivated: its probe %s[%s] failed (%s); next "
+                "probe in %ss",
+                identity,
+                self.name,
+                task_id,
+                services.describe(exc),
+                getattr(outcome.instance, target.cooldown or "", None),
+            )
         elif outcome.instance is not None:
             logger.info(
                 "celery_deactivate: %s failure %s of %s counted (%s[%s]: %s)",

@@ -132,8 +132,8 @@ def test_read_object_is_the_orm_s_instance(in_transaction: bool) -> None:
 def test_a_key_given_as_text_is_prepared_by_the_field() -> None:
     # The key goes through the field's preparation: text is converted, nonsense is refused.
     feed = Feed.objects.create(title="f", failure_count=3)
-    assert services.read_state(target(), feed.pk, "default") == (True, 3)
-    assert services.read_state(target(), str(feed.pk), "default") == (True, 3)
+    assert services.read_state(target(), feed.pk, "default") == (True, 3, None)
+    assert services.read_state(target(), str(feed.pk), "default") == (True, 3, None)
     assert services.read_object(target(), str(feed.pk), "default").pk == feed.pk
     with pytest.raises(ValidationError, match="must be an integer"):
         services.read_state(target(), "not a key", "default")
@@ -163,7 +163,7 @@ def test_multi_table_child() -> None:
     assert outcome.deactivated is True and isinstance(outcome.instance, SpecialFeed)
     child.refresh_from_db()
     assert (child.active, child.failure_count, child.kind) == (False, 1, "mti")
-    assert services.read_state(target, child.pk, "default") == (False, 1)
+    assert services.read_state(target, child.pk, "default") == (False, 1, None)
 
 
 def test_a_parent_row_without_the_child_is_not_the_child_s() -> None:

@@ -1,0 +1,73 @@
+"""Cool-down probes: the way back for an object a failure deactivated (half-open).
+
+With ``deactivate_cooldown`` set on a task, a deactivation by a failure schedules a probe
+(``next_probe_at``).  The periodic task ``celery_deactivate.maintain`` calls :func:`maintain`,
+which claims each due object with one conditioned ``UPDATE`` (``probing_since``: however many
+``maintain`` runs, beat instances or workers try at once, one wins) and sends the probe: the task
+itself, with the pk as its only argument, through the task's own ``apply_async`` (routing,
+``task_always_eager`` in tests). The task runs its body on a deactivated object whose probe is
+out: a success re-activates it (``object_reactivated``), a failure doubles its cool-down up to
+``deactivate_cooldown_max`` and schedules the next probe.  A probe that has not reported after
+``deactivate_cooldown_max`` (a lost message) is sent again.  Objects deactivated by hand are never
+probed, and no probe is sent while the task's outage is open.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any, cast
+
+from django.utils import timezone
+
+from . import services
+from .task import DeactivatingTask
+
+logger = logging.getLogger("celery_deactivate")
+
+#: Due objects considered per task and ``maintain`` run.
+BATCH_SIZE = 1000
+
+
+def probing_tasks(app: Any) -> Iterator[DeactivatingTask]:
+    """The deactivating tasks of ``app`` with cool-down probes on."""
+    for task in list(app.tasks.values()):
+        if isinstance(task, DeactivatingTask) and task.probe_policy() is not None:
+            yield task
+
+
+def maintain(app: Any, *, now: Any = None, batch_size: int = BATCH_SIZE) -> int:
+    """Send the due probes of every probing task of ``app``; return how many were sent."""
+    now = now or timezone.now()
+    return sum(send_due_probes(task, now=now, batch_size=batch_size) for task in probing_tasks(app))
+
+
+def send_due_probes(
+    task: DeactivatingTask, *, now: Any = None, batch_size: int = BATCH_SIZE
+) -> int:
+    """Claim and send the probes of ``task`` that are due; return how many were sent."""
+    policy = task.probe_policy()
+    if policy is None:
+        return 0
+    if task.outage_open():
+        logger.info("celery_deactivate: %s: outage open, no probe sent", task.name)
+        return 0
+    now = now or timezone.now()
+    target = task.target
+    stale_before = now - timedelta(seconds=policy[1])
+    using = services.db_for(target)
+    candidates = (
+        target.model._base_manager.db_manager(using)
+        .filter(services.probe_due(target, now, stale_before))
+        .order_by(cast(str, target.next_probe_at))
+        .values_list("pk", flat=True)[:batch_size]
+    )
+    sent = 0
+    for pk in list(candidates):
+        if not services.claim_probe(target, pk, now, stale_before, using=using):
+            continue  # someone else claimed it meanwhile
+        logger.info("celery_deactivate: %s: probe sent for %s", task.name, target.identity(pk))
+        task.apply_async((pk,))
+        sent += 1
+    return sent
