@@ -261,10 +261,11 @@ class DeactivatableAdminMixin(_ModelAdmin):
 
     @admin.display(description=_("state"))
     def deactivation_state(self, obj: Model) -> SafeString:
-        """The object's state: one of the admin's icons and the state's name."""
+        """The object's state: one of the admin's icons and the state's name (on one line, with
+        the admin's own ``nowrap`` class)."""
         state = state_of(self.deactivation_target, obj)
         return format_html(
-            '<img src="{}" alt="" width="13" height="13"> {}',
+            '<span class="nowrap"><img src="{}" alt="" width="13" height="13"> {}</span>',
             static(f"admin/img/{state.icon}"),
             state.label,
         )
