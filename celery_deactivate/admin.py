@@ -36,7 +36,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
+from django.utils.translation import ngettext_lazy
 
 from . import services
 from .target import Target
@@ -201,10 +201,13 @@ class DeactivatableAdminMixin(_ModelAdmin):
             request,
             changed,
             unchanged,
-            done=("Re-activated %(count)d %(name)s.", "Re-activated %(count)d %(names)s."),
-            left=(
+            done=ngettext_lazy(
+                "Re-activated %(count)d %(name)s.", "Re-activated %(count)d %(names)s.", "count"
+            ),
+            left=ngettext_lazy(
                 "%(count)d %(name)s was already active.",
                 "%(count)d %(names)s were already active.",
+                "count",
             ),
         )
 
@@ -219,10 +222,13 @@ class DeactivatableAdminMixin(_ModelAdmin):
             request,
             changed,
             unchanged,
-            done=("Deactivated %(count)d %(name)s.", "Deactivated %(count)d %(names)s."),
-            left=(
+            done=ngettext_lazy(
+                "Deactivated %(count)d %(name)s.", "Deactivated %(count)d %(names)s.", "count"
+            ),
+            left=ngettext_lazy(
                 "%(count)d %(name)s was already deactivated.",
                 "%(count)d %(names)s were already deactivated.",
+                "count",
             ),
         )
 
@@ -231,7 +237,7 @@ class DeactivatableAdminMixin(_ModelAdmin):
     ) -> tuple[int, int]:
         """Apply a service function to each selected object: (changed, left unchanged)."""
         changed = unchanged = 0
-        for pk in queryset.values_list("pk", flat=True).iterator():
+        for pk in list(queryset.values_list("pk", flat=True)):
             if change(self.model, pk, fields=self.deactivate_fields) is None:
                 unchanged += 1
             else:
@@ -244,18 +250,19 @@ class DeactivatableAdminMixin(_ModelAdmin):
         changed: int,
         unchanged: int,
         *,
-        done: tuple[str, str],
-        left: tuple[str, str],
+        done: StrOrPromise,
+        left: StrOrPromise,
     ) -> None:
-        """Success for what changed; what was left alone is a warning when nothing changed."""
+        """What changed at SUCCESS; what was left alone at INFO beside it, at WARNING when
+        nothing changed.  ``done`` and ``left`` are plural forms (``ngettext_lazy`` on
+        ``"count"``) with ``%(name)s`` / ``%(names)s`` for the model's verbose names."""
         opts = self.model._meta
         names = {"name": opts.verbose_name, "names": opts.verbose_name_plural}
         if changed:
-            text = ngettext(done[0], done[1], changed) % {"count": changed, **names}
-            self.message_user(request, text, messages.SUCCESS)
+            self.message_user(request, done % {"count": changed, **names}, messages.SUCCESS)
         if unchanged:
-            text = ngettext(left[0], left[1], unchanged) % {"count": unchanged, **names}
-            self.message_user(request, text, messages.INFO if changed else messages.WARNING)
+            level = messages.INFO if changed else messages.WARNING
+            self.message_user(request, left % {"count": unchanged, **names}, level)
 
     # ---- columns -------------------------------------------------------------------------------
 
