@@ -60,6 +60,24 @@ __all__ = [
 #: The mixin's actions, added to a ``ModelAdmin``'s own ``actions``.
 DEACTIVATION_ACTIONS = ("reactivate_selected", "deactivate_selected")
 
+#: What the actions report: (changed, left unchanged), plural forms on ``count``.
+_REACTIVATED = (
+    ngettext_lazy("Re-activated %(count)d %(name)s.", "Re-activated %(count)d %(names)s.", "count"),
+    ngettext_lazy(
+        "%(count)d %(name)s was already active.",
+        "%(count)d %(names)s were already active.",
+        "count",
+    ),
+)
+_DEACTIVATED = (
+    ngettext_lazy("Deactivated %(count)d %(name)s.", "Deactivated %(count)d %(names)s.", "count"),
+    ngettext_lazy(
+        "%(count)d %(name)s was already deactivated.",
+        "%(count)d %(names)s were already deactivated.",
+        "count",
+    ),
+)
+
 #: The states' keys (the filter's values in the URL: ``?deactivation=error``).
 ACTIVE, BY_ERROR, BY_HAND, DEACTIVATED = "active", "error", "hand", "deactivated"
 
@@ -196,20 +214,7 @@ class DeactivatableAdminMixin(_ModelAdmin):
     )
     def reactivate_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         """Make the selected inactive objects active again, clearing their error and count."""
-        changed, unchanged = self._change_each(queryset, services.reactivate)
-        self._report(
-            request,
-            changed,
-            unchanged,
-            done=ngettext_lazy(
-                "Re-activated %(count)d %(name)s.", "Re-activated %(count)d %(names)s.", "count"
-            ),
-            left=ngettext_lazy(
-                "%(count)d %(name)s was already active.",
-                "%(count)d %(names)s were already active.",
-                "count",
-            ),
-        )
+        self._change_each(request, queryset, services.reactivate, *_REACTIVATED)
 
     @admin.action(
         permissions=["change"],
@@ -217,45 +222,28 @@ class DeactivatableAdminMixin(_ModelAdmin):
     )
     def deactivate_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         """Take the selected active objects out of scheduling (deactivated by hand, no error)."""
-        changed, unchanged = self._change_each(queryset, services.deactivate)
-        self._report(
-            request,
-            changed,
-            unchanged,
-            done=ngettext_lazy(
-                "Deactivated %(count)d %(name)s.", "Deactivated %(count)d %(names)s.", "count"
-            ),
-            left=ngettext_lazy(
-                "%(count)d %(name)s was already deactivated.",
-                "%(count)d %(names)s were already deactivated.",
-                "count",
-            ),
-        )
+        self._change_each(request, queryset, services.deactivate, *_DEACTIVATED)
 
     def _change_each(
-        self, queryset: QuerySet[Any], change: Callable[..., Model | None]
-    ) -> tuple[int, int]:
-        """Apply a service function to each selected object: (changed, left unchanged)."""
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[Any],
+        change: Callable[..., Model | None],
+        done: StrOrPromise,
+        left: StrOrPromise,
+    ) -> None:
+        """Apply a service function to each selected object, and say how many it changed.
+
+        What changed is reported at SUCCESS; what was left alone at INFO beside it, at WARNING
+        when nothing changed.  ``done`` and ``left`` are plural forms (``ngettext_lazy`` on
+        ``"count"``) with ``%(name)s`` / ``%(names)s`` for the model's verbose names.
+        """
         changed = unchanged = 0
         for pk in list(queryset.values_list("pk", flat=True)):
             if change(self.model, pk, fields=self.deactivate_fields) is None:
                 unchanged += 1
             else:
                 changed += 1
-        return changed, unchanged
-
-    def _report(
-        self,
-        request: HttpRequest,
-        changed: int,
-        unchanged: int,
-        *,
-        done: StrOrPromise,
-        left: StrOrPromise,
-    ) -> None:
-        """What changed at SUCCESS; what was left alone at INFO beside it, at WARNING when
-        nothing changed.  ``done`` and ``left`` are plural forms (``ngettext_lazy`` on
-        ``"count"``) with ``%(name)s`` / ``%(names)s`` for the model's verbose names."""
         opts = self.model._meta
         names = {"name": opts.verbose_name, "names": opts.verbose_name_plural}
         if changed:
