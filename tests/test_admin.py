@@ -265,7 +265,7 @@ def test_deactivate_fields_that_do_not_fit_fail_when_the_admin_is_made() -> None
 def zip_rows(response: Any) -> list[tuple[Any, str]]:
     """The changelist's objects, each with the HTML of its row."""
     body = response.content.decode().split("<tbody>", 1)[1].split("</tbody>", 1)[0]
-    found = [row for row in body.split("<tr")[1:]]
+    found = body.split("<tr")[1:]
     return list(zip(response.context["cl"].result_list, found, strict=True))
 
 
