@@ -1,51 +1,362 @@
-"""``DeactivatableAdminMixin``: admin actions to take objects out of scheduling and back."""
+"""The Django admin for deactivatable models: their state at a glance, and the way back.
+
+:class:`DeactivatableAdminMixin` adds to any ``ModelAdmin`` the "Re-activate selected" and
+"Deactivate selected" actions (through :mod:`celery_deactivate.services`, so they write the same
+fields and send the same signals as the task), and the pieces a changelist needs to show the
+state: the ``deactivation_state`` and ``deactivation_message`` columns and the
+:class:`DeactivationStateFilter`.  :class:`DeactivatableAdmin` is a ready ``ModelAdmin`` that
+puts them together.  Neither registers anything::
+
+    from django.contrib import admin
+    from celery_deactivate.admin import DeactivatableAdmin
+
+    @admin.register(Feed)
+    class FeedAdmin(DeactivatableAdmin):
+        search_fields = ("title",)  # the error message is searched as well
+
+An object's state follows from the fields the task records (named by role, see
+``deactivate_fields``): *active*; *deactivated by error* (inactive, its error flag set: a failure
+did it); *deactivated by hand* (inactive without error: the admin, the command or
+``services.deactivate`` without an exception did it).  A model without an error field has only
+*active* and *deactivated*.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
-from django.db.models import Model, QuerySet
+from django.db.models import Model, Q, QuerySet
 from django.http import HttpRequest
+from django.templatetags.static import static
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.text import Truncator
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext_lazy
 
 from . import services
+from .target import Target
+
+if TYPE_CHECKING:
+    from django_stubs_ext import StrOrPromise
+
+    _ModelAdmin = admin.ModelAdmin[Any]
+else:
+    _ModelAdmin = admin.ModelAdmin
+
+__all__ = [
+    "DeactivatableAdmin",
+    "DeactivatableAdminMixin",
+    "DeactivationStateFilter",
+    "State",
+    "state_of",
+    "states",
+]
+
+#: The mixin's actions, added to a ``ModelAdmin``'s own ``actions``.
+DEACTIVATION_ACTIONS = ("reactivate_selected", "deactivate_selected")
+
+#: What the actions report: (changed, left unchanged), plural forms on ``count``.
+_REACTIVATED = (
+    ngettext_lazy("Re-activated %(count)d %(name)s.", "Re-activated %(count)d %(names)s.", "count"),
+    ngettext_lazy(
+        "%(count)d %(name)s was already active.",
+        "%(count)d %(names)s were already active.",
+        "count",
+    ),
+)
+_DEACTIVATED = (
+    ngettext_lazy("Deactivated %(count)d %(name)s.", "Deactivated %(count)d %(names)s.", "count"),
+    ngettext_lazy(
+        "%(count)d %(name)s was already deactivated.",
+        "%(count)d %(names)s were already deactivated.",
+        "count",
+    ),
+)
+
+#: The states' keys (the filter's values in the URL: ``?deactivation=error``).
+ACTIVE, BY_ERROR, BY_HAND, DEACTIVATED = "active", "error", "hand", "deactivated"
+
+#: Django's default ``list_display``: a class that keeps it gets the state columns.
+DJANGO_LIST_DISPLAY = ("__str__",)
 
 
-class DeactivatableAdminMixin:
-    """Mix into a ``ModelAdmin``: "Reactivate" and "Deactivate" actions for the selection.
+@dataclass(frozen=True)
+class State:
+    """One state an object can be in, as the admin shows and filters it.
 
-    Both go through :mod:`celery_deactivate.services`, so they send the same signals as the task.
+    ``key`` is the filter's URL value, ``icon`` one of the admin's own images
+    (``admin/img/...``), ``condition`` selects the objects in that state.
+    """
+
+    key: str
+    label: StrOrPromise
+    icon: str
+    condition: Q
+
+
+@lru_cache(maxsize=256)
+def states(target: Target) -> tuple[State, ...]:
+    """The states of the target's objects, in the order the filter lists them."""
+    active = Q(**{target.active: True})
+    inactive = Q(**{target.active: False})
+    if target.error is None:
+        return (
+            State(ACTIVE, _("Active"), "icon-yes.svg", active),
+            State(DEACTIVATED, _("Deactivated"), "icon-no.svg", inactive),
+        )
+    by_error = inactive & Q(**{target.error: True})
+    by_hand = inactive & Q(**{target.error: False})
+    # Objects waiting for a cool-down probe will be a state of their own here,
+    # between "active" and "deactivated by error": ``State(PROBING, ..., "icon-clock.svg", ...)``,
+    # its condition excluded from ``by_error``, and a case of its own in :func:`state_of`.
+    return (
+        State(ACTIVE, _("Active"), "icon-yes.svg", active),
+        State(BY_ERROR, _("Deactivated by error"), "icon-no.svg", by_error),
+        State(BY_HAND, _("Deactivated by hand"), "icon-alert.svg", by_hand),
+    )
+
+
+def state_of(target: Target, obj: Model) -> State:
+    """The state of one object, read from its fields (the rules of :func:`states`)."""
+    if getattr(obj, target.active):
+        key = ACTIVE
+    elif target.error is None:
+        key = DEACTIVATED
+    else:
+        key = BY_ERROR if getattr(obj, target.error) else BY_HAND
+    return next(state for state in states(target) if state.key == key)
+
+
+class DeactivationStateFilter(admin.SimpleListFilter):
+    """The changelist's filter by state: active, deactivated by error, deactivated by hand.
+
+    Works on a ``ModelAdmin`` with :class:`DeactivatableAdminMixin` (its ``deactivate_fields``),
+    and on any other for a model with the default field names.
+    """
+
+    title = _("state")
+    parameter_name = "deactivation"
+
+    def __init__(
+        self,
+        request: HttpRequest,
+        params: dict[str, list[str]],
+        model: type[Model],
+        model_admin: admin.ModelAdmin[Any],
+    ) -> None:
+        self._states = {state.key: state for state in states(_target_of(model_admin))}
+        super().__init__(request, params, model, model_admin)
+
+    def lookups(
+        self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]
+    ) -> list[tuple[str, StrOrPromise]]:
+        return [(state.key, state.label) for state in self._states.values()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
+        state = self._states.get(self.value() or "")
+        return queryset if state is None else queryset.filter(state.condition)
+
+
+def _target_of(model_admin: admin.ModelAdmin[Any]) -> Target:
+    if isinstance(model_admin, DeactivatableAdminMixin):
+        return model_admin.deactivation_target
+    return services.target_for(model_admin.model)
+
+
+class DeactivatableAdminMixin(_ModelAdmin):
+    """Mix into a ``ModelAdmin``: actions to take the selected objects out of scheduling and back.
+
+    "Re-activate selected" and "Deactivate selected" go through :func:`services.reactivate
+    <celery_deactivate.services.reactivate>` and :func:`services.deactivate
+    <celery_deactivate.services.deactivate>`, object by object, so they write the same fields and
+    send the same signals as the task.  They need the model's *change* permission: a user who may
+    only view the model neither sees them nor can run them.  They are added to the class's own
+    ``actions`` (and Django's site-wide actions such as "Delete selected" stay); ``actions = None``
+    still turns every action off.
+
+    The columns ``deactivation_state`` (an icon and the state's name) and
+    ``deactivation_message`` (the error's first line, shortened; the whole text on hover) and
+    the :class:`DeactivationStateFilter` can be named in ``list_display`` / ``list_filter``.
     """
 
     #: Field names by role, as the task's ``deactivate_fields`` option (``None``: the defaults).
     deactivate_fields: Mapping[str, str | None] | None = None
 
-    actions = ("reactivate_selected", "deactivate_selected")
+    #: Characters of the error message the ``deactivation_message`` column shows.
+    deactivation_message_length: int = 80
 
-    model: type[Model]
-    message_user: Callable[..., None]
+    def __init__(self, model: type[Model], admin_site: admin.AdminSite) -> None:
+        super().__init__(model, admin_site)
+        # Fail at start-up, naming model and field, when deactivate_fields does not fit the model.
+        services.target_for(model, self.deactivate_fields)
+        if self.actions is not None:
+            own = {getattr(action, "__name__", action) for action in self.actions}
+            self.actions = [
+                *self.actions,
+                *(name for name in DEACTIVATION_ACTIONS if name not in own),
+            ]
 
-    @admin.action(description="Reactivate the selected objects (clear their error)")
+    @property
+    def deactivation_target(self) -> Target:
+        """The model and its deactivation fields by role (after ``deactivate_fields``)."""
+        return services.target_for(self.model, self.deactivate_fields)
+
+    # ---- actions -------------------------------------------------------------------------------
+
+    @admin.action(
+        permissions=["change"],
+        description=_("Re-activate selected %(verbose_name_plural)s"),
+    )
     def reactivate_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
-        self._apply(request, queryset, services.reactivate, "reactivated", "already active")
+        """Make the selected inactive objects active again, clearing their error and count."""
+        self._change_each(request, queryset, services.reactivate, *_REACTIVATED)
 
-    @admin.action(description="Deactivate the selected objects (stop scheduling them)")
+    @admin.action(
+        permissions=["change"],
+        description=_("Deactivate selected %(verbose_name_plural)s"),
+    )
     def deactivate_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
-        self._apply(request, queryset, services.deactivate, "deactivated", "already inactive")
+        """Take the selected active objects out of scheduling (deactivated by hand, no error)."""
+        self._change_each(request, queryset, services.deactivate, *_DEACTIVATED)
 
-    def _apply(
+    def _change_each(
         self,
         request: HttpRequest,
         queryset: QuerySet[Any],
         change: Callable[..., Model | None],
-        done: str,
-        unchanged: str,
+        done: StrOrPromise,
+        left: StrOrPromise,
     ) -> None:
-        changed = skipped = 0
-        for pk in queryset.values_list("pk", flat=True).iterator():
+        """Apply a service function to each selected object, and say how many it changed.
+
+        What changed is reported at SUCCESS; what was left alone at INFO beside it, at WARNING
+        when nothing changed.  ``done`` and ``left`` are plural forms (``ngettext_lazy`` on
+        ``"count"``) with ``%(name)s`` / ``%(names)s`` for the model's verbose names.
+        """
+        changed = unchanged = 0
+        for pk in list(queryset.values_list("pk", flat=True)):
             if change(self.model, pk, fields=self.deactivate_fields) is None:
-                skipped += 1
+                unchanged += 1
             else:
                 changed += 1
-        self.message_user(request, f"{changed} {done}, {skipped} {unchanged}.", messages.SUCCESS)
+        opts = self.model._meta
+        names = {"name": opts.verbose_name, "names": opts.verbose_name_plural}
+        if changed:
+            self.message_user(request, done % {"count": changed, **names}, messages.SUCCESS)
+        if unchanged:
+            level = messages.INFO if changed else messages.WARNING
+            self.message_user(request, left % {"count": unchanged, **names}, level)
+
+    # ---- columns -------------------------------------------------------------------------------
+
+    @admin.display(description=_("state"))
+    def deactivation_state(self, obj: Model) -> SafeString:
+        """The object's state: one of the admin's icons and the state's name (on one line, with
+        the admin's own ``nowrap`` class)."""
+        state = state_of(self.deactivation_target, obj)
+        return format_html(
+            '<span class="nowrap"><img src="{}" alt="" width="13" height="13"> {}</span>',
+            static(f"admin/img/{state.icon}"),
+            state.label,
+        )
+
+    @admin.display(description=_("error"))
+    def deactivation_message(self, obj: Model) -> SafeString | str:
+        """The error message's first line, shortened; the whole message as the tooltip."""
+        field = self.deactivation_target.error_message
+        text = str(getattr(obj, field) or "").strip() if field else ""
+        if not text:
+            return ""
+        first = Truncator(text.splitlines()[0]).chars(self.deactivation_message_length)
+        return format_html('<span title="{}">{}</span>', text, first)
+
+
+class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
+    """A ready ``ModelAdmin`` for a deactivatable model (register it yourself).
+
+    Unless the class sets them: the changelist shows the object, its state, when it was
+    deactivated and its error (``list_display``) and filters by state (``list_filter``).  Always:
+    the error message is searched besides ``search_fields``, and the library's fields are
+    read-only, so that the state changes only through the actions, which send the signals; the
+    change page shows them, the full error included, in a "Deactivation" section (unless the class
+    sets ``fieldsets``).
+    """
+
+    list_filter = (DeactivationStateFilter,)
+
+    def get_list_display(self, request: HttpRequest) -> tuple[Any, ...]:
+        """The class's ``list_display``, or: the object, state, deactivated at, error."""
+        if tuple(self.list_display) != DJANGO_LIST_DISPLAY:
+            return tuple(super().get_list_display(request))
+        target = self.deactivation_target
+        return (
+            "__str__",
+            "deactivation_state",
+            *([target.deactivated_at] if target.deactivated_at else []),
+            *(["deactivation_message"] if target.error_message else []),
+        )
+
+    def get_search_fields(self, request: HttpRequest) -> tuple[str, ...]:
+        """The class's ``search_fields`` and the error message."""
+        fields = tuple(super().get_search_fields(request))
+        message = self.deactivation_target.error_message
+        if message and not any(_field_of(lookup) == message for lookup in fields):
+            fields += (message,)
+        return fields
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: Model | None = None
+    ) -> tuple[str, ...]:
+        """The class's ``readonly_fields``, the library's fields and the ``deactivation_state``."""
+        fields = tuple(super().get_readonly_fields(request, obj))
+        ours = ("deactivation_state", *_recorded(self.deactivation_target))
+        return fields + tuple(name for name in ours if name not in fields)
+
+    def get_fieldsets(
+        self, request: HttpRequest, obj: Model | None = None
+    ) -> tuple[tuple[StrOrPromise | None, Any], ...]:
+        """The class's ``fieldsets``, or the model's own fields and then a "Deactivation" section
+        (state, deactivated at, failure count, the full error) on the change page."""
+        if self.fieldsets:
+            return tuple(super().get_fieldsets(request, obj))
+        target = self.deactivation_target
+        ours = {"deactivation_state", *_recorded(target)}
+        own = {"fields": tuple(f for f in _flat(self.get_fields(request, obj)) if f not in ours)}
+        if obj is None:
+            return ((None, own),)
+        shown = (
+            "deactivation_state",
+            *(name for name in (target.deactivated_at, target.failure_count) if name),
+            *([target.error_message] if target.error_message else []),
+        )
+        return ((None, own), (_("Deactivation"), {"fields": shown}))
+
+
+def _recorded(target: Target) -> list[str]:
+    """The names of the fields the library writes."""
+    roles = (
+        target.active,
+        target.error,
+        target.error_message,
+        target.deactivated_at,
+        target.failure_count,
+    )
+    return [name for name in roles if name]
+
+
+def _flat(fields: Sequence[Any]) -> list[str]:
+    """Field names of ``get_fields``, with the names grouped on one line taken apart."""
+    return [
+        name for field in fields for name in ([field] if isinstance(field, str) else list(field))
+    ]
+
+
+def _field_of(lookup: str) -> str:
+    """The field a ``search_fields`` entry searches: ``"^title"`` and ``"title__iexact"``
+    search ``title``."""
+    return lookup.lstrip("^=@").split("__", 1)[0]

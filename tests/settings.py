@@ -20,6 +20,7 @@ TIME_ZONE = "UTC"
 DEBUG = False
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 ROOT_URLCONF = "tests.urls"
+STATIC_URL = "static/"
 
 INSTALLED_APPS = [
     "django.contrib.auth",
@@ -27,6 +28,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.admin",
+    "django.contrib.staticfiles",  # the admin's CSS and icons for the browser test's live server
     "celery_deactivate",
     "tests.testapp",
 ]

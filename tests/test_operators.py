@@ -1,4 +1,4 @@
-"""The way back for operators: admin actions and the management command, through the services."""
+"""The way back for operators: the management command, through the services."""
 
 from __future__ import annotations
 
@@ -6,22 +6,12 @@ from io import StringIO
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
-from django.test import Client
 
 from celery_deactivate.signals import object_deactivated, object_reactivated
-from tests.testapp.models import Feed, Renamed
+from tests.testapp.models import Feed
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def admin_client() -> Client:
-    user = User.objects.create_superuser("ops", "ops@example.com", "secret")
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture
@@ -36,34 +26,6 @@ def sent() -> Any:
     yield events
     object_deactivated.disconnect(dispatch_uid="o1")
     object_reactivated.disconnect(dispatch_uid="o2")
-
-
-def action(client: Client, url: str, name: str, pks: list[int]) -> Any:
-    return client.post(url, {"action": name, "_selected_action": pks}, follow=True)
-
-
-def test_admin_reactivates_the_selection(admin_client: Client, sent: list[Any]) -> None:
-    off = Feed.objects.create(
-        title="off", active=False, error=True, error_message="Boom: x", failure_count=3
-    )
-    on = Feed.objects.create(title="on")
-
-    response = action(admin_client, "/admin/testapp/feed/", "reactivate_selected", [off.pk, on.pk])
-
-    assert response.status_code == 200
-    assert "1 reactivated, 1 already active." in response.content.decode()
-    off.refresh_from_db()
-    assert (off.active, off.error, off.error_message, off.failure_count) == (True, False, "", 0)
-    assert sent == [("on", off.pk)]
-
-
-def test_admin_deactivates_with_custom_field_names(admin_client: Client, sent: list[Any]) -> None:
-    obj = Renamed.objects.create(title="r")
-    response = action(admin_client, "/admin/testapp/renamed/", "deactivate_selected", [obj.pk])
-    assert "1 deactivated, 0 already inactive." in response.content.decode()
-    obj.refresh_from_db()
-    assert (obj.enabled, obj.broken) == (False, False)
-    assert sent == [("off", obj.pk)]
 
 
 def test_command_lists_deactivated_objects() -> None:

@@ -1,0 +1,191 @@
+"""The admin in a real browser: headless Chromium (Debian's ``chromium``), driven by Selenium
+through Debian's ``chromium-driver``, against pytest-django's ``live_server``.
+
+An operator logs in, filters the feeds deactivated by an error, opens one and reads its error,
+goes back, re-activates it with the action and sees it active.  With ``SCREENSHOT_DIR`` set, the
+changelist is saved there as ``admin-changelist.png`` (the picture in ``docs/images/``)::
+
+    SCREENSHOT_DIR=docs/images .venv/bin/python -m pytest tests/test_admin_browser.py
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import django
+import pytest
+from django.contrib.auth.models import User
+from django.utils import timezone
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.select import Select
+from selenium.webdriver.support.wait import WebDriverWait
+
+from tests.testapp.models import Feed
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+    reason=f"no Chromium at {CHROMIUM} with a driver at {CHROMEDRIVER} "
+    "(Debian: apt-get install chromium chromium-driver; .ci/run installs them)",
+)
+
+ERROR = (
+    "ConnectionError: HTTPSConnectionPool(host='feeds.example.org', port=443): "
+    "Max retries exceeded with url: /rss.xml\n"
+    "(Caused by NewConnectionError: [Errno 111] Connection refused)"
+)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    """Headless Chromium, as root on a machine without network beyond loopback."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--force-device-scale-factor=1",
+        "--window-size=1280,880",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def feeds() -> dict[str, Feed]:
+    """A small project's feeds: most of them healthy, two failed, one paused by hand."""
+    now = timezone.now()
+    for title in ("Django weblog", "Python Insider", "Planet PostgreSQL", "Celery news"):
+        Feed.objects.create(title=title)
+    return {
+        "refused": Feed.objects.create(
+            title="Example Corp blog",
+            active=False,
+            error=True,
+            error_message=ERROR,
+            failure_count=3,
+            deactivated_at=now - datetime.timedelta(hours=5),
+        ),
+        "parse": Feed.objects.create(
+            title="Release notes",
+            active=False,
+            error=True,
+            error_message="ParseError: mismatched tag: line 42, column 2",
+            failure_count=3,
+            deactivated_at=now - datetime.timedelta(minutes=40),
+        ),
+        "paused": Feed.objects.create(
+            title="Old company news",
+            active=False,
+            deactivated_at=now - datetime.timedelta(days=12),
+        ),
+    }
+
+
+def wait(driver: WebDriver, condition: Any, seconds: float = 20) -> Any:
+    return WebDriverWait(driver, seconds).until(condition)
+
+
+def screenshot(driver: WebDriver, url: str, folder: Path) -> None:
+    """The changelist with the navigation sidebar folded away and the state counts shown (the
+    filters' facets, Django 5.0+)."""
+    driver.find_element(By.ID, "toggle-nav-sidebar").click()
+    driver.get(f"{url}/admin/testapp/feed/" + ("?_facets=True" if django.VERSION >= (5, 0) else ""))
+    wait(driver, expected_conditions.presence_of_element_located((By.ID, "result_list")))
+    folder.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(folder / "admin-changelist.png"))
+    driver.get(f"{url}/admin/testapp/feed/")
+
+
+def titles(driver: WebDriver) -> set[str]:
+    return {cell.text for cell in driver.find_elements(By.CSS_SELECTOR, "#result_list tbody th a")}
+
+
+def test_an_operator_finds_a_broken_feed_reads_its_error_and_reactivates_it(
+    live_server: Any, browser: WebDriver, feeds: dict[str, Feed]
+) -> None:
+    User.objects.create_superuser("ops", "ops@example.com", "correct horse")
+    broken = feeds["refused"]
+
+    # Log in.
+    browser.get(f"{live_server.url}/admin/testapp/feed/")
+    browser.find_element(By.ID, "id_username").send_keys("ops")
+    browser.find_element(By.ID, "id_password").send_keys("correct horse")
+    browser.find_element(By.CSS_SELECTOR, "#login-form [type=submit]").click()
+    wait(browser, expected_conditions.presence_of_element_located((By.ID, "result_list")))
+    assert len(titles(browser)) == 7
+    if os.environ.get("SCREENSHOT_DIR"):
+        screenshot(browser, live_server.url, Path(os.environ["SCREENSHOT_DIR"]))
+
+    # Filter the feeds deactivated by an error.
+    browser.find_element(By.LINK_TEXT, "Deactivated by error").click()
+    wait(browser, expected_conditions.url_contains("deactivation=error"))
+    assert titles(browser) == {"Example Corp blog", "Release notes"}
+
+    # Open one and read its error, the whole of it.
+    browser.find_element(By.LINK_TEXT, "Example Corp blog").click()
+    wait(browser, expected_conditions.url_contains(f"/{broken.pk}/change/"))
+    error = browser.find_element(By.CSS_SELECTOR, ".field-error_message .readonly").text
+    assert error == ERROR
+    state = browser.find_element(By.CSS_SELECTOR, ".field-deactivation_state .readonly").text
+    assert state == "Deactivated by error"
+
+    # Go back and re-activate it with the action.
+    browser.back()
+    wait(browser, expected_conditions.url_contains("deactivation=error"))
+    browser.find_element(
+        By.CSS_SELECTOR, f"input[name=_selected_action][value='{broken.pk}']"
+    ).click()
+    Select(browser.find_element(By.NAME, "action")).select_by_visible_text(
+        "Re-activate selected feeds"
+    )
+    browser.find_element(By.CSS_SELECTOR, "button[name=index]").click()
+    message = wait(
+        browser,
+        expected_conditions.visibility_of_element_located(
+            (By.CSS_SELECTOR, ".messagelist .success")
+        ),
+    )
+
+    # See it active: gone from the filtered list, active in the list of active feeds.
+    assert message.text == "Re-activated 1 feed."
+    assert titles(browser) == {"Release notes"}
+    browser.find_element(By.LINK_TEXT, "Active").click()
+    wait(browser, expected_conditions.url_contains("deactivation=active"))
+    assert "Example Corp blog" in titles(browser)
+    row = browser.find_element(
+        By.XPATH,
+        "//tr[th/a[text()='Example Corp blog']]/td[contains(@class, 'field-deactivation_state')]",
+    )
+    assert row.text == "Active"
+    broken.refresh_from_db()
+    assert (broken.active, broken.error, broken.error_message, broken.failure_count) == (
+        True,
+        False,
+        "",
+        0,
+    )
+    assert Feed.objects.filter(active=False).count() == 2
