@@ -37,6 +37,10 @@ from tests.benchmarks.scenarios import COMPARISONS, CONCURRENCY, KINDS, PATHS, S
 RESULTS = Path(__file__).with_name("results.md")
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -76,9 +80,7 @@ def table(backend_name: str, data: dict[str, Any]) -> list[str]:
     lines = [
         f"### {backend_name}",
         "",
-        f"{data['servers']}. {data['rounds']} interleaved round"
-        + ("s" if data["rounds"] != 1 else "")
-        + " of "
+        f"{data['servers']}. {plural(data['rounds'], 'interleaved round')} of "
         + ", ".join(f"{sizes[path]:,} tasks ({PATHS[path]})" for path in shown_paths)
         + f" per scenario; `--concurrency={runs.concurrency}`; load average "
         + " → ".join(f"{x:.1f}" for x in data["load"])
@@ -127,7 +129,8 @@ def table(backend_name: str, data: dict[str, Any]) -> list[str]:
         batching = "batched" if fan["batch_publish"] else "not batched: the transport cannot"
         lines += [
             "",
-            f"Fan-out of {fan['n']:,} active objects ({len(fan['delay'])} rounds, medians): "
+            f"Fan-out of {fan['n']:,} active objects ({plural(len(fan['delay']), 'round')}, "
+            "medians): "
             f"a `.delay()` loop {median(fan['delay']):,.0f} msg/s, `task.dispatch_active()` "
             f"{median(fan['dispatch']):,.0f} msg/s (**{speedup:.1f}×**; publishes {batching}).",
         ]
