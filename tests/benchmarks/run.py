@@ -1,14 +1,18 @@
-"""``python -m tests.benchmarks.run [--rounds 7] [--n 2000] [--fanout-n 10000] [--memory]``.
+"""``python -m tests.benchmarks.run [--rounds 5] [--n 2000] [--io-n 1000] [--memory] [--no-write]``.
 
-
-For each available backend (the embedded default: SQLite file + SQLAlchemy/SQLite broker;
-PostgreSQL + Redis when ``DATABASE_URL`` and ``CELERY_BROKER_URL`` are set), a child process
-starts ONE real ``celery worker --pool=prefork --concurrency=2`` and runs every scenario in
-interleaved rounds (forwards, then backwards, so that compared scenarios run side by side and
-each before the other as often): the table is reset (and, on PostgreSQL, vacuumed), two gate
-tasks hold the pool children while N messages are queued, then the clock runs from the first
-measured task's start to the last one's end (no worker boot, no publishing).  The table of
-medians goes to stdout and to ``tests/benchmarks/results.md``.
+For each available backend (the embedded default: an SQLite file + SQLAlchemy's SQLite broker;
+PostgreSQL + Redis when ``DATABASE_URL`` and ``CELERY_BROKER_URL`` are set, see
+:mod:`tests.benchmarks.env`), a child process starts ONE real ``celery worker --pool=prefork
+--concurrency=2`` and runs every scenario (:mod:`tests.benchmarks.scenarios`) in interleaved
+rounds, forwards then backwards, so that compared scenarios run side by side in every round and
+each before the other as often.  For each run the table is reset (and, on PostgreSQL, vacuumed),
+gate tasks hold the pool children while the messages are queued, then the clock runs from the
+first measured task's start to the last one's end (no worker boot, no publishing); afterwards
+the rows are checked (every task succeeded or failed as its scenario says, the feeds were polled
+or rolled back and deactivated).  Ratios are medians of the per-round ratios; the time per task
+is what one pool process spends on a task (concurrency / tasks per second), so the time the
+extension adds is measured on the same runs as the ratios.  The report goes to stdout and, unless
+``--no-write``, to ``tests/benchmarks/results.md``.
 """
 
 from __future__ import annotations
@@ -18,107 +22,117 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.env import ROOT, backends, child_env
+from tests.benchmarks.scenarios import COMPARISONS, CONCURRENCY, KINDS, PATHS, SCENARIOS
+
 RESULTS = Path(__file__).with_name("results.md")
 
-SCENARIOS = [
-    ("plain", "ok", "bench.plain_ok"),
-    ("recipe", "ok", "bench.recipe_ok"),
-    ("DeactivatingTask", "ok", "bench.deactivating_ok"),
-    ("DeactivatingTask pass-object", "ok", "bench.object_ok"),
-    ("plain", "fail", "bench.plain_fail"),
-    ("recipe", "fail", "bench.recipe_fail"),
-    ("DeactivatingTask", "fail", "bench.deactivating_fail"),
-    ("DeactivatingTask pass-object", "fail", "bench.object_fail"),
-]
 
-
-def backends() -> list[dict[str, str]]:
-    found = [{"name": "embedded (SQLite + sqla+sqlite broker)", "key": "embedded"}]
-    db, broker = os.environ.get("DATABASE_URL"), os.environ.get("CELERY_BROKER_URL", "")
-    if db and broker.startswith("redis://"):
-        parts = urlsplit(db)
-        bench_db = urlunsplit(
-            parts._replace(path="/" + os.environ.get("BENCH_DATABASE", "cd_bench"))
-        )
-        redis = urlsplit(broker)
-        bench_broker = urlunsplit(redis._replace(path="/" + os.environ.get("BENCH_REDIS_DB", "6")))
-        found.append(
-            {
-                "name": "PostgreSQL + Redis",
-                "key": "pgredis",
-                "BENCH_DATABASE_URL": bench_db,
-                "BENCH_BROKER_URL": bench_broker,
-            }
-        )
-    return found
-
-
-def child_env(backend: dict[str, str], workdir: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "CELERY_BROKER_URL"}}
-    env.update({k: v for k, v in backend.items() if k.startswith("BENCH_")})
-    env["DJANGO_SETTINGS_MODULE"] = "tests.benchmarks.settings"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("CELERY_DB_REUSE_MAX", "1000")
-    if backend["key"] == "embedded":
-        env["BENCH_SQLITE"] = str(Path(workdir) / "bench.sqlite3")
-        # kombu's filesystem transport can hand a consumer a half-written file while publishing
-        # runs; the SQLAlchemy transport on an SQLite file is transactional.
-        env["BENCH_BROKER_URL"] = f"sqla+sqlite:///{Path(workdir) / 'broker.sqlite3'}"
-    return env
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def ratio(rows: list[dict[str, float]], base: list[dict[str, float]]) -> float:
-    return median([r["rate"] / b["rate"] for r, b in zip(rows, base, strict=True)])
+class Runs:
+    """One backend's measurements: per scenario, one dict per round."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.rows: dict[str, list[dict[str, float]]] = data["scenarios"]
+        self.concurrency: int = data["concurrency"]
+
+    def has(self, path: str, *kinds: str) -> bool:
+        return all(f"bench.{kind}_{path}" in self.rows for kind in kinds)
+
+    def rounds(self, path: str, kind: str) -> list[dict[str, float]]:
+        return self.rows[f"bench.{kind}_{path}"]
+
+    def ms(self, round_: dict[str, float]) -> float:
+        """Milliseconds one pool process spends per task."""
+        return self.concurrency / round_["rate"] * 1000
+
+    def ratios(self, path: str, kind: str, base: str) -> list[float]:
+        pairs = zip(self.rounds(path, kind), self.rounds(path, base), strict=True)
+        return [r["rate"] / b["rate"] for r, b in pairs]
+
+    def added_ms(self, path: str, kind: str, base: str) -> list[float]:
+        pairs = zip(self.rounds(path, kind), self.rounds(path, base), strict=True)
+        return [self.ms(r) - self.ms(b) for r, b in pairs]
 
 
 def table(backend_name: str, data: dict[str, Any]) -> list[str]:
-    rows = data["scenarios"]
-
-    def med(key: str, field: str) -> float:
-        return median([r[field] for r in rows[key]])
-
+    runs = Runs(data)
+    sizes = data["sizes"]
+    shown_paths = [path for path in PATHS if runs.has(path, *KINDS)]
+    order = list(KINDS)
     lines = [
         f"### {backend_name}",
         "",
-        f"{data['rounds']} interleaved rounds of {data['n']} tasks per scenario; medians.",
+        f"{data['servers']}. {plural(data['rounds'], 'interleaved round')} of "
+        + ", ".join(f"{sizes[path]:,} tasks ({PATHS[path]})" for path in shown_paths)
+        + f" per scenario; `--concurrency={runs.concurrency}`; load average "
+        + " → ".join(f"{x:.1f}" for x in data["load"])
+        + " (1 min, before → after).",
         "",
-        "| path | task | tasks/s | × plain | × recipe | queries/task | peak RSS (MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| path | task | tasks/s | ms/task | × plain | × recipe | × peer | queries/task "
+        "| peak RSS (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, path, name in SCENARIOS:
-        rate = med(name, "rate")
-        # Ratios: median of the per-round ratios (each round's scenarios ran back to back).
-        vs_plain = ratio(rows[name], rows[f"bench.plain_{path}"])
-        vs_recipe = ratio(rows[name], rows[f"bench.recipe_{path}"])
-        shown = "—" if label == "plain" else f"{vs_recipe:.2f}"
+    for scenario in SCENARIOS:
+        if scenario.path not in shown_paths:
+            continue
+        path, kind = scenario.path, scenario.kind
+        rounds = runs.rounds(path, kind)
+
+        def vs(base: str, kind: str = kind, path: str = path) -> str:
+            # Against the kinds above it in the table only (the plain task has no "× recipe").
+            if order.index(base) > order.index(kind):
+                return "—"
+            return f"{median(runs.ratios(path, kind, base)):.2f}"
+
         lines.append(
-            f"| {'success' if path == 'ok' else 'failure'} | {label} | {rate:,.0f} | "
-            f"{vs_plain:.2f} | {shown} | "
-            f"{med(name, 'queries'):.2f} | {med(name, 'rss_mib'):.0f} |"
+            f"| {PATHS[path]} | {scenario.label} | {median([r['rate'] for r in rounds]):,.0f} | "
+            f"{median([runs.ms(r) for r in rounds]):.2f} | {vs('plain')} | {vs('recipe')} | "
+            f"{vs('peer')} | {median([r['queries'] for r in rounds]):.2f} | "
+            f"{median([r['rss_mib'] for r in rounds]):.0f} |"
+        )
+    lines += [
+        "",
+        "Side by side (median of the per-round ratios, the rounds' range in brackets; "
+        "time added per task from the same runs):",
+        "",
+    ]
+    for c in COMPARISONS:
+        if not runs.has(c.path, c.kind, c.base):
+            continue
+        ratios = runs.ratios(c.path, c.kind, c.base)
+        added = runs.added_ms(c.path, c.kind, c.base)
+        lines.append(
+            f"- {c.means}: **{median(ratios):.3f}×** [{min(ratios):.3f}–{max(ratios):.3f}], "
+            f"{median(added):+.2f} ms per task [{min(added):+.2f} to {max(added):+.2f}]"
         )
     fan = data.get("fanout")
-    if fan:
-        delay = median(fan["delay"])
-        fast = median(fan["dispatch"])
+    if fan and fan["delay"]:
         speedup = median([f / d for f, d in zip(fan["dispatch"], fan["delay"], strict=True)])
+        batching = "batched" if fan["batch_publish"] else "not batched: the transport cannot"
         lines += [
             "",
-            f"Fan-out of {fan['n']:,} active objects ({data['rounds']} rounds, medians): "
-            f"`.delay()` loop {delay:,.0f} msg/s, `dispatch_active` {fast:,.0f} msg/s "
-            f"(**{speedup:.1f}×**, fast path: {fan['path']}).",
+            f"Fan-out of {fan['n']:,} active objects ({plural(len(fan['delay']), 'round')}, "
+            "medians): "
+            f"a `.delay()` loop {median(fan['delay']):,.0f} msg/s, `task.dispatch_active()` "
+            f"{median(fan['dispatch']):,.0f} msg/s (**{speedup:.1f}×**; publishes {batching}).",
         ]
     mem = data.get("memory")
     if mem:
@@ -131,13 +145,11 @@ def table(backend_name: str, data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def versions() -> str:
-    def v(mod: str) -> str:
+def machine() -> str:
+    def v(dist: str) -> str:
         try:
-            from importlib.metadata import version
-
-            return version(mod)
-        except Exception:
+            return version(dist)
+        except PackageNotFoundError:
             return "?"
 
     cpu = "?"
@@ -148,48 +160,44 @@ def versions() -> str:
                 break
     except OSError:
         pass
-    server = []
-    for cmd, label in (
-        (
-            [
-                "psql",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                "55432",
-                "-U",
-                "postgres",
-                "-tAc",
-                "show server_version",
-            ],
-            "PostgreSQL",
-        ),
-        (["redis-cli", "-p", "56379", "info", "server"], "Redis"),
-    ):
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout
-            if label == "Redis":
-                out = next(
-                    (x.split(":")[1] for x in out.splitlines() if x.startswith("redis_version")), ""
-                )
-            if out.strip():
-                server.append(f"{label} {out.strip()}")
-        except (OSError, subprocess.SubprocessError):
-            pass
     return (
         f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}, Celery {v('celery')}, kombu {v('kombu')}, "
-        f"Django {v('Django')}, psycopg {v('psycopg')}, redis-py {v('redis')}"
-        + ("; " + ", ".join(server) if server else "")
+        f"Python {platform.python_version()}, celery-deactivate {v('celery-deactivate')} "
+        f"({commit()}), Celery {v('celery')}, kombu {v('kombu')}, Django {v('Django')}, "
+        f"psycopg {v('psycopg')}, redis-py {v('redis')}"
     )
+
+
+def commit() -> str:
+    """The code measured: the commit, ``+ changes`` when the work tree differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "commit unknown"
+    return (f"code of {head}" + (" + changes" if dirty else "")) if head else "commit unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--n", type=int, default=2000, help="tasks per scenario and round")
+    parser.add_argument(
+        "--io-n", type=int, default=1000, help="tasks per scenario and round, 5 ms body"
+    )
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument(
+        "--path", action="append", choices=list(PATHS), help="only these paths (ok, fail, io)"
+    )
     parser.add_argument("--fanout-n", type=int, default=10000, help="fan-out size on Redis")
     parser.add_argument(
         "--embedded-fanout-n",
@@ -207,24 +215,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-write", action="store_true", help="do not write results.md")
     args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = "make bench" + (f" BENCH_ARGS={shlex.quote(shlex.join(given))}" if given else "")
+    started = datetime.datetime.now().astimezone()
     out: list[str] = []
     for backend in backends():
         if args.backend and backend["key"] not in args.backend:
             continue
         with tempfile.TemporaryDirectory(prefix="cd-bench-") as workdir:
             env = child_env(backend, workdir)
+            fanout_n = args.fanout_n if backend["key"] == "pgredis" else args.embedded_fanout_n
             cmd = [
                 sys.executable,
                 "-m",
                 "tests.benchmarks.worker_run",
-                "--rounds",
-                str(args.rounds),
-                "--n",
-                str(args.n),
-                "--fanout-n",
-                str(args.fanout_n if backend["key"] == "pgredis" else args.embedded_fanout_n),
-                "--workdir",
-                workdir,
+                *("--rounds", str(args.rounds), "--n", str(args.n), "--io-n", str(args.io_n)),
+                *("--concurrency", str(args.concurrency), "--fanout-n", str(fanout_n)),
+                *(f"--path={path}" for path in args.path or ()),
+                *("--workdir", workdir),
             ]
             # The memory run publishes 1,000,000 messages: Redis only (the embedded broker
             # takes a few hundred a second).
@@ -242,19 +250,24 @@ def main(argv: list[str] | None = None) -> int:
             Path(tempfile.gettempdir(), f"cd-bench-{backend['key']}.json").write_text(raw)
             data = json.loads(raw)
         out += [*table(backend["name"], data), ""]
-    command = "make bench" + (
-        f" BENCH_ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else ""
-    )
     report = [
         "# Benchmark results",
         "",
-        f"{datetime.date.today().isoformat()} · `{command}` · {versions()}.",
+        f"{started:%Y-%m-%d %H:%M %Z} · `{command}` · {machine()}.",
         "",
-        "Real prefork worker (`--concurrency=2`, `CELERY_DB_REUSE_MAX` set, results ignored). "
-        "× plain / × recipe: medians of the per-round ratios. Queries: statements per task, "
-        "counted by an execute wrapper in the warm-up pass only (SAVEPOINTs included; "
-        "BEGIN/COMMIT/ROLLBACK are not statements, a BEGIN sent with a query is not counted "
-        "apart); the timed rounds run with no wrapper installed.",
+        "A real prefork worker per backend (`CELERY_DB_REUSE_MAX` set, results ignored); every "
+        "scenario runs in every round, compared ones back to back, rounds alternate direction. "
+        "The tasks (`tests/benchmarks/tasks.py`) share one body, a `get()` and a `save()` of a "
+        "feed (the failing ones raise after it, the 5 ms one sleeps between them): a plain "
+        "task; the recipe (the body in `transaction.atomic`, deactivate and mail on error); "
+        "the peer, the recipe with the drop-in's guarantee written by hand (inside the "
+        "transaction the body runs only if the feed is active); `DeactivatingTask` as a "
+        "drop-in (the body gets its feed) and with `deactivate_pass_object=True` (the body "
+        "receives it). ms/task: the time one pool process spends per task (concurrency ÷ "
+        "tasks/s). × plain, × recipe, × peer: medians of the per-round throughput ratios. "
+        "queries/task: statements counted by an execute wrapper in the warm-up pass only "
+        "(savepoints included; BEGIN, COMMIT and ROLLBACK are not statements); the timed rounds "
+        "run without it.",
         "",
         *out,
     ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import django
+
 from tests.settings import *  # noqa: F403
 from tests.settings import database_from_url
 
@@ -22,6 +24,10 @@ else:
             "OPTIONS": {"timeout": 30},
         }
     }
+    if django.VERSION >= (5, 1):
+        # Two worker processes on one SQLite file: a transaction that reads before it writes
+        # (the recipe's body) fails with "database is locked" when it starts deferred.
+        DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
 
 EMAIL_BACKEND = "tests.benchmarks.mail.RenderingBackend"
 

@@ -2,12 +2,11 @@
 
 A file of fixed slots, mapped in memory by every child (``worker_process_init``) and by the runner:
 writing a counter is a memory store, so measuring costs the tasks next to nothing.  Slot layout:
-pid, tasks, queries, peak RSS (KiB), first task start, last task end (``time.time()``).
+pid, tasks, queries, failures, peak RSS (KiB), first task start, last task end (``time.time()``).
 
 Queries are counted only in a counting pass (:func:`set_counting`), by an execute wrapper put
 on the connection for each task: the timed rounds run with no wrapper installed, as a
-production worker does (an installed wrapper costs every query, and the library reads the
-object's state through a cursor when one is installed).
+production worker does (an installed wrapper costs every query).
 """
 
 from __future__ import annotations
@@ -24,7 +23,9 @@ from typing import Any
 from celery import signals
 from django.db import connections
 
-SLOT = struct.Struct("<qqqqdd")
+SLOT = struct.Struct("<qqqqqdd")
+#: Byte offsets of the fields in a slot.
+PID, TASKS, QUERIES, FAILURES, RSS, FIRST, LAST = (8 * i for i in range(7))
 SLOTS = 64
 SIZE = SLOT.size * SLOTS
 #: The last slot is the runner's: its first field set means "count queries".
@@ -36,6 +37,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE") // 1024
 class Totals:
     tasks: int
     queries: int
+    failures: int
     rss_kib: int
     first: float
     last: float
@@ -63,7 +65,7 @@ def reset(m: mmap.mmap) -> None:
     """Zero every counter, keeping the slots' owners."""
     for i in range(SLOTS - 1):
         pid = SLOT.unpack_from(m, i * SLOT.size)[0]
-        SLOT.pack_into(m, i * SLOT.size, pid, 0, 0, 0, 0.0, 0.0)
+        SLOT.pack_into(m, i * SLOT.size, pid, 0, 0, 0, 0, 0.0, 0.0)
 
 
 def totals(m: mmap.mmap) -> Totals:
@@ -72,9 +74,10 @@ def totals(m: mmap.mmap) -> Totals:
     return Totals(
         tasks=sum(r[1] for r in rows),
         queries=sum(r[2] for r in rows),
-        rss_kib=max((r[3] for r in rows), default=0),
-        first=min((r[4] for r in used), default=0.0),
-        last=max((r[5] for r in used), default=0.0),
+        failures=sum(r[3] for r in rows),
+        rss_kib=max((r[4] for r in rows), default=0),
+        first=min((r[5] for r in used), default=0.0),
+        last=max((r[6] for r in used), default=0.0),
     )
 
 
@@ -95,29 +98,29 @@ class _Child:
                 else:
                     raise RuntimeError("no free stats slot")
                 self.offset = i * SLOT.size
-                self.map[self.offset : self.offset + 8] = struct.pack("<q", os.getpid())
+                struct.pack_into("<q", self.map, self.offset + PID, os.getpid())
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def add(self, field: int, amount: int = 1) -> None:
-        at = self.offset + 8 * field
+        at = self.offset + field
         (value,) = struct.unpack_from("<q", self.map, at)
         struct.pack_into("<q", self.map, at, value + amount)
 
     def started(self) -> None:
-        at = self.offset + 32
+        at = self.offset + FIRST
         if struct.unpack_from("<d", self.map, at)[0] == 0.0:
             struct.pack_into("<d", self.map, at, time.time())
 
     def finished(self) -> None:
-        struct.pack_into("<d", self.map, self.offset + 40, time.time())
-        (count,) = struct.unpack_from("<q", self.map, self.offset + 8)
+        struct.pack_into("<d", self.map, self.offset + LAST, time.time())
+        (count,) = struct.unpack_from("<q", self.map, self.offset + TASKS)
         if count % 32 == 0:
             self.sample_rss()
-        self.add(1)
+        self.add(TASKS)
 
     def sample_rss(self) -> None:
-        at = self.offset + 24
+        at = self.offset + RSS
         rss = rss_kib()
         if rss > struct.unpack_from("<q", self.map, at)[0]:
             struct.pack_into("<q", self.map, at, rss)
@@ -139,7 +142,7 @@ def connect(measured: Callable[[str], bool]) -> None:
 
     def count_query(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         if _child is not None:
-            _child.add(2)
+            _child.add(QUERIES)
         return execute(sql, params, many, context)
 
     @signals.task_prerun.connect(weak=False)
@@ -148,6 +151,11 @@ def connect(measured: Callable[[str], bool]) -> None:
             _child.started()
             if counting(_child.map):
                 connections["default"].execute_wrappers.append(count_query)
+
+    @signals.task_failure.connect(weak=False)
+    def failure(sender: Any = None, **kwargs: Any) -> None:
+        if _child is not None and measured(sender.name):
+            _child.add(FAILURES)
 
     @signals.task_postrun.connect(weak=False)
     def postrun(sender: Any = None, **kwargs: Any) -> None:

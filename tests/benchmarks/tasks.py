@@ -1,15 +1,28 @@
-"""The tasks measured, all on ``testapp.Feed`` with the same body (get, increment, save).
+"""The tasks measured, all on ``testapp.Feed`` with the same body: get, (wait), increment, save.
 
-The failing variants raise after the save.  ``recipe_*`` is ``../shared/recipe.txt`` ported to
-Python 3: an atomic inner function, try/except, a full ``save()`` to deactivate, ``mail_admins``,
-re-raise.  The worker children count their tasks, queries and RSS into a shared stats file (see
-:mod:`tests.benchmarks.stats`).
+Three paths (see :mod:`tests.benchmarks.scenarios`): ``ok`` succeeds, ``fail`` raises after the
+save, ``io`` succeeds after sleeping 5 ms between the read and the save, as a body that calls
+another service would.  Five kinds:
+
+- ``plain``: a Celery task, no guarantee.
+- ``recipe``: ``/work/shared/recipe.txt`` ported to Python 3: an atomic inner function,
+  try/except, a full ``save()`` to deactivate, ``mail_admins``, re-raise.
+- ``peer``: the recipe plus the guarantee the drop-in gives, written by hand: inside the
+  recipe's transaction, the body is skipped unless the object is active (one more statement,
+  as the drop-in's read before the body is one more statement than the recipe's).
+- ``deactivating``: ``DeactivatingTask`` as a drop-in, the body fetches its object.
+- ``object``: ``DeactivatingTask`` with ``deactivate_pass_object=True``, the body receives it.
+
+Only the library's public API is used: ``base=DeactivatingTask``, options as task keywords,
+``task.dispatch_active()``.  The worker children count their tasks, failures, queries and RSS
+into a shared stats file (see :mod:`tests.benchmarks.stats`).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.core.mail import mail_admins
@@ -20,12 +33,17 @@ from tests.benchmarks import stats
 from tests.benchmarks.app import app
 from tests.testapp.models import Feed
 
+#: Seconds the ``io`` body waits, as an I/O call would.
+IO_SECONDS = 0.005
+
 
 class Boom(ValueError):
     """The failure of the failing variants."""
 
 
-def body(feed: Feed, fail: bool) -> int:
+def body(feed: Feed, fail: bool = False, wait: float = 0.0) -> int:
+    if wait:
+        time.sleep(wait)
     feed.polls += 1
     feed.save()
     if fail:
@@ -38,15 +56,20 @@ def body(feed: Feed, fail: bool) -> int:
 
 @app.task(name="bench.plain_ok")
 def plain_ok(pk: int) -> int:
-    return body(Feed.objects.get(pk=pk), False)
+    return body(Feed.objects.get(pk=pk))
 
 
 @app.task(name="bench.plain_fail")
 def plain_fail(pk: int) -> int:
-    return body(Feed.objects.get(pk=pk), True)
+    return body(Feed.objects.get(pk=pk), fail=True)
 
 
-# -- the recipe -------------------------------------------------------------------------------
+@app.task(name="bench.plain_io")
+def plain_io(pk: int) -> int:
+    return body(Feed.objects.get(pk=pk), wait=IO_SECONDS)
+
+
+# -- the recipe, and the recipe with the drop-in's guarantee written by hand ------------------
 
 
 def deactivate(obj: Feed, error: Any = None) -> None:
@@ -58,13 +81,22 @@ def deactivate(obj: Feed, error: Any = None) -> None:
 
 
 @transaction.atomic
-def _manage_object(pk: int, fail: bool) -> int:
-    return body(Feed.objects.get(pk=pk), fail)
+def _manage_object(pk: int, fail: bool, wait: float) -> int:
+    return body(Feed.objects.get(pk=pk), fail, wait)
 
 
-def _recipe(pk: int, fail: bool) -> int:
+@transaction.atomic
+def _manage_active_object(pk: int, fail: bool, wait: float) -> int | None:
+    if not Feed.objects.filter(pk=pk, active=True).exists():
+        return None  # deactivated meanwhile: what the drop-in guarantees
+    return body(Feed.objects.get(pk=pk), fail, wait)
+
+
+def _recipe(
+    manage: Callable[[int, bool, float], int | None], pk: int, fail: bool = False, wait: float = 0.0
+) -> int | None:
     try:
-        return _manage_object(pk, fail)
+        return manage(pk, fail, wait)
     except BaseException as exc:
         obj = Feed.objects.get(pk=pk)
         deactivate(obj, error=type(exc))
@@ -75,13 +107,33 @@ def _recipe(pk: int, fail: bool) -> int:
 
 
 @app.task(name="bench.recipe_ok")
-def recipe_ok(pk: int) -> int:
-    return _recipe(pk, False)
+def recipe_ok(pk: int) -> int | None:
+    return _recipe(_manage_object, pk)
 
 
 @app.task(name="bench.recipe_fail")
-def recipe_fail(pk: int) -> int:
-    return _recipe(pk, True)
+def recipe_fail(pk: int) -> int | None:
+    return _recipe(_manage_object, pk, fail=True)
+
+
+@app.task(name="bench.recipe_io")
+def recipe_io(pk: int) -> int | None:
+    return _recipe(_manage_object, pk, wait=IO_SECONDS)
+
+
+@app.task(name="bench.peer_ok")
+def peer_ok(pk: int) -> int | None:
+    return _recipe(_manage_active_object, pk)
+
+
+@app.task(name="bench.peer_fail")
+def peer_fail(pk: int) -> int | None:
+    return _recipe(_manage_active_object, pk, fail=True)
+
+
+@app.task(name="bench.peer_io")
+def peer_io(pk: int) -> int | None:
+    return _recipe(_manage_active_object, pk, wait=IO_SECONDS)
 
 
 # -- DeactivatingTask -------------------------------------------------------------------------
@@ -89,22 +141,32 @@ def recipe_fail(pk: int) -> int:
 
 @app.task(name="bench.deactivating_ok", base=DeactivatingTask, model=Feed)
 def deactivating_ok(pk: int) -> int:
-    return body(Feed.objects.get(pk=pk), False)
+    return body(Feed.objects.get(pk=pk))
 
 
 @app.task(name="bench.deactivating_fail", base=DeactivatingTask, model=Feed)
 def deactivating_fail(pk: int) -> int:
-    return body(Feed.objects.get(pk=pk), True)
+    return body(Feed.objects.get(pk=pk), fail=True)
+
+
+@app.task(name="bench.deactivating_io", base=DeactivatingTask, model=Feed)
+def deactivating_io(pk: int) -> int:
+    return body(Feed.objects.get(pk=pk), wait=IO_SECONDS)
 
 
 @app.task(name="bench.object_ok", base=DeactivatingTask, model=Feed, deactivate_pass_object=True)
 def object_ok(feed: Feed) -> int:
-    return body(feed, False)
+    return body(feed)
 
 
 @app.task(name="bench.object_fail", base=DeactivatingTask, model=Feed, deactivate_pass_object=True)
 def object_fail(feed: Feed) -> int:
-    return body(feed, True)
+    return body(feed, fail=True)
+
+
+@app.task(name="bench.object_io", base=DeactivatingTask, model=Feed, deactivate_pass_object=True)
+def object_io(feed: Feed) -> int:
+    return body(feed, wait=IO_SECONDS)
 
 
 # -- harness ----------------------------------------------------------------------------------
@@ -118,15 +180,10 @@ def gate(path: str) -> None:
         time.sleep(0.0005)
 
 
-@app.task(name="bench.noop")
-def noop(pk: int) -> None:
-    """The fan-out's target when no worker runs: never executed."""
-
-
-stats.connect(measured=lambda name: name.startswith("bench.") and name not in {"bench.gate"})
+stats.connect(measured=lambda name: name.startswith("bench.") and name != "bench.gate")
 
 
 @app.task(name="bench.fanout_target", base=DeactivatingTask, model=Feed, queue="bench_fanout")
 def fanout_target(pk: int) -> int:
     """What the fan-out enqueues (into a queue no worker consumes during the benchmark)."""
-    return body(Feed.objects.get(pk=pk), False)
+    return body(Feed.objects.get(pk=pk))

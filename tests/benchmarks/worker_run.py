@@ -1,11 +1,15 @@
-"""One backend's benchmark (run by :mod:`tests.benchmarks.run` with the backend's environment).
+"""One backend's benchmark, run by :mod:`tests.benchmarks.run` in the backend's environment.
 
-Prints one JSON line: per scenario and round, tasks/s, queries/task, peak RSS; the fan-out rates.
+Starts one real prefork worker, runs every scenario in interleaved rounds, checks what each
+scenario did to the rows, measures the fan-out, and prints one JSON line: per scenario and
+round, tasks/s, queries/task, peak RSS; the fan-out rates; the servers' versions; the machine's
+load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -14,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +30,8 @@ app.finalize()
 from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
-from celery_deactivate.dispatch import dispatch_active  # noqa: E402
 from tests.benchmarks import stats, tasks  # noqa: E402
-from tests.benchmarks.run import SCENARIOS  # noqa: E402
+from tests.benchmarks.scenarios import CONCURRENCY, PATHS, Scenario, run_order  # noqa: E402
 from tests.testapp.models import Feed  # noqa: E402
 
 
@@ -36,11 +40,12 @@ def log(*parts: Any) -> None:
 
 
 def reset_rows(n: int) -> list[int]:
+    """``n`` active feeds that never ran; their primary keys in order."""
     if Feed.objects.count() != n:
         Feed.objects.all().delete()
         Feed.objects.bulk_create([Feed(title=f"feed {i}") for i in range(n)], batch_size=2000)
     Feed.objects.update(
-        active=True, error=False, error_message="", failure_count=0, deactivated_at=None
+        active=True, error=False, error_message="", failure_count=0, deactivated_at=None, polls=0
     )
     if connection.vendor == "postgresql":
         # Every scenario starts from the same table: no dead row versions left by the previous
@@ -50,13 +55,45 @@ def reset_rows(n: int) -> list[int]:
     return list(Feed.objects.order_by("pk").values_list("pk", flat=True))
 
 
+def check(scenario: Scenario, pks: list[int], failures: int) -> None:
+    """Fail the benchmark unless ``scenario`` did what it claims to every row of ``pks``.
+
+    Success: every task succeeded and polled its feed once.  Failure: every task failed; the
+    plain task's save stays, every other kind rolled the body back and deactivated the feed.
+    """
+    rows = Feed.objects.filter(pk__gte=pks[0], pk__lte=pks[-1])
+    guarded = scenario.fails and scenario.kind != "plain"
+    expected = {
+        "failed": len(pks) if scenario.fails else 0,
+        "polled once": 0 if guarded else len(pks),
+        "deactivated": len(pks) if guarded else 0,
+    }
+    found = {
+        "failed": failures,
+        "polled once": rows.filter(polls=1).count(),
+        "deactivated": rows.filter(active=False).count(),
+    }
+    if found != expected:
+        raise RuntimeError(f"{scenario.task} on {len(pks)} feeds: {found}, expected {expected}")
+
+
+def queue(task: Any, pks: list[int]) -> None:
+    """One message of ``task`` per primary key, through ``apply_async`` on one producer."""
+    with app.producer_or_acquire() as producer:
+        batch = getattr(producer, "batch", None)  # kombu >= 5.7: pipelined where it can
+        with batch() if batch else contextlib.nullcontext():
+            for pk in pks:
+                task.apply_async((pk,), producer=producer, add_to_parent=False)
+
+
 def purge(queue: str) -> None:
     with app.connection_for_write() as conn:
         conn.default_channel.queue_purge(queue)
 
 
 class Worker:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, concurrency: int) -> None:
+        self.concurrency = concurrency
         self.stats_path = str(workdir / "stats")
         stats.create(self.stats_path)
         self.map = stats.open_map(self.stats_path)
@@ -72,7 +109,7 @@ class Worker:
                 "tests.benchmarks.app",
                 "worker",
                 "--pool=prefork",
-                "--concurrency=2",
+                f"--concurrency={concurrency}",
                 "--loglevel=ERROR",
                 "-Q",
                 "bench",
@@ -86,29 +123,36 @@ class Worker:
         )
 
     def run(
-        self, task: Any, pks: list[int], timeout: float = 300.0, count_queries: bool = False
+        self,
+        scenario: Scenario,
+        pks: list[int],
+        timeout: float = 600.0,
+        count_queries: bool = False,
     ) -> dict[str, float]:
-        # Hold both pool children, queue the scenario, then let them go.
+        """Run ``scenario`` once per primary key; its rate from first start to last end."""
+        # Hold every pool child, queue the scenario, then let them go.
         for path in Path(self.gate).parent.glob("gate*"):
             path.unlink()
-        for _ in range(2):
+        for _ in range(self.concurrency):
             tasks.gate.delay(self.gate)
-        self._wait(lambda: len(list(Path(self.gate).parent.glob("gate.started.*"))) >= 2, 120)
+        self._wait(
+            lambda: len(list(Path(self.gate).parent.glob("gate.started.*"))) >= self.concurrency,
+            120,
+        )
         stats.reset(self.map)
         stats.set_counting(self.map, count_queries)
-        from celery_deactivate.dispatch import publish_pks
-
-        publish_pks(task, iter([pks]))
+        queue(app.tasks[scenario.task], pks)
         Path(self.gate).touch()
         self._wait(lambda: stats.totals(self.map).tasks >= len(pks), timeout)
         total = stats.totals(self.map)
+        check(scenario, pks, total.failures)
         return {
             "rate": total.tasks / (total.last - total.first),
             "queries": total.queries / total.tasks,
             "rss_mib": total.rss_kib / 1024,
         }
 
-    def _wait(self, predicate: Any, timeout: float) -> None:
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if self.proc.poll() is not None:
@@ -142,10 +186,11 @@ def fanout(n: int) -> tuple[float, float]:
     delay = n / (time.perf_counter() - start)
     purge("bench_fanout")
     start = time.perf_counter()
-    sent = dispatch_active(target)
+    sent = target.dispatch_active()
     fast = sent / (time.perf_counter() - start)
     purge("bench_fanout")
-    assert sent == n, (sent, n)
+    if sent != n:
+        raise RuntimeError(f"dispatch_active sent {sent} messages for {n} active feeds")
     return delay, fast
 
 
@@ -192,18 +237,43 @@ def dispatch_rss() -> None:
 
     thread = threading.Thread(target=drain, daemon=True)
     thread.start()
-    dispatch_active(tasks.fanout_target)
+    tasks.fanout_target.dispatch_active()
     done.set()
     thread.join()
     purge("bench_fanout")
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+def servers() -> str:
+    """The database's and the broker's versions, as the benchmark's connections report them."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW server_version")
+            found = [f"PostgreSQL {cursor.fetchone()[0]}"]
+    else:
+        import sqlite3
+
+        found = [f"SQLite {sqlite3.sqlite_version}"]
+    url = app.conf.broker_url
+    if url.startswith("redis://"):
+        import redis
+
+        found.append(f"Redis {redis.Redis.from_url(url).info('server')['redis_version']}")
+    elif url.startswith("sqla+"):
+        import sqlalchemy
+
+        found.append(f"SQLAlchemy {sqlalchemy.__version__} (kombu's sqla transport)")
+    return ", ".join(found)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--io-n", type=int, default=1000)
     parser.add_argument("--fanout-n", type=int, default=10000)
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument("--path", action="append", choices=list(PATHS))
     parser.add_argument("--workdir", default=".")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--dispatch-rss", action="store_true")
@@ -211,32 +281,32 @@ def main() -> int:
     if args.dispatch_rss:
         dispatch_rss()
         return 0
+    load = [os.getloadavg()[0]]
     call_command("migrate", run_syncdb=True, verbosity=0)
     purge("bench")
-    workdir = Path(args.workdir)
-    worker = Worker(workdir)
-    results: dict[str, list[dict[str, float]]] = {name: [] for _, _, name in SCENARIOS}
-    fan: dict[str, Any] = {"n": args.fanout_n, "delay": [], "dispatch": []}
+    order = run_order(args.path)
+    sizes = {path: args.io_n if path == "io" else args.n for path in PATHS}
+    rows = max(sizes[s.path] for s in order)
+    results: dict[str, list[dict[str, float]]] = {s.task: [] for s in order}
+    worker = Worker(Path(args.workdir), args.concurrency)
     try:
         # One warm-up pass so that every child has imported, connected and compiled everything;
         # it counts the queries (the timed rounds run without the counting wrapper).
-        pks = reset_rows(args.n)
         queries: dict[str, float] = {}
-        for _, _, name in SCENARIOS:
-            reset_rows(args.n)
-            warm = worker.run(app.tasks[name], pks[: max(50, args.n // 10)], count_queries=True)
-            queries[name] = warm["queries"]
-        names = [name for _, _, name in SCENARIOS]
+        for scenario in order:
+            pks = reset_rows(rows)[: min(sizes[scenario.path], max(50, args.n // 10))]
+            queries[scenario.task] = worker.run(scenario, pks, count_queries=True)["queries"]
         for round_ in range(1, args.rounds + 1):
             # Forwards, then backwards: each scenario runs next to the ones it is compared with,
             # after them as often as before them.
-            for name in names if round_ % 2 else names[::-1]:
-                pks = reset_rows(args.n)
-                result = worker.run(app.tasks[name], pks)
-                results[name].append(dict(result, queries=queries[name]))
-                log(f"round {round_} {name}: {result['rate']:.0f}/s")
+            for scenario in order if round_ % 2 else order[::-1]:
+                pks = reset_rows(rows)[: sizes[scenario.path]]
+                result = worker.run(scenario, pks)
+                results[scenario.task].append(dict(result, queries=queries[scenario.task]))
+                log(f"round {round_} {scenario.task}: {result['rate']:.0f}/s")
     finally:
         worker.stop()
+    fan: dict[str, Any] = {"n": args.fanout_n, "delay": [], "dispatch": []}
     for round_ in range(1, args.rounds + 1):
         reset_rows(args.fanout_n)
         delay, fast = fanout(args.fanout_n)
@@ -244,14 +314,18 @@ def main() -> int:
         fan["dispatch"].append(fast)
         log(f"round {round_} fan-out: delay {delay:.0f}/s dispatch_active {fast:.0f}/s")
     with app.producer_or_acquire() as producer:
-        fan["path"] = (
-            "kombu Producer.batch() pipelining"
-            if getattr(producer, "supports_batch_publish", False)
-            else "one producer, no pipelining (transport has no batch publish)"
-        )
-    data: dict[str, Any] = {"rounds": args.rounds, "n": args.n, "scenarios": results, "fanout": fan}
+        fan["batch_publish"] = bool(getattr(producer, "supports_batch_publish", False))
+    data: dict[str, Any] = {
+        "rounds": args.rounds,
+        "sizes": sizes,
+        "concurrency": args.concurrency,
+        "scenarios": results,
+        "fanout": fan,
+        "servers": servers(),
+    }
     if args.memory:
         data["memory"] = memory([100_000, 1_000_000])
+    data["load"] = [*load, os.getloadavg()[0]]
     print(json.dumps(data))
     return 0
 
