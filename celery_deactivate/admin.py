@@ -80,6 +80,7 @@ _DEACTIVATED = (
 
 #: The states' keys (the filter's values in the URL: ``?deactivation=error``).
 ACTIVE, BY_ERROR, BY_HAND, DEACTIVATED = "active", "error", "hand", "deactivated"
+PROBING = "probing"
 
 #: Django's default ``list_display``: a class that keeps it gets the state columns.
 DJANGO_LIST_DISPLAY = ("__str__",)
@@ -111,13 +112,22 @@ def states(target: Target) -> tuple[State, ...]:
         )
     by_error = inactive & Q(**{target.error: True})
     by_hand = inactive & Q(**{target.error: False})
-    # Objects waiting for a cool-down probe will be a state of their own here,
-    # between "active" and "deactivated by error": ``State(PROBING, ..., "icon-clock.svg", ...)``,
-    # its condition excluded from ``by_error``, and a case of its own in :func:`state_of`.
+    if not target.probes:
+        return (
+            State(ACTIVE, _("Active"), "icon-yes.svg", active),
+            State(BY_ERROR, _("Deactivated by error"), "icon-no.svg", by_error),
+            State(BY_HAND, _("Deactivated by hand"), "icon-alert.svg", by_hand),
+        )
+    # Deactivated by a failure, with a cool-down probe scheduled or out: on its way back.
+    probing = inactive & (
+        Q(**{f"{target.next_probe_at}__isnull": False})
+        | Q(**{f"{target.probing_since}__isnull": False})
+    )
     return (
         State(ACTIVE, _("Active"), "icon-yes.svg", active),
-        State(BY_ERROR, _("Deactivated by error"), "icon-no.svg", by_error),
-        State(BY_HAND, _("Deactivated by hand"), "icon-alert.svg", by_hand),
+        State(PROBING, _("Probing (cool-down)"), "icon-clock.svg", probing),
+        State(BY_ERROR, _("Deactivated by error"), "icon-no.svg", by_error & ~probing),
+        State(BY_HAND, _("Deactivated by hand"), "icon-alert.svg", by_hand & ~probing),
     )
 
 
@@ -127,6 +137,10 @@ def state_of(target: Target, obj: Model) -> State:
         key = ACTIVE
     elif target.error is None:
         key = DEACTIVATED
+    elif target.probes and (
+        getattr(obj, str(target.next_probe_at)) or getattr(obj, str(target.probing_since))
+    ):
+        key = PROBING
     else:
         key = BY_ERROR if getattr(obj, target.error) else BY_HAND
     return next(state for state in states(target) if state.key == key)
@@ -345,6 +359,9 @@ def _recorded(target: Target) -> list[str]:
         target.error_message,
         target.deactivated_at,
         target.failure_count,
+        target.next_probe_at,
+        target.cooldown,
+        target.probing_since,
     )
     return [name for name in roles if name]
 

@@ -341,10 +341,34 @@ def test_the_filter_choices(admin_client: Client) -> None:
         spec = admin_client.get(url).context["cl"].filter_specs[0]
         return [label for _, label in spec.lookup_choices]
 
-    assert choices(FEEDS) == ["Active", "Deactivated by error", "Deactivated by hand"]
-    assert choices("/admin/testapp/recipeobject/") == choices(FEEDS)
+    assert choices(FEEDS) == [
+        "Active",
+        "Probing (cool-down)",
+        "Deactivated by error",
+        "Deactivated by hand",
+    ]
+    # The seed recipe's model has no cool-down fields: no probing state.
+    assert choices("/admin/testapp/recipeobject/") == [
+        "Active",
+        "Deactivated by error",
+        "Deactivated by hand",
+    ]
     # A model that records no error has only two states.
     assert choices("/admin/testapp/proxyfeed/") == ["Active", "Deactivated"]
+
+
+def test_an_object_waiting_for_its_probe_is_probing(admin_client: Client) -> None:
+    waiting = broken_feed("waiting")
+    Feed.objects.filter(pk=waiting.pk).update(next_probe_at=timezone.now(), cooldown=60)
+    broken_feed("broken")
+
+    response = admin_client.get(FEEDS, {"deactivation": "probing"})
+
+    [(feed, row)] = zip_rows(response)
+    assert str(feed) == "waiting"
+    assert "icon-clock.svg" in row and cell(row, "deactivation_state") == "Probing (cool-down)"
+    by_error = admin_client.get(FEEDS, {"deactivation": "error"})
+    assert [str(feed) for feed, _ in zip_rows(by_error)] == ["broken"]
 
 
 def test_a_model_without_an_error_field(admin_client: Client) -> None:
