@@ -214,3 +214,8 @@ def bump_plain(pk: int) -> int:
     """The same body in a plain task, as a project would write it without the library."""
     with transaction.atomic():
         return _bump(pk)
+
+
+@app.task(base=DeactivatingTask, model=Feed, deactivate_cooldown=60, deactivate_cooldown_max=300)
+def poll_cooldown(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))

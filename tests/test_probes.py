@@ -1,0 +1,180 @@
+"""The way back (issue #13): cool-down probes and the model's own methods."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from celery import Celery
+from django.core import mail
+from django.core.exceptions import ImproperlyConfigured
+from django.utils import timezone
+
+from celery_deactivate import DeactivatingTask, probes, services
+from celery_deactivate.signals import object_deactivated, object_reactivated
+from tests.conftest import wait_for
+from tests.testapp import tasks
+from tests.testapp.models import Feed, RecipeObject
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def sent() -> Iterator[list[tuple[str, Any]]]:
+    log: list[tuple[str, Any]] = []
+    object_deactivated.connect(lambda **kw: log.append(("off", kw)), weak=False, dispatch_uid="o")
+    object_reactivated.connect(lambda **kw: log.append(("on", kw)), weak=False, dispatch_uid="n")
+    yield log
+    object_deactivated.disconnect(dispatch_uid="o")
+    object_reactivated.disconnect(dispatch_uid="n")
+
+
+def deactivated_by_a_failure(behaviour: str = "fail") -> Feed:
+    feed = Feed.objects.create(title="flaky", behaviour=behaviour)
+    tasks.poll_cooldown.delay(feed.pk)
+    feed.refresh_from_db()
+    assert feed.active is False
+    return feed
+
+
+def later(seconds: float) -> Any:
+    return timezone.now() + timedelta(seconds=seconds)
+
+
+def test_a_deactivation_by_a_failure_schedules_a_probe(eager: Celery) -> None:
+    before = timezone.now()
+    feed = deactivated_by_a_failure()
+    assert feed.cooldown == 60
+    assert before + timedelta(seconds=59) < feed.next_probe_at < later(61)
+    assert feed.probing_since is None
+
+
+def test_without_cooldown_nothing_is_scheduled(eager: Celery) -> None:
+    feed = Feed.objects.create(title="f", behaviour="fail")
+    tasks.poll.delay(feed.pk)
+    feed.refresh_from_db()
+    assert (feed.active, feed.next_probe_at, feed.cooldown) == (False, None, None)
+
+
+def test_no_probe_before_the_cooldown_has_passed(eager: Celery) -> None:
+    deactivated_by_a_failure()
+    assert probes.maintain(eager) == 0
+    assert probes.maintain(eager, now=later(59)) == 0
+
+
+def test_a_probe_that_succeeds_reactivates_the_object(eager: Celery, sent: list[Any]) -> None:
+    feed = deactivated_by_a_failure()
+    Feed.objects.filter(pk=feed.pk).update(behaviour="ok")  # the upstream is back
+    sent.clear()
+
+    # When maintain runs after the cool-down (eager: the probe runs at once, as apply_async does)
+    assert probes.maintain(eager, now=later(61)) == 1
+
+    # Then the body ran and the object is active again, failures and probe cleared, signalled once
+    feed.refresh_from_db()
+    assert (feed.active, feed.error, feed.failure_count, feed.error_message) == (True, False, 0, "")
+    assert (feed.next_probe_at, feed.cooldown, feed.probing_since) == (None, None, None)
+    assert feed.polls == 1
+    assert [(kind, kw["instance"].pk) for kind, kw in sent] == [("on", feed.pk)]
+    # and its next run runs the body again; a new failure deactivates it again
+    Feed.objects.filter(pk=feed.pk).update(behaviour="fail")
+    tasks.poll_cooldown.delay(feed.pk)
+    assert Feed.objects.get(pk=feed.pk).active is False
+
+
+def test_a_probe_that_fails_doubles_the_cooldown(eager: Celery, sent: list[Any]) -> None:
+    feed = deactivated_by_a_failure()
+    first_mails = len(mail.outbox)
+    sent.clear()
+
+    assert probes.maintain(eager, now=later(61)) == 1
+
+    feed.refresh_from_db()
+    assert (feed.active, feed.error, feed.failure_count) == (False, True, 2)
+    assert feed.cooldown == 120 and feed.probing_since is None
+    assert later(119) < feed.next_probe_at < later(121)
+    assert sent == [] and len(mail.outbox) == first_mails  # still deactivated: no new notice
+    # Failing again and again, the cool-down stops at its maximum
+    for seconds in (240, 300, 300):
+        assert probes.maintain(eager, now=later(10_000)) == 1
+        assert Feed.objects.get(pk=feed.pk).cooldown == seconds
+
+
+def test_never_two_probes_for_one_object(eager: Celery) -> None:
+    feed = deactivated_by_a_failure()
+    target = tasks.poll_cooldown.target
+    now = later(61)
+    stale_before = now - timedelta(seconds=300)
+    # One claim wins; the next finds the probe out
+    assert services.claim_probe(target, feed.pk, now, stale_before, using="default") is True
+    assert services.claim_probe(target, feed.pk, now, stale_before, using="default") is False
+    assert probes.maintain(eager, now=now) == 0
+    # A probe out for longer than the maximum cool-down was lost: it is sent again
+    assert probes.maintain(eager, now=now + timedelta(seconds=301)) == 1
+
+
+def test_objects_deactivated_by_hand_are_never_probed(eager: Celery) -> None:
+    feed = Feed.objects.create(title="by hand")
+    assert feed.deactivate() is True
+    assert probes.maintain(eager, now=later(10_000)) == 0
+    feed.refresh_from_db()
+    assert (feed.active, feed.error, feed.next_probe_at) == (False, False, None)
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_probe_goes_through_the_task_s_own_apply_async_to_a_worker(celery_app: Celery) -> None:
+    feed = Feed.objects.create(title="f", behaviour="fail")
+    with pytest.raises(tasks.Boom):
+        tasks.poll_cooldown(feed.pk)  # deactivated by a direct call
+    Feed.objects.filter(pk=feed.pk).update(behaviour="ok")
+
+    assert probes.maintain(celery_app, now=later(61)) == 1
+
+    wait_for(lambda: Feed.objects.get(pk=feed.pk).active)
+    assert Feed.objects.get(pk=feed.pk).polls == 1
+
+
+def test_cooldown_needs_the_probe_fields(celery_app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="no 'next_probe_at'") as raised:
+
+        @celery_app.task(
+            base=DeactivatingTask, model=RecipeObject, deactivate_cooldown=60, shared=False
+        )
+        def probe_the_recipe(pk: int) -> None: ...
+
+    assert "testapp.RecipeObject" in str(raised.value)
+
+
+# -- the model's own methods -------------------------------------------------------------
+
+
+def test_deactivate_and_reactivate_on_the_instance(sent: list[Any]) -> None:
+    feed = Feed.objects.create(title="f", failure_count=2)
+
+    assert feed.deactivate(error=ValueError("upstream gone")) is True
+    assert (feed.active, feed.error, feed.error_message) == (
+        False,
+        True,
+        "ValueError: upstream gone",
+    )
+    assert feed.deactivate() is False  # already inactive: nothing changes, nothing is sent
+    assert feed.reactivate() is True
+    assert (feed.active, feed.error, feed.failure_count, feed.deactivated_at) == (
+        True,
+        False,
+        0,
+        None,
+    )
+    assert feed.reactivate() is False
+    assert [kind for kind, _ in sent] == ["off", "on"]
+    assert all(kw["sender"] is Feed for _, kw in sent)
+    fresh = Feed.objects.get(pk=feed.pk)
+    assert (fresh.active, fresh.error, fresh.failure_count) == (True, False, 0)
+
+
+def test_deactivate_takes_the_recipe_s_exception_class() -> None:
+    feed = Feed.objects.create(title="f")
+    feed.deactivate(error=KeyError)
+    assert (feed.active, feed.error, feed.error_message) == (False, True, "KeyError")
