@@ -8,8 +8,14 @@ class CeleryDeactivateConfig(AppConfig):
     verbose_name = "Celery deactivate"
 
     def ready(self) -> None:
-        from . import tasks  # noqa: F401  (registers the fan-out's internal tasks on every app)
+        from . import (
+            beat,
+            tasks,  # noqa: F401  (registers the fan-out's internal tasks on every app)
+        )
         from .task import pending_checks
+
+        if beat.installed():
+            beat.connect()
 
         for task_class in list(pending_checks):
             task_class.check_configuration()

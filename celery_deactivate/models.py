@@ -85,3 +85,23 @@ class DeactivatableModel(models.Model):
         for field in self._meta.concrete_fields:
             setattr(self, field.attname, getattr(changed, field.attname))
         return True
+
+
+class PausedSchedule(models.Model):
+    """A django-celery-beat ``PeriodicTask`` the library disabled when its object was
+    deactivated, to re-enable it when the object is re-activated (:mod:`celery_deactivate.beat`).
+
+    ``periodic_task_id`` is the row's id, not a foreign key: this app does not depend on
+    django-celery-beat being installed.
+    """
+
+    periodic_task_id = models.BigIntegerField(unique=True)
+    model = models.CharField(max_length=200)
+    object_pk = models.CharField(max_length=255)
+    paused_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = (models.Index(fields=("model", "object_pk"), name="celery_deac_paused_object"),)
+
+    def __str__(self) -> str:
+        return f"periodic task {self.periodic_task_id} of {self.model} pk={self.object_pk}"

@@ -6,6 +6,7 @@ SQLite and Celery's in-memory transport.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,8 @@ INSTALLED_APPS = [
     "celery_deactivate",
     "tests.testapp",
 ]
+if importlib.util.find_spec("django_celery_beat"):  # the [beat] extra (tests/test_beat.py)
+    INSTALLED_APPS.append("django_celery_beat")
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
