@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from io import StringIO
 from typing import Any
 
 import pytest
+from celery import Celery
 from django.core.management import CommandError, call_command
 
+from celery_deactivate import DeactivatingTask
 from celery_deactivate.signals import object_reactivated
 from tests.testapp.models import Feed, KeyedFeed, ProxyFeed, Renamed, SpecialFeed, UuidFeed
 
@@ -165,6 +168,42 @@ def test_renamed_fields_come_from_the_task_or_the_active_field_option(sent: list
     obj.refresh_from_db()
     assert (obj.enabled, obj.broken, obj.last_error, obj.failures) == (True, False, "", 0)
     assert sent == [("on", obj.pk)]
+
+
+def test_a_misconfigured_task_is_left_out_with_a_warning(conf: Callable[..., None]) -> None:
+    off = broken()
+    conf(deactivate_fields={"error_message": "message"})  # no model of these tasks has one
+    err = StringIO()
+
+    call_command("deactivated", stdout=(out := StringIO()), stderr=err)
+
+    assert [row["PK"] for row in table(out.getvalue())] == [str(off.pk)]  # Feed: its defaults
+    assert (
+        "A deactivating task is misconfigured, left out: tests.testapp.tasks.poll: testapp.Feed "
+        "has no field 'message' (the 'error_message' field)"
+    ) in err.getvalue()
+
+
+def test_a_task_that_cannot_be_declared_is_left_out_with_a_warning(celery_app: Celery) -> None:
+    off = broken()
+    app = Celery("unfinalized", set_as_current=False, fixups=[])
+
+    @app.task(base=DeactivatingTask, model="testapp.Gone", name="tests.gone", shared=False)
+    def gone(pk: int) -> None:
+        """Raises when the app is finalized."""
+
+    app.set_current()
+    err = StringIO()
+    try:
+        call_command("deactivated", "testapp.Feed", stdout=(out := StringIO()), stderr=err)
+    finally:
+        celery_app.set_current()
+
+    assert [row["PK"] for row in table(out.getvalue())] == [str(off.pk)]
+    assert err.getvalue() == (
+        "A deactivating task is misconfigured, left out: tests.gone: model='testapp.Gone' is not "
+        "an installed model (App 'testapp' doesn't have a 'Gone' model.)\n"
+    )
 
 
 # -- re-activating -------------------------------------------------------------------------------

@@ -143,11 +143,7 @@ class Command(BaseCommand):
                 "--filter selects objects for the list and for --reactivate-all; "
                 "--reactivate names its objects by pk"
             )
-        try:
-            tasks = deactivating_tasks(load=True)
-        except DeactivateError as exc:
-            raise CommandError(f"a deactivating task is misconfigured: {exc}") from exc
-        targets = self.task_targets(tasks)
+        targets = self.task_targets()
         if label is None:
             groups = [target_rows(target) for target in every_target(targets)]
             self.write_rows(groups, None, options)
@@ -163,15 +159,23 @@ class Command(BaseCommand):
             deactivated = deactivated.filter(pk__in=pks)
         self.reactivate(target, deactivated, pks, options)
 
-    def task_targets(self, tasks: Iterable[Any]) -> list[Target]:
-        """The tasks' targets; a task that cannot resolve its own is left out, with a warning
-        (it could not be declared in a worker either)."""
+    def task_targets(self) -> list[Target]:
+        """The targets of the current Celery app's deactivating tasks, loaded as a worker loads
+        them.  A misconfigured task (a worker would not start) is left out with a warning."""
+        problems: list[str] = []
+        try:
+            tasks = deactivating_tasks(load=True)
+        except DeactivateError as exc:  # the finalization stopped at this task's declaration
+            problems.append(str(exc))
+            tasks = deactivating_tasks()
         targets = []
         for task in tasks:
             try:
                 targets.append(task.target)
             except DeactivateError as exc:
-                self.stderr.write(f"Left out the task {task.name}, misconfigured: {exc}")
+                problems.append(str(exc))
+        for problem in dict.fromkeys(problems):  # the task that stopped it is registered
+            self.stderr.write(f"A deactivating task is misconfigured, left out: {problem}")
         return targets
 
     # -- listing ----------------------------------------------------------------------------
