@@ -12,13 +12,20 @@ task (``deactivate_fields``), else the defaults, ``--active-field`` naming the a
 Every re-activation goes through :func:`celery_deactivate.services.reactivate`, so it writes the
 same fields and sends the same ``object_reactivated`` signal as the admin's action.  Every user
 mistake is a :exc:`~django.core.management.base.CommandError` raised before anything changes.
+
+An object's state is ``error`` (deactivated by a failure: its error flag is set), ``by hand``
+(its error flag is clear) or ``deactivated`` (the model records no error flag).  ``--json``
+writes ``{"count": N, "objects": [{"model", "pk", "object", "state", "deactivated_at", "error",
+"error_message", "failure_count"}, ...]}`` (``null`` for a role the model does not record), and
+for a re-activation ``{"model", "dry_run", "reactivated": [pk, ...], "unchanged": [pk, ...]}``
+(with ``--dry-run``, what would be re-activated, and its ``"objects"``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -59,16 +66,7 @@ class Row:
     failure_count: int | None
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "pk": self.pk,
-            "object": self.object,
-            "state": self.state,
-            "deactivated_at": self.deactivated_at,
-            "error": self.error,
-            "error_message": self.error_message,
-            "failure_count": self.failure_count,
-        }
+        return asdict(self)
 
 
 class Command(BaseCommand):
