@@ -34,6 +34,7 @@ from django.conf import settings
 from django.core.exceptions import FieldDoesNotExist, FieldError, ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db import router
 from django.db.models import BooleanField, DateTimeField, Model, QuerySet
 from django.utils import timezone
 
@@ -374,8 +375,9 @@ def every_target(task_targets: list[Target]) -> list[Target]:
 
 
 def deactivated_of(target: Target) -> QuerySet[Any]:
-    """The target's deactivated objects, through its base manager (as the services)."""
-    manager = target.model._base_manager.db_manager(services.db_for(target))
+    """The target's deactivated objects, through its base manager, from the database the
+    services write to (as they do)."""
+    manager = target.model._base_manager.db_manager(router.db_for_write(target.model))
     deactivated: QuerySet[Any] = manager.filter(**{target.active: False}).order_by("pk")
     return deactivated
 
@@ -393,7 +395,7 @@ def target_rows(target: Target, queryset: QuerySet[Any] | None = None) -> Iterat
             deactivated_at=getattr(obj, target.deactivated_at) if target.deactivated_at else None,
             error=error,
             error_message=getattr(obj, target.error_message) if target.error_message else None,
-            failure_count=target.count_of(obj),
+            failure_count=getattr(obj, target.failure_count) if target.failure_count else None,
         )
 
 
@@ -481,7 +483,7 @@ def existing_pks(target: Target, given: list[str]) -> list[Any]:
         raise CommandError(
             f"not a {label} primary key: {', '.join(malformed)}; nothing was reactivated."
         )
-    manager = model._base_manager.db_manager(services.db_for(target))
+    manager = model._base_manager.db_manager(router.db_for_write(model))
     found = set(manager.filter(pk__in=values).values_list("pk", flat=True))
     missing = [value for value in values if value not in found]
     if missing:
