@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
+from django.core import checks
 
 
 class CeleryDeactivateConfig(AppConfig):
@@ -12,8 +13,11 @@ class CeleryDeactivateConfig(AppConfig):
             beat,
             tasks,  # noqa: F401  (registers the fan-out's internal tasks on every app)
         )
+        from .checks import TAG, check_tasks, check_tasks_on_deploy
         from .task import pending_checks
 
+        checks.register(check_tasks, TAG)
+        checks.register(check_tasks_on_deploy, TAG, deploy=True)
         if beat.installed():
             beat.connect()
 

@@ -1,0 +1,170 @@
+"""System checks (``manage.py check``) for deactivating tasks, with Django's check framework.
+
+A misconfigured task raises :exc:`~celery_deactivate.exceptions.DeactivateConfigError` when it
+is declared, which for a project's task modules is when its worker starts.  These checks report
+the mistakes through Django instead, for every task at once (the first mistake of each), with a
+hint.  They are tagged ``celery_deactivate`` (``manage.py check --tag celery_deactivate``).
+
+``celery_deactivate.E001``
+    The task's model is missing, not installed, abstract or not a model (the ``model=``
+    option).
+``celery_deactivate.E002``
+    A field the task records is missing on the model or of the wrong type: a name given in
+    ``deactivate_fields`` (per task or worker-wide), the ``active`` field, or the failure counter
+    that ``deactivate_after`` > 1 needs.
+``celery_deactivate.E003``
+    An option's value is invalid, on the task or as a worker-wide Celery setting
+    (``app.conf.deactivate_after``, ``CELERY_DEACTIVATE_AFTER``): see
+    :mod:`celery_deactivate.conf`.
+
+Which tasks are checked:
+
+- ``manage.py check`` (and every command that runs the checks): the deactivating tasks
+  registered on the current Celery app if it is finalized, else none.  This check imports
+  nothing and finalizes nothing: a worker runs Django's checks when it starts, before it imports
+  its task modules, and finalizing the app then would send ``on_after_finalize`` before the
+  receivers those modules connect to it.  In most projects the app is not finalized yet when the
+  checks run, so this check finds nothing to check; it serves shells and test suites.
+- ``manage.py check --deploy``: first the current app imports the modules its worker imports
+  (``app.loader.import_default_modules()``: ``imports``, ``include`` and the packages of
+  ``autodiscover_tasks()``) and is finalized, as ``celery report`` does; then its tasks are
+  checked.  A declaration that raises stops Celery's finalization: it is reported, and the tasks
+  declared after it are reported on the next run.
+
+The current app is Celery's: in a Django project, the app the project package imports (Celery's
+"First steps with Django"); these checks never import it themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from celery import current_app
+from django.apps import AppConfig
+from django.core import checks
+
+from .conf import OPTIONS
+from .exceptions import DeactivateConfigError
+from .task import DeactivatingTask
+
+TAG = "celery_deactivate"
+
+HINTS = {
+    "E001": "Set model= on the task to a concrete, installed model class or 'app_label.Model'.",
+    "E002": (
+        "Add the field to the model, or name the model's own field for that role with "
+        "deactivate_fields (on the task, or worker-wide)."
+    ),
+    "E003": (
+        "Correct the option on the task, or the worker-wide Celery setting of the same name; the "
+        "options are documented in celery_deactivate.conf."
+    ),
+}
+
+
+def deactivating_tasks(*, load: bool = False) -> list[DeactivatingTask]:
+    """The deactivating tasks registered on the current Celery app, by name.
+
+    Without ``load``, those of a finalized app only: nothing is imported, nothing finalized.
+    With ``load``, the app first imports the modules its worker imports and is finalized (unless
+    it was created with ``autofinalize=False`` and is not finalized yet: then none), as
+    ``celery report`` does; a task whose declaration raises propagates its
+    :exc:`~celery_deactivate.exceptions.DeactivateConfigError`.
+    """
+    app = _current_app()
+    if load and not app.finalized and app.autofinalize:
+        app.loader.import_default_modules()
+        app.finalize()
+    if not app.finalized:
+        return []
+    tasks = [
+        task
+        for task in app.tasks.values()
+        # a class without its own body is a base, not a task (as DeactivatingTask.on_bound)
+        if isinstance(task, DeactivatingTask) and "run" in vars(type(task))
+    ]
+    return sorted(tasks, key=lambda task: str(task.name))
+
+
+def _current_app() -> Any:
+    """Celery's current app (typed ``Any``: celery-types declares neither ``finalized`` nor
+    ``autofinalize``)."""
+    return current_app
+
+
+def check_tasks(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """E001-E003 for the tasks registered on the current Celery app, if it is finalized."""
+    return _problems(deactivating_tasks(), app_configs)
+
+
+def check_tasks_on_deploy(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[Any]:
+    """``--deploy``: load and finalize the current app as its worker does, then check."""
+    finalized = bool(_current_app().finalized)
+    errors: list[checks.CheckMessage] = []
+    try:
+        tasks = deactivating_tasks(load=True)
+    except DeactivateConfigError as exc:  # a declaration stopped the finalization
+        errors.append(error_for(exc))
+        tasks = deactivating_tasks()
+    if finalized:  # check_tasks has checked the tasks registered before; new ones raised
+        return errors
+    # The task that stopped the finalization is registered: its message once, with the hint
+    # that knows its class.
+    found = {(error.id, error.obj, error.msg): error for error in errors}
+    for problem in _problems(tasks, app_configs):
+        found[problem.id, problem.obj, problem.msg] = problem
+    return list(found.values())
+
+
+def _problems(
+    tasks: Iterable[DeactivatingTask], app_configs: Sequence[AppConfig] | None
+) -> list[checks.CheckMessage]:
+    labels = None if app_configs is None else {config.label for config in app_configs}
+    errors: list[checks.CheckMessage] = []
+    for task in tasks:
+        task_class = type(task)
+        if labels is not None and _app_label(task_class.model) not in labels:
+            continue
+        try:
+            task_class.check_configuration()
+        except DeactivateConfigError as exc:
+            errors.append(error_for(exc, task_class))
+    return errors
+
+
+def _app_label(model: Any) -> str | None:
+    if isinstance(model, str):
+        return model.partition(".")[0]
+    meta = getattr(model, "_meta", None)
+    return None if meta is None else str(meta.app_label)
+
+
+def error_for(exc: DeactivateConfigError, task_class: type[Any] | None = None) -> checks.Error:
+    """The check message of a configuration error, by what it names: model, field or option."""
+    text = str(exc)
+    prefix = f"{exc.task}: "
+    if exc.task and text.startswith(prefix):  # the task is the message's object
+        text = text[len(prefix) :]
+    if exc.field is not None:
+        code, hint = "E002", HINTS["E002"]
+    elif exc.model is not None or (task_class is not None and task_class.model is None):
+        code, hint = "E001", HINTS["E001"]
+    else:
+        code, hint = "E003", _option_hint(text, task_class)
+    return checks.Error(text, hint=hint, obj=exc.task, id=f"celery_deactivate.{code}")
+
+
+def _option_hint(text: str, task_class: type[Any] | None) -> str:
+    """Where the invalid value of an option comes from (``conf.resolve`` names the option first)."""
+    name = text.partition(" ")[0]
+    if name not in OPTIONS:
+        return HINTS["E003"]
+    setting = f"app.conf.{name} (CELERY_{name.upper()} in Django settings)"
+    if task_class is None:
+        return f"Correct {name} on the task, or the worker-wide setting {setting}."
+    if getattr(task_class, name, None) is None:
+        return f"The task does not set {name}: correct the worker-wide setting {setting}."
+    return f"Correct {name}= where the task is declared."

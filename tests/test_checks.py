@@ -1,0 +1,166 @@
+"""The system checks: ``manage.py check`` reports misconfigured deactivating tasks.
+
+The test project's tasks (tests/testapp/tasks.py) are valid when declared; a worker-wide setting
+made invalid for one test (the ``conf`` fixture, ``override_settings``) makes them invalid, as a
+changed setting would on the next deploy.  Declaring an invalid task raises, so the deploy
+check's test declares one on an app that is not finalized yet, as a project's task modules do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from io import StringIO
+from typing import Any
+
+import pytest
+from celery import Celery
+from django.apps import apps
+from django.core import checks
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from celery_deactivate import DeactivatingTask
+from celery_deactivate.checks import TAG, deactivating_tasks
+from tests.testapp.models import RecipeObject
+
+
+@pytest.fixture
+def project_app(celery_app: Celery) -> Celery:
+    """The test project's app, finalized with its tasks, as this thread's current app."""
+    celery_app.set_current()
+    return celery_app
+
+
+def ours(messages: list[Any]) -> list[tuple[str, str, str]]:
+    """``(id, task name, message)`` of this package's check messages."""
+    return [
+        (message.id, message.obj, message.msg)
+        for message in messages
+        if message.id.startswith("celery_deactivate.")
+    ]
+
+
+def test_the_test_project_has_no_issue(project_app: Celery) -> None:
+    names = [task.name for task in deactivating_tasks()]
+    assert "tests.testapp.tasks.poll" in names and "tests.testapp.tasks.sync_renamed" in names
+
+    out = StringIO()
+    call_command("check", "--tag", TAG, stdout=out)
+
+    assert checks.run_checks(tags=[TAG]) == []
+    assert "System check identified no issues" in out.getvalue()
+
+
+def test_an_invalid_worker_wide_option_is_an_error_for_every_task_using_it(
+    project_app: Celery, conf: Callable[..., None]
+) -> None:
+    conf(deactivate_notifier="tests.nowhere.notify")
+
+    found = ours(checks.run_checks(tags=[TAG]))
+
+    using_it = {task.name for task in deactivating_tasks() if task.deactivate_notifier is None}
+    assert "tests.testapp.tasks.poll" in using_it
+    assert {name for code, name, _ in found} == using_it
+    assert {code for code, _, _ in found} == {"celery_deactivate.E003"}
+    assert all(message.startswith("deactivate_notifier ") for _, _, message in found)
+    with pytest.raises(SystemCheckError) as raised:
+        call_command("check", stderr=StringIO())
+    report = str(raised.value)
+    assert "tests.testapp.tasks.poll: (celery_deactivate.E003) deactivate_notifier " in report
+    assert (
+        "HINT: The task does not set deactivate_notifier: correct the worker-wide setting "
+        "app.conf.deactivate_notifier (CELERY_DEACTIVATE_NOTIFIER in Django settings)."
+    ) in report
+    # manage.py check <app_label>: only the tasks on that app's models
+    assert checks.run_checks(app_configs=[apps.get_app_config("auth")], tags=[TAG]) == []
+
+
+def test_a_worker_wide_option_a_model_cannot_satisfy_names_the_field(
+    project_app: Celery, conf: Callable[..., None]
+) -> None:
+    conf(deactivate_after=3)  # needs a failure counter: RecipeObject has none
+
+    found = ours(checks.run_checks(tags=[TAG]))
+
+    assert [(code, name) for code, name, _ in found] == [
+        ("celery_deactivate.E002", "tests.testapp.tasks.manage_object")
+    ]
+    assert "testapp.RecipeObject has no 'failure_count' field" in found[0][2]
+    assert not hasattr(RecipeObject, "failure_count")
+
+
+@override_settings(CELERY_DEACTIVATE_FIELDS={"error_message": "message"})
+def test_a_field_named_in_the_django_settings_must_exist(project_app: Celery) -> None:
+    found = ours(checks.run_checks(tags=[TAG]))
+
+    codes = {name: code for code, name, _ in found}
+    messages = {name: message for _, name, message in found}
+    assert codes["tests.testapp.tasks.poll"] == "celery_deactivate.E002"
+    assert messages["tests.testapp.tasks.poll"] == (
+        "testapp.Feed has no field 'message' (the 'error_message' field)"
+    )
+    assert "tests.testapp.tasks.sync_renamed" not in codes  # it names its own fields
+
+
+@pytest.fixture
+def unfinalized(project_app: Celery) -> Iterator[Celery]:
+    """A project app as ``manage.py check`` sees it: current, its tasks declared, not finalized
+    (no Django fixup: the test process has Django set up already)."""
+    app = Celery("unfinalized", set_as_current=False, fixups=[])
+    app.set_current()
+    try:
+        yield app
+    finally:
+        project_app.set_current()
+        app.close()
+
+
+def test_deploy_check_loads_the_tasks_and_reports_a_declaration_error(
+    unfinalized: Celery,
+) -> None:
+    # shared=False: @app.task would also declare it on every app finalized later in the session
+    @unfinalized.task(
+        base=DeactivatingTask, model="testapp.Gone", name="tests.checks.gone", shared=False
+    )
+    def gone(pk: int) -> None:
+        """Declared lazily on an app that is not finalized: nothing raises yet."""
+
+    assert checks.run_checks(tags=[TAG]) == []
+    assert not unfinalized.finalized  # the plain check finalizes nothing
+
+    found = checks.run_checks(tags=[TAG], include_deployment_checks=True)
+
+    assert unfinalized.finalized
+    assert [(message.id, message.obj) for message in found] == [
+        ("celery_deactivate.E001", "tests.checks.gone")
+    ]
+    assert found[0].msg.startswith("model='testapp.Gone' is not an installed model")
+    assert found[0].hint.startswith("Set model= on the task")
+
+
+def test_deploy_check_on_the_test_project(project_app: Celery) -> None:
+    assert checks.run_checks(tags=[TAG], include_deployment_checks=True) == []
+
+
+def test_deploy_check_reports_a_declaration_error_once_with_its_hint(unfinalized: Celery) -> None:
+    @unfinalized.task(
+        base=DeactivatingTask,
+        model="testapp.Feed",
+        name="tests.checks.three",
+        deactivate_after=0,
+        shared=False,
+    )
+    def three(pk: int) -> None:
+        """Raises when the app is finalized: deactivate_after must be >= 1."""
+
+    found = checks.run_checks(tags=[TAG], include_deployment_checks=True)
+
+    assert [(message.id, message.obj, message.msg) for message in found] == [
+        (
+            "celery_deactivate.E003",
+            "tests.checks.three",
+            "deactivate_after must be an integer >= 1, got 0",
+        )
+    ]
+    assert found[0].hint == "Correct deactivate_after= where the task is declared."
