@@ -116,6 +116,13 @@ def test_fields_spread_over_two_tables_are_rejected(app: Celery) -> None:
     assert "testapp.SpecialFeed" in str(raised.value)
 
 
+def test_cooldown_needs_the_probe_fields(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="no 'next_probe_at'") as raised:
+        declare(app, model=RecipeObject, deactivate_cooldown=60)
+    assert "testapp.RecipeObject" in str(raised.value)
+    assert raised.value.field == "next_probe_at"  # type: ignore[attr-defined]
+
+
 def test_counting_needs_a_counter_field(app: Celery) -> None:
     with pytest.raises(
         ImproperlyConfigured,

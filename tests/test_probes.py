@@ -9,14 +9,13 @@ from typing import Any
 import pytest
 from celery import Celery
 from django.core import mail
-from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 
-from celery_deactivate import DeactivatingTask, probes, services
+from celery_deactivate import probes, services
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.conftest import wait_for
 from tests.testapp import tasks
-from tests.testapp.models import Feed, RecipeObject
+from tests.testapp.models import Feed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -134,17 +133,6 @@ def test_a_probe_goes_through_the_task_s_own_apply_async_to_a_worker(celery_app:
 
     wait_for(lambda: Feed.objects.get(pk=feed.pk).active)
     assert Feed.objects.get(pk=feed.pk).polls == 1
-
-
-def test_cooldown_needs_the_probe_fields(celery_app: Celery) -> None:
-    with pytest.raises(ImproperlyConfigured, match="no 'next_probe_at'") as raised:
-
-        @celery_app.task(
-            base=DeactivatingTask, model=RecipeObject, deactivate_cooldown=60, shared=False
-        )
-        def probe_the_recipe(pk: int) -> None: ...
-
-    assert "testapp.RecipeObject" in str(raised.value)
 
 
 # -- the model's own methods -------------------------------------------------------------
