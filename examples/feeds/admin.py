@@ -2,6 +2,8 @@
 
 from django.contrib import admin
 
+from celery_deactivate.admin import DeactivatableAdmin
+
 from .models import Entry, Feed
 
 
@@ -14,19 +16,20 @@ class EntryInline(admin.TabularInline):
 
 
 @admin.register(Feed)
-class FeedAdmin(admin.ModelAdmin):
+class FeedAdmin(DeactivatableAdmin):
+    """State at a glance (icon, when, why), a filter by state, the error in full on the change
+    page, and the "Re-activate selected" / "Deactivate selected" actions."""
+
     list_display = (
         "title",
         "url",
-        "active",
-        "error",
-        "failure_count",
+        "deactivation_state",
         "deactivated_at",
+        "deactivation_message",
         "last_polled_at",
     )
-    list_filter = ("active", "error")
-    search_fields = ("title", "url", "error_message")
-    readonly_fields = ("error_message", "deactivated_at", "failure_count", "last_polled_at")
+    search_fields = ("title", "url")  # and the error message
+    readonly_fields = ("last_polled_at",)
     inlines = (EntryInline,)
 
 

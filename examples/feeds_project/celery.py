@@ -15,6 +15,9 @@ app.autodiscover_tasks()
 # Every ten minutes, one poll message per active feed (celery_deactivate.dispatch.schedule_entry:
 # the fan-out runs on a worker; add shards=N to split it across workers).  "expires" drops a
 # fan-out that beat queued but no worker started before the next one.
+# Every minute, celery_deactivate.maintain sends the cool-down probes that are due (the poll
+# task sets deactivate_cooldown) and does the library's housekeeping.
 app.conf.beat_schedule = {
     "poll-active-feeds": schedule_entry("feeds.tasks.poll", 600.0, entry_options={"expires": 600}),
+    "celery-deactivate-maintain": {"task": "celery_deactivate.maintain", "schedule": 60.0},
 }
