@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 # Sphinx: warnings are errors; every warning is reported before the build fails.
-SPHINXOPTS ?= -W --keep-going
+SPHINXOPTS ?= -n -W --keep-going
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test test-crash test-matrix demo docs lint typecheck bench clean dist
