@@ -216,12 +216,17 @@ def check_option_names(task_name: str, names: Iterable[str]) -> None:
             )
 
 
+def _app_of(task: Any) -> Any:
+    """The task's app: ``Task.app``, a class property, so a task class has it too."""
+    return task.app
+
+
 def resolve(task: Task[Any, Any] | type[Task[Any, Any]], name: str) -> Any:
     """The value of option ``name`` for ``task``: per task, else the app setting, else default."""
     option = OPTIONS[name]
     value = getattr(task, name, None)
     if value is None:
-        value = app_setting(task._get_app().conf, name)  # type: ignore[union-attr]
+        value = app_setting(_app_of(task).conf, name)
     if value is None:
         return _default(option)
     try:
@@ -283,7 +288,7 @@ def option_inputs(task: Task[Any, Any], names: tuple[str, ...]) -> tuple[Any, ..
     path checks these instead of resolving again; a value set anew is seen, one mutated in place
     is not).
     """
-    conf = task._get_app().conf  # type: ignore[attr-defined]
+    conf = _app_of(task).conf
     changes = conf.changes
     return (
         conf,
