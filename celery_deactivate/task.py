@@ -22,7 +22,7 @@ from django.apps import apps
 from django.db import DatabaseError, router, transaction
 from django.db.models import Model
 
-from . import services
+from . import dispatch, services
 from .begin import begin_with_next_query
 from .conf import ExceptionTypes, Notifier, check_option_names, option_inputs, resolve
 from .exceptions import DeactivateConfigError
@@ -303,9 +303,7 @@ class DeactivatingTask(_TaskBase):
 
         See :func:`celery_deactivate.dispatch.dispatch_active`.
         """
-        from .dispatch import dispatch_active
-
-        return dispatch_active(self, queryset, **apply_async_options)
+        return dispatch.dispatch_active(self, queryset, **apply_async_options)
 
     # -- failing ----------------------------------------------------------------------------
 

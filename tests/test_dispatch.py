@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, signals
+from celery.backends.rpc import RPCBackend
 from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
-from celery_deactivate import dispatch
+from celery_deactivate import DeactivatingTask, dispatch
 from tests.conftest import wait_for
 from tests.testapp import tasks
 from tests.testapp.models import Feed
@@ -40,6 +45,35 @@ def polls() -> dict[int, int]:
 def all_polled(pks: list[int]) -> bool:
     counts = polls()
     return all(counts[pk] >= 1 for pk in pks)
+
+
+@pytest.fixture
+def published() -> Iterator[list[dict[str, Any]]]:
+    """What ``before_task_publish`` receivers see of each message, copied as it was sent."""
+    seen: list[dict[str, Any]] = []
+
+    def record(sender: Any = None, declare: Any = None, **kwargs: Any) -> None:
+        fields = ("body", "exchange", "routing_key", "headers", "properties", "retry_policy")
+        seen.append(
+            {
+                "sender": sender,
+                "declare": [getattr(entity, "name", entity) for entity in declare or ()],
+                **copy.deepcopy({field: kwargs[field] for field in fields}),
+            }
+        )
+
+    signals.before_task_publish.connect(record, weak=False)
+    yield seen
+    signals.before_task_publish.disconnect(record)
+
+
+def purge(celery_app: Celery, *queues: str) -> None:
+    with celery_app.connection_for_write() as conn:
+        for queue in queues:
+            conn.default_channel.queue_purge(queue)
+
+
+# -- which objects, in which order --------------------------------------------------------------
 
 
 @concurrent_worker
@@ -77,11 +111,194 @@ def test_keyset_batches_cover_every_key_once_in_order() -> None:
     assert [pk for b in batches for pk in b] == sorted(on)
 
 
+def test_keys_are_read_a_page_at_a_time_by_key_never_as_objects(
+    celery_app: Celery, published: list[dict[str, Any]]
+) -> None:
+    # Flat memory: each page is one bounded query on the key column alone, the next page starts
+    # after the last key seen (no OFFSET, no server cursor), and a page is published before the
+    # next one is read.
+    on, _ = make_feeds(10, 1)
+    pk_column = connection.ops.quote_name(Feed._meta.pk.column)
+    reads: list[tuple[str, int]] = []
+
+    def pages() -> Iterator[list[Any]]:
+        for batch in dispatch.iter_pk_batches(dispatch.active_queryset(tasks.poll), 4):
+            reads.append(("read", len(published)))
+            yield batch
+
+    with CaptureQueriesContext(connection) as queries:
+        sent = dispatch.publish_pks(tasks.poll, pages(), batch_size=4, queue="cd_pages")
+
+    purge(celery_app, "cd_pages")
+    assert sent == 10
+    selects = [q["sql"] for q in queries.captured_queries]
+    assert len(selects) == 3
+    for sql in selects:
+        columns = sql.split(" FROM ")[0]
+        assert pk_column in columns and "," not in columns  # the key alone
+        assert "LIMIT 4" in sql and "OFFSET" not in sql
+    assert f"> {on[3]}" in selects[1] and f"> {on[7]}" in selects[2]
+    assert [sent_before for _, sent_before in reads] == [0, 4, 8]
+    assert [tuple(m["body"][0]) for m in published] == [(pk,) for pk in on]
+
+
 def test_wrong_model_queryset_is_rejected() -> None:
     from tests.testapp.models import RecipeObject
 
     with pytest.raises(TypeError, match="testapp.Feed"):
         dispatch.dispatch_active(tasks.poll, RecipeObject.objects.all())
+
+
+# -- the messages -------------------------------------------------------------------------------
+
+VARYING_HEADERS = {"id", "root_id"}
+
+
+def comparable(sent: dict[str, Any]) -> dict[str, Any]:
+    """A ``before_task_publish`` record without what differs between two sends of one message."""
+    headers = {k: v for k, v in sent["headers"].items() if k not in VARYING_HEADERS}
+    properties = {k: v for k, v in sent["properties"].items() if k != "correlation_id"}
+    return {
+        "sender": sent["sender"],
+        "body": sent["body"],
+        "exchange": sent["exchange"],
+        "routing_key": sent["routing_key"],
+        "headers": headers,
+        "properties": properties,
+        "retry_policy": sent["retry_policy"],
+        "declare": sent["declare"],
+    }
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"priority": 6},
+        {"time_limit": 30, "soft_time_limit": 20},
+        {"queue": "cd_other"},
+        {"retry": False, "headers": {"x-origin": "test"}},
+    ],
+)
+def test_a_dispatched_message_is_what_apply_async_sends(
+    celery_app: Celery, published: list[dict[str, Any]], options: dict[str, Any]
+) -> None:
+    options = {"queue": "cd_compare", **options}
+    feed = Feed.objects.create(title="one")
+
+    tasks.poll.apply_async((feed.pk,), **options)
+    assert dispatch.dispatch_active(tasks.poll, Feed.objects.filter(pk=feed.pk), **options) == 1
+
+    purge(celery_app, options["queue"])
+    assert len(published) == 2
+    ordinary, dispatched = published
+    assert comparable(dispatched) == comparable(ordinary)
+    assert dispatched["headers"]["root_id"] == dispatched["headers"]["id"]
+    assert dispatched["properties"]["correlation_id"] == dispatched["headers"]["id"]
+    assert dispatched["headers"]["id"] != ordinary["headers"]["id"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"priority": 6}, {"time_limit": 30, "soft_time_limit": 20}, {"queue": "cd_other"}],
+)
+def test_options_reach_the_messages_on_the_wire(
+    celery_app: Celery, options: dict[str, Any]
+) -> None:
+    if not celery_app.conf.broker_url.startswith("redis://"):
+        pytest.skip("reads the Redis lists the messages land in; the broker here is not Redis")
+    queue = options.get("queue", "cd_compare")
+    options = {"queue": queue, **options}
+    # A queue name with priorities lives in several lists: read them all.
+    keys = [queue] + [f"{queue}\x06\x16{p}" for p in (3, 6, 9)]
+
+    def raw_messages(key: str) -> list[dict[str, Any]]:
+        with celery_app.connection_for_write() as conn:
+            client = conn.default_channel.client
+            raw = client.lrange(key, 0, -1)
+            client.delete(key)
+        return [json.loads(item) for item in reversed(raw)]
+
+    for key in keys:
+        raw_messages(key)
+    feed = Feed.objects.create(title="one")
+
+    tasks.poll.apply_async((feed.pk,), **options)
+    assert dispatch.dispatch_active(tasks.poll, Feed.objects.filter(pk=feed.pk), **options) == 1
+
+    found = [m for key in keys for m in raw_messages(key)]
+    assert len(found) == 2
+    ordinary, dispatched = found
+    if "priority" in options:
+        assert dispatched["properties"]["priority"] == options["priority"]
+    if "time_limit" in options:
+        assert dispatched["headers"]["timelimit"] == [30, 20]
+    varying = {"id", "root_id"}
+    assert {k: v for k, v in dispatched["headers"].items() if k not in varying} == {
+        k: v for k, v in ordinary["headers"].items() if k not in varying
+    }
+    assert dispatched["body"] == ordinary["body"]  # base64 of the same JSON: args, kwargs, embed
+    assert dispatched["content-type"] == ordinary["content-type"]
+    assert dispatched["content-encoding"] == ordinary["content-encoding"]
+    props_dispatched, props_ordinary = dispatched["properties"], ordinary["properties"]
+    for props in (props_dispatched, props_ordinary):
+        assert props.pop("correlation_id")
+        assert props.pop("delivery_tag")
+    assert props_dispatched == props_ordinary
+
+
+class RecordingBackend(RPCBackend):
+    """The rpc:// result backend, remembering every ``on_task_call`` it receives."""
+
+    calls: list[str] = []
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        type(self).calls.append(task_id)
+        super().on_task_call(producer, task_id)
+
+
+def test_the_result_backend_hears_of_every_message(
+    celery_app: Celery, published: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An app of its own whose result backend is the recording rpc:// backend (the project's app
+    # keeps its own backend); the messages go to a queue nobody consumes.  The environment's
+    # CELERY_RESULT_BACKEND would take precedence over the app's backend= (Celery's rule).
+    monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)
+    app = Celery(
+        "cd-results",
+        broker=celery_app.conf.broker_url,
+        backend=f"{__name__}:RecordingBackend",
+        set_as_current=False,
+    )
+
+    @app.task(base=DeactivatingTask, model=Feed, name="cd.poll_recorded", shared=False)
+    def poll_recorded(pk: int) -> None:
+        """Never run."""
+
+    on, _ = make_feeds(5, 2)
+    RecordingBackend.calls = []
+    assert isinstance(app.backend, RecordingBackend)
+    try:
+        assert dispatch.dispatch_active(poll_recorded, batch_size=2, queue="cd_recorded") == 5
+        assert (
+            dispatch.dispatch_active(
+                poll_recorded, batch_size=2, queue="cd_recorded", ignore_result=True
+            )
+            == 5
+        )
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge("cd_recorded")
+        app.close()
+
+    sent_ids = [m["headers"]["id"] for m in published]
+    assert [m["body"][0][0] for m in published] == on + on
+    # Celery calls on_task_call for a message whose result is kept, and only for those.
+    assert RecordingBackend.calls == sent_ids[:5]
+    assert [m["headers"]["ignore_result"] for m in published] == [False] * 5 + [True] * 5
+
+
+# -- sharding -----------------------------------------------------------------------------------
 
 
 def test_shard_ranges_cover_every_active_pk_exactly_once() -> None:
@@ -129,49 +346,3 @@ def test_the_beat_entry_runs_the_fan_out(celery_app: Celery) -> None:
     wait_for(lambda: all_polled(on))
     counts = polls()
     assert [counts[pk] for pk in on] == [1] * 5 and counts[off[0]] == 0
-
-
-def _raw_messages(celery_app: Celery, queue: str) -> list[dict[str, Any]]:
-    with celery_app.connection_for_write() as conn:
-        client = conn.default_channel.client
-        raw = client.lrange(queue, 0, -1)
-        client.delete(queue)
-    return [json.loads(item) for item in reversed(raw)]
-
-
-@pytest.mark.parametrize(
-    "options",
-    [{}, {"priority": 6}, {"time_limit": 30, "soft_time_limit": 20}, {"queue": "cd_other"}],
-)
-def test_redis_fast_path_message_is_the_message_apply_async_sends(
-    celery_app: Celery, options: dict[str, Any]
-) -> None:
-    if not celery_app.conf.broker_url.startswith("redis://"):
-        pytest.skip("the fast path pipelines Redis publishes; the broker here is not Redis")
-    queue = options.get("queue", "cd_compare")
-    options = {"queue": queue, **options}
-    # A queue name with priorities lives in several lists: read them all.
-    keys = [queue] + [f"{queue}\x06\x16{p}" for p in (3, 6, 9)]
-    for key in keys:
-        _raw_messages(celery_app, key)
-    feed = Feed.objects.create(title="one")
-
-    tasks.poll.apply_async((feed.pk,), **options)
-    assert dispatch.dispatch_active(tasks.poll, Feed.objects.filter(pk=feed.pk), **options) == 1
-
-    found = [m for key in keys for m in _raw_messages(celery_app, key)]
-    assert len(found) == 2
-    ordinary, fast = found
-    varying = {"id", "root_id"}
-    assert {k: v for k, v in fast["headers"].items() if k not in varying} == {
-        k: v for k, v in ordinary["headers"].items() if k not in varying
-    }
-    assert fast["headers"]["root_id"] == fast["headers"]["id"]
-    assert fast["body"] == ordinary["body"]  # base64 of the same JSON: args, kwargs, embed
-    assert fast["content-type"] == ordinary["content-type"]
-    assert fast["content-encoding"] == ordinary["content-encoding"]
-    props_fast, props_ordinary = fast["properties"], ordinary["properties"]
-    for props in (props_fast, props_ordinary):
-        assert props.pop("correlation_id")
-        assert props.pop("delivery_tag")
-    assert props_fast == props_ordinary
