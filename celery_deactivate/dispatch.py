@@ -20,7 +20,8 @@ the page's write is kombu's, not replayed: if it fails, kombu raises ``BatchPubl
 (delivery of that page uncertain) and the fan-out stops there.
 
 Sharded mode splits the key space into ``shards`` ranges and sends one
-``celery_deactivate.dispatch_range`` message per range: the workers enqueue in parallel.
+``celery_deactivate.dispatch_range`` message per range: the workers enqueue in parallel.  Integer
+keys are split by value, every other key type (UUID, string...) at equal counts in key order.
 :func:`schedule_entry` is a ready ``beat_schedule`` entry that runs the fan-out periodically.
 """
 
@@ -31,7 +32,9 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from celery import Celery
-from django.db.models import Max, Min, QuerySet
+from django.db.models import F, ForeignKey, IntegerField, Max, Min, Model, QuerySet, Window
+from django.db.models.fields import Field
+from django.db.models.functions import RowNumber
 
 if TYPE_CHECKING:
     from .target import Target
@@ -112,13 +115,15 @@ def iter_pk_batches(
 ) -> Iterator[list[Any]]:
     """Primary keys of ``queryset`` in key order, ``batch_size`` at a time (keyset pagination).
 
-    ``pk_range`` is ``(lo, hi)``: ``lo <= pk < hi``, ``None`` for an open end.  Each page is one
-    ``WHERE pk > last ORDER BY pk LIMIT batch_size`` query, so no server cursor is held and memory
-    does not grow with the table.
+    ``pk_range`` is ``(lo, hi)``: ``lo <= pk < hi``, ``None`` for an open end.  A bound may come
+    as a message carried it (a UUID as a string, say): it is converted with the primary key
+    field's ``to_python``.  Each page is one ``WHERE pk > last ORDER BY pk LIMIT batch_size``
+    query, so no server cursor is held and memory does not grow with the table.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    lo, hi = pk_range
+    to_python = _pk_field(queryset.model).to_python
+    lo, hi = (None if bound is None else to_python(bound) for bound in pk_range)
     keys = queryset.order_by("pk").values_list("pk", flat=True)
     if lo is not None:
         keys = keys.filter(pk__gte=lo)
@@ -223,29 +228,45 @@ def shard_ranges(queryset: QuerySet[Any], shards: int) -> list[PkRange]:
 
     ``lo <= pk < hi``; the first range has ``lo=None`` and the last ``hi=None``, so every key,
     even one inserted meanwhile, falls in exactly one range.  Integer keys are split evenly between
-    ``Min(pk)`` and ``Max(pk)`` (one aggregate query); other keys at equal counts (one query per
-    boundary).
+    ``Min(pk)`` and ``Max(pk)`` (one aggregate query).  Other keys (UUID, string: PostgreSQL has no
+    ``MIN``/``MAX`` for ``uuid``) are split at equal counts in key order: one count, then one query
+    that numbers the keys in order (``ROW_NUMBER()``) and returns those at the boundaries.
     """
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards must be an integer >= 1, got {shards!r}")
     keys = queryset.order_by()
-    bounds = keys.aggregate(lo=Min("pk"), hi=Max("pk"))
-    lo, hi = bounds["lo"], bounds["hi"]
-    if lo is None:
-        return [(None, None)]
-    edges: list[Any] = []
-    if isinstance(lo, int) and isinstance(hi, int):
+    edges: list[Any]
+    if isinstance(_pk_field(queryset.model), IntegerField):
+        bounds = keys.aggregate(lo=Min("pk"), hi=Max("pk"))
+        lo, hi = bounds["lo"], bounds["hi"]
+        if lo is None:
+            return [(None, None)]
         step = -(-(hi - lo + 1) // shards)
         edges = [lo + i * step for i in range(1, shards) if lo + i * step <= hi]
     else:
         total = keys.count()
-        ordered = keys.order_by("pk").values_list("pk", flat=True)
-        for i in range(1, shards):
-            edge = ordered[total * i // shards]
-            if not edges or edge > edges[-1]:
-                edges.append(edge)
+        # The first key of each later shard, by its 1-based position in key order.
+        rows = sorted({total * i // shards + 1 for i in range(1, shards)} - {1})
+        edges = (
+            list(
+                keys.annotate(row=Window(RowNumber(), order_by=F("pk").asc()))
+                .filter(row__in=rows)
+                .order_by("pk")
+                .values_list("pk", flat=True)
+            )
+            if rows
+            else []
+        )
     points = [None, *edges, None]
     return [(points[i], points[i + 1]) for i in range(len(points) - 1)]
+
+
+def _pk_field(model: type[Model]) -> Field[Any, Any]:
+    """The field that holds ``model``'s key values (a multi-table child's key is its parent's)."""
+    field: Field[Any, Any] = model._meta.pk
+    while isinstance(field, ForeignKey):  # a OneToOneField parent link
+        field = field.target_field
+    return field
 
 
 def dispatch_active_sharded(
@@ -258,8 +279,9 @@ def dispatch_active_sharded(
     """Send one ``celery_deactivate.dispatch_range`` message per key range; return how many.
 
     Any worker runs them (the internal tasks are registered by this app's ``AppConfig``), each
-    enqueueing the active objects of its range with :func:`dispatch_range`.  The
-    ``apply_async_options`` are for the object messages and must be serializable.
+    enqueueing the active objects of its range with :func:`dispatch_range`.  The bounds travel as
+    the task serializer carries them and are converted back with the key field's ``to_python``.
+    The ``apply_async_options`` are for the object messages and must be serializable.
     """
     app = task.app
     ranges = shard_ranges(active_queryset(task), shards)

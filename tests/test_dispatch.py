@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,12 +14,14 @@ from celery import Celery, signals
 from celery.backends.rpc import RPCBackend
 from django.conf import settings
 from django.db import connection
+from django.db.models import Model
 from django.test.utils import CaptureQueriesContext
+from kombu import serialization
 
 from celery_deactivate import DeactivatingTask, dispatch
 from tests.conftest import wait_for
 from tests.testapp import tasks
-from tests.testapp.models import Feed
+from tests.testapp.models import Feed, KeyedFeed, UuidFeed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,6 +49,41 @@ def polls() -> dict[int, int]:
 def all_polled(pks: list[int]) -> bool:
     counts = polls()
     return all(counts[pk] >= 1 for pk in pks)
+
+
+#: The test models by key type, each with its task (``poll_uuid``'s and ``poll_keyed``'s bodies
+#: write nothing: the worker's runs are counted through Celery's ``task_postrun`` signal).
+KEY_TYPES = {
+    "integer": (Feed, tasks.poll),
+    "uuid": (UuidFeed, tasks.poll_uuid),
+    "string": (KeyedFeed, tasks.poll_keyed),
+}
+
+
+def make_objects(model: type[Model], active: int, inactive: int) -> tuple[list[Any], list[Any]]:
+    def create(i: int, is_active: bool) -> Any:
+        extra = {"key": f"key-{i:03d}-{'on' if is_active else 'off'}"} if model is KeyedFeed else {}
+        return model.objects.create(title=f"object {i}", active=is_active, **extra).pk
+
+    on = [create(i, True) for i in range(active)]
+    off = [create(active + i, False) for i in range(inactive)]
+    return on, off
+
+
+@pytest.fixture
+def runs() -> Iterator[Counter[tuple[str, Any]]]:
+    """``(task name, pk) -> how many times it ran to success`` on the in-thread worker."""
+    counted: Counter[tuple[str, Any]] = Counter()
+    lock = threading.Lock()
+
+    def count(sender: Any = None, args: Any = (), state: Any = None, **kwargs: Any) -> None:
+        if state == "SUCCESS" and args:
+            with lock:
+                counted[(sender.name, args[0])] += 1
+
+    signals.task_postrun.connect(count, weak=False)
+    yield counted
+    signals.task_postrun.disconnect(count)
 
 
 @pytest.fixture
@@ -301,22 +340,49 @@ def test_the_result_backend_hears_of_every_message(
 # -- sharding -----------------------------------------------------------------------------------
 
 
-def test_shard_ranges_cover_every_active_pk_exactly_once() -> None:
-    on, _ = make_feeds(23, 5)
-    Feed.objects.filter(pk__in=on[5:9]).delete()  # gaps in the keys
-    active = sorted(set(on) - set(on[5:9]))
-    queryset = dispatch.active_queryset(tasks.poll)
+@pytest.mark.parametrize("key_type", KEY_TYPES)
+def test_shard_ranges_cover_every_active_key_exactly_once(key_type: str) -> None:
+    model, task = KEY_TYPES[key_type]
+    on, _ = make_objects(model, 23, 5)
+    model.objects.filter(pk__in=on[5:9]).delete()  # gaps in the keys
+    active = set(on) - set(on[5:9])
+    queryset = dispatch.active_queryset(task)
     for shards in (1, 2, 3, 7, 50):
         ranges = dispatch.shard_ranges(queryset, shards)
         assert len(ranges) <= shards
         assert ranges[0][0] is None and ranges[-1][1] is None
-        seen = [
-            pk
+        per_range = [
+            [pk for batch in dispatch.iter_pk_batches(queryset, 5, pk_range) for pk in batch]
             for pk_range in ranges
-            for batch in dispatch.iter_pk_batches(queryset, 5, pk_range)
-            for pk in batch
         ]
-        assert sorted(seen) == active and len(seen) == len(set(seen))
+        seen = [pk for keys in per_range for pk in keys]
+        assert set(seen) == active and len(seen) == len(active)
+        if key_type != "integer":  # split at equal counts: no shard is empty
+            assert all(per_range)
+        if shards in (2, 3):  # equal counts, or an even split of the integer key space
+            assert max(map(len, per_range)) - min(map(len, per_range)) <= 3
+
+
+def test_no_objects_is_one_open_range() -> None:
+    for _, task in KEY_TYPES.values():
+        assert dispatch.shard_ranges(dispatch.active_queryset(task), 4) == [(None, None)]
+
+
+def test_a_range_bound_comes_back_from_json_as_the_key_it_was() -> None:
+    on, _ = make_objects(UuidFeed, 6, 0)
+    queryset = dispatch.active_queryset(tasks.poll_uuid)
+    (_, edge), (lo, _) = dispatch.shard_ranges(queryset, 2)
+    assert edge == lo and edge in on
+
+    # What the range message carries through the JSON serializer, as the worker decodes it.
+    content_type, encoding, data = serialization.dumps([edge], "json")
+    (carried,) = serialization.loads(data, content_type, encoding)
+    # kombu 5.3+ restores a UUID; older ones, or a schedule stored as JSON, leave the string.
+    for bound in (carried, str(edge)):
+        keys = [
+            pk for batch in dispatch.iter_pk_batches(queryset, 10, (bound, None)) for pk in batch
+        ]
+        assert keys == sorted(pk for pk in on if pk >= edge)
 
 
 @concurrent_worker
@@ -334,6 +400,25 @@ def test_sharded_mode_dispatches_through_range_tasks_on_a_worker() -> None:
 
 @concurrent_worker
 @pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize("key_type", ["uuid", "string"])
+def test_sharded_fan_out_over_every_key_type_on_a_worker(
+    key_type: str, runs: Counter[tuple[str, Any]], published: list[dict[str, Any]]
+) -> None:
+    model, task = KEY_TYPES[key_type]
+    on, off = make_objects(model, 9, 2)
+
+    assert task.dispatch_active(shards=3, batch_size=2) == 3
+
+    expected = {(task.name, pk): 1 for pk in on}
+    wait_for(lambda: sum(runs[key] for key in expected) >= len(on))
+    assert {key: runs[key] for key in expected} == expected
+    assert not any(runs[(task.name, pk)] for pk in off)
+    ranges = [m["body"][0] for m in published if m["sender"] == dispatch.DISPATCH_RANGE_TASK]
+    assert len(ranges) == 3 and ranges[0][1] is None and ranges[-1][2] is None
+
+
+@concurrent_worker
+@pytest.mark.usefixtures("worker")
 def test_the_beat_entry_runs_the_fan_out(celery_app: Celery) -> None:
     on, off = make_feeds(5, 1)
     entry = dispatch.schedule_entry(tasks.poll, 600.0, shards=2, entry_options={"expires": 600})
@@ -346,3 +431,22 @@ def test_the_beat_entry_runs_the_fan_out(celery_app: Celery) -> None:
     wait_for(lambda: all_polled(on))
     counts = polls()
     assert [counts[pk] for pk in on] == [1] * 5 and counts[off[0]] == 0
+
+
+@concurrent_worker
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize("key_type", ["uuid", "string"])
+def test_a_sharded_beat_entry_over_every_key_type(
+    celery_app: Celery, key_type: str, runs: Counter[tuple[str, Any]]
+) -> None:
+    model, task = KEY_TYPES[key_type]
+    on, off = make_objects(model, 7, 1)
+    entry = dispatch.schedule_entry(task, 600.0, shards=3, batch_size=2)
+
+    # The entry's arguments, and the range tasks' bounds after it, travel as JSON.
+    celery_app.send_task(entry["task"], entry["args"], entry["kwargs"], serializer="json")
+
+    expected = {(task.name, pk): 1 for pk in on}
+    wait_for(lambda: sum(runs[key] for key in expected) >= len(on))
+    assert {key: runs[key] for key in expected} == expected
+    assert not runs[(task.name, off[0])]
