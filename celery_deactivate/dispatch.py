@@ -16,8 +16,11 @@ non-transactional pipeline), each page of keys is published inside one batch: on
 page instead of one per message.  Elsewhere (older kombu, transports without batching, a Redis
 connection configured to retry commands) every message is published as it is sent.  Inside a
 batch the publish retry policy covers each ``apply_async`` call, which only buffers the message;
-the page's write is kombu's, not replayed: if it fails, kombu raises ``BatchPublishError``
-(delivery of that page uncertain) and the fan-out stops there.
+the write of the buffer is kombu's and is not replayed: if it fails, kombu raises
+``BatchPublishError`` (delivery of the buffered messages uncertain) and the fan-out stops there.
+Also inside a batch, a page's later messages do not ask kombu to declare again the queue its
+first message declared (unless ``task_routes`` may route them elsewhere): see
+:func:`_route_is_fixed`.
 
 Sharded mode splits the key space into ``shards`` ranges and sends one
 ``celery_deactivate.dispatch_range`` message per range: the workers enqueue in parallel.  Integer

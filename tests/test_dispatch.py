@@ -181,6 +181,12 @@ def test_keys_are_read_a_page_at_a_time_by_key_never_as_objects(
     assert [tuple(m["body"][0]) for m in published] == [(pk,) for pk in on]
 
 
+def test_the_internal_tasks_fan_out_only_over_a_deactivating_task(celery_app: Celery) -> None:
+    assert dispatch.task_named(celery_app, tasks.poll.name) is celery_app.tasks[tasks.poll.name]
+    with pytest.raises(TypeError, match="not a DeactivatingTask"):
+        dispatch.task_named(celery_app, "celery.backend_cleanup")
+
+
 def test_wrong_model_queryset_is_rejected() -> None:
     from tests.testapp.models import RecipeObject
 
