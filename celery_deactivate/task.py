@@ -21,7 +21,7 @@ from django.apps import apps
 from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Model
 
-from . import services
+from . import dispatch, services
 from .conf import (
     PROBE_ROLES,
     ExceptionTypes,
@@ -30,7 +30,6 @@ from .conf import (
     option_inputs,
     resolve,
 )
-from .dispatch import dispatch_active
 from .exceptions import DeactivateConfigError
 from .target import ModelRef, State, Target, resolve_target
 
@@ -403,7 +402,7 @@ class DeactivatingTask(_TaskBase):
 
         See :func:`celery_deactivate.dispatch.dispatch_active`.
         """
-        return dispatch_active(self, queryset, **apply_async_options)
+        return dispatch.dispatch_active(self, queryset, **apply_async_options)
 
     # -- failing ----------------------------------------------------------------------------
 

@@ -35,6 +35,10 @@ def dispatch_range(
     batch_size: int = dispatch.DEFAULT_BATCH_SIZE,
     options: dict[str, Any] | None = None,
 ) -> int:
-    """Enqueue the active objects of ``task_name``'s model with ``lo <= pk < hi``."""
+    """Enqueue the active objects of ``task_name``'s model with ``lo <= pk < hi``.
+
+    The bounds arrive as the task serializer carried them (a UUID may be a string):
+    :func:`~celery_deactivate.dispatch.iter_pk_batches` converts them with the key field.
+    """
     task = dispatch.task_named(self.app, task_name)
     return dispatch.dispatch_range(task, (lo, hi), batch_size=batch_size, **(options or {}))
