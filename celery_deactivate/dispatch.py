@@ -20,7 +20,7 @@ the write of the buffer is kombu's and is not replayed: if it fails, kombu raise
 ``BatchPublishError`` (delivery of the buffered messages uncertain) and the fan-out stops there.
 Also inside a batch, a page's later messages do not ask kombu to declare again the queue its
 first message declared (unless ``task_routes`` may route them elsewhere): see
-:func:`_route_is_fixed`.
+``_route_is_fixed()``.
 
 Sharded mode splits the key space into ``shards`` ranges and sends one
 ``celery_deactivate.dispatch_range`` message per range: the workers enqueue in parallel.  Integer
