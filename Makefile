@@ -26,11 +26,13 @@ $(DOCS_STAMP): $(STAMP)
 
 venv: $(STAMP) ## Create .venv and install the package with its test and dev extras
 
-test: $(STAMP) ## Run the whole suite (PostgreSQL/Redis when DATABASE_URL/CELERY_BROKER_URL are set, else SQLite + memory)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The servers: those DATABASE_URL/CELERY_BROKER_URL name, else throwaway ones on free loopback
+# ports for the run, else SQLite + memory with each skip's reason (scripts/with-services.sh).
+test: $(STAMP) ## Run the whole suite on PostgreSQL, PgBouncer and Redis (started for the run if need be)
+	scripts/with-services.sh $(PY) -m pytest -rs $(PYTEST_ARGS)
 
-test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests
-	$(PY) -m pytest -m crash $(PYTEST_ARGS)
+test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests (servers as for test)
+	scripts/with-services.sh $(PY) -m pytest -rs -m crash $(PYTEST_ARGS)
 
 test-matrix: $(STAMP) ## Run the suite across Celery 5.3/5.5/5.7 x Django 4.2/5.2/6.0 (nox, pyenv interpreters)
 	$(BIN)/nox $(NOX_ARGS)

@@ -3,20 +3,23 @@
 #
 # Usage: scripts/services.sh start|stop|status|env
 #
-#   start   install redis-server if missing (apt-get), initdb on first use,
+#   start   install what is missing (apt-get, as root), initdb on first use,
 #           start PostgreSQL on 127.0.0.1:$PG_PORT (fsync off, 200 connections),
 #           create database "celery_deactivate", start PgBouncer in
 #           transaction pooling mode on 127.0.0.1:$PGBOUNCER_PORT in front of
 #           it, start Redis on 127.0.0.1:$REDIS_PORT, wait for each. Idempotent.
-#   stop    stop them; fine if they are already stopped. Idempotent.
+#   stop    stop what this SERVICES_DIR started (never another server on the
+#           same port); fine if they are already stopped. Idempotent.
 #   status  say whether each is up; exit 0 only if all are.
 #   env     print the export lines the test suite reads:
 #             eval "$(scripts/services.sh env)"
 #
 # Settings (environment):
 #   SERVICES_DIR  state dir (data, sockets, logs, pid files);
-#                 default /tmp/celery-deactivate-services. PostgreSQL runs as
-#                 the "postgres" user, so this dir must be traversable by it.
+#                 default /tmp/celery-deactivate-services. As root, PostgreSQL
+#                 and PgBouncer run as the "postgres" user, so this dir must be
+#                 traversable by it; as another user they run as that user, from
+#                 binaries already installed (nothing is installed).
 #   PG_PORT       default 55432
 #   REDIS_PORT    default 56379
 #   PGBOUNCER_PORT default 56432
@@ -71,10 +74,14 @@ pg_bindir() {
     return 1
 }
 
-# Run a command as the postgres system user (initdb refuses root), from a
-# directory that user can read.
+is_root() { [ "$(id -u)" = 0 ]; }
+
+# Run a command as the postgres system user (initdb and PgBouncer refuse root), from a
+# directory that user can read; not root: as the current user.
 as_postgres() {
-    if command -v runuser >/dev/null 2>&1; then
+    if ! is_root; then
+        (cd / && "$@")
+    elif command -v runuser >/dev/null 2>&1; then
         (cd / && runuser -u "$PG_USER" -- "$@")
     else
         (cd / && su "$PG_USER" -s /bin/bash -c "$(printf '%q ' "$@")")
@@ -123,10 +130,11 @@ ensure_tools() {
     command -v redis-cli >/dev/null 2>&1 || pkgs+=(redis-tools)
     command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client)
     command -v pgbouncer >/dev/null 2>&1 || pkgs+=(pgbouncer)
-    if ! pg_bindir >/dev/null || ! id "$PG_USER" >/dev/null 2>&1; then
+    if ! pg_bindir >/dev/null || { is_root && ! id "$PG_USER" >/dev/null 2>&1; }; then
         pkgs+=(postgresql)
     fi
     if [ "${#pkgs[@]}" -gt 0 ]; then
+        is_root || die "missing: ${pkgs[*]} (Debian packages); install them, or run as root to let this script install them"
         apt_install "${pkgs[@]}"
     fi
     pg_bindir >/dev/null || die "no PostgreSQL server binaries (initdb/pg_ctl) found"
@@ -141,7 +149,7 @@ prepare_dirs() {
         log "chmod o+x $SERVICES_DIR (so the postgres user can reach it)"
         chmod o+x "$SERVICES_DIR"
     fi
-    chown "$PG_USER:" "$PG_DIR"
+    if is_root; then chown "$PG_USER:" "$PG_DIR"; fi
     chmod 700 "$PG_DIR"
     as_postgres test -w "$PG_DIR" || die "postgres user cannot write $PG_DIR (check the parents' permissions)"
 }
@@ -209,7 +217,7 @@ admin_users = $PG_USER
 logfile = $PGB_LOG
 pidfile = $PGB_PID
 EOF
-    chown -R "$PG_USER:" "$PGB_DIR"
+    if is_root; then chown -R "$PG_USER:" "$PGB_DIR"; fi
     log "starting pgbouncer (transaction pooling) on 127.0.0.1:$PGBOUNCER_PORT"
     # PgBouncer refuses to run as root.
     as_postgres pgbouncer -d "$PGB_DIR/pgbouncer.ini" </dev/null >&2 \
@@ -273,21 +281,17 @@ stop_pgbouncer() {
     rm -f "$PGB_PID"
 }
 
+# Only the Redis this script started (its pid file): never another one on the same port.
 stop_redis() {
     local pid=""
     [ -f "$REDIS_PID" ] && pid="$(cat "$REDIS_PID" 2>/dev/null || true)"
-    if redis_up; then
-        log "stopping redis on 127.0.0.1:$REDIS_PORT"
-        redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
-        wait_until "redis to stop" "$START_TIMEOUT" bash -c \
-            "! redis-cli -h 127.0.0.1 -p $REDIS_PORT ping >/dev/null 2>&1" \
-            || die "redis on 127.0.0.1:$REDIS_PORT did not stop"
-    else
-        log "redis not running on 127.0.0.1:$REDIS_PORT"
-    fi
-    # Wait for our own process to be gone (it may still be exiting).
     if pid_alive "$pid"; then
-        wait_until "redis pid $pid to exit" "$START_TIMEOUT" bash -c "! kill -0 $pid 2>/dev/null" || true
+        log "stopping redis on 127.0.0.1:$REDIS_PORT"
+        kill "$pid" 2>/dev/null || true  # SIGTERM: a clean shutdown, nothing saved (--save '')
+        wait_until "redis pid $pid to exit" "$START_TIMEOUT" bash -c "! kill -0 $pid 2>/dev/null" \
+            || die "redis (pid $pid) did not stop"
+    else
+        log "redis not running"
     fi
     rm -f "$REDIS_PID"
 }

@@ -127,14 +127,6 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "memory://")
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "cache+memory://")
 if CELERY_BROKER_URL.startswith("memory://"):
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {"polling_interval": 0.01}
-elif CELERY_BROKER_URL.startswith("filesystem://"):  # crash tests without Redis
-    _folder = Path(os.environ["CELERY_BROKER_FOLDER"])
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_folder / "data"),
-        "data_folder_out": str(_folder / "data"),
-        "control_folder": str(_folder / "control"),
-        "polling_interval": 0.05,
-    }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = False
 # Keep database connections across tasks (Celery's Django fixup closes them around every task
 # otherwise), as production settings should.

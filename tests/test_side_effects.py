@@ -109,8 +109,12 @@ def test_every_statement_of_a_task_goes_through_django_s_cursor(
     logged, seen = statements(lambda: getattr(tasks, task).delay(feed.pk), hooked)
 
     # Django's query log records every statement run through its cursor (with the parameters
-    # interpolated); the hook saw each of them, in the same order, and nothing else.
-    data = [sql for sql in logged if not sql.upper().startswith(("BEGIN", "COMMIT", "ROLLBACK"))]
+    # interpolated); the hook saw each of them, in the same order, and nothing else.  Transaction
+    # control is left out of both: Django's SQLite backend sends BEGIN through its cursor, the
+    # PostgreSQL one through the driver, and the log also records COMMIT and ROLLBACK.
+    control = ("BEGIN", "COMMIT", "ROLLBACK")
+    data = [sql for sql in logged if not sql.upper().startswith(control)]
+    seen = [sql for sql in seen if not sql.upper().startswith(control)]
     assert len(data) >= 2
     assert [sql.split()[0] for sql in seen] == [sql.split()[0] for sql in data]
 

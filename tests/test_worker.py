@@ -3,10 +3,13 @@ database and in what Celery recorded (``AsyncResult``)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
+from celery import states, uuid
 from celery.result import AsyncResult
+from celery.signals import task_postrun
 from django.core import mail
 
 from celery_deactivate.signals import object_deactivated
@@ -18,7 +21,22 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 
 
 def run(task: Any, *args: Any) -> AsyncResult:
-    result = task.delay(*args)
+    """Send the task; return its result once the worker is done with it.  Celery stores a
+    failure's result before it calls ``on_failure`` (where a final failure is recorded), and
+    sends ``task_postrun`` after both."""
+    sent = uuid()
+    done = threading.Event()
+
+    def finished(task_id: str, state: str | None = None, **kwargs: Any) -> None:
+        if task_id == sent and state in states.READY_STATES:  # not a run that retries
+            done.set()
+
+    task_postrun.connect(finished)
+    try:
+        result = task.apply_async(args, task_id=sent)
+        wait_for(done.is_set)
+    finally:
+        task_postrun.disconnect(finished)
     wait_for(result.ready)
     return result
 

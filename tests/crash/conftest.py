@@ -14,7 +14,7 @@ from django.db import connection
 
 from tests.testapp.models import Feed, SignalLog
 
-from .worker import Meeting, Worker
+from .worker import NEEDS_REDIS, Meeting, Worker, redis_broker_url
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +22,11 @@ def meeting(django_db_setup: Any) -> Iterator[Meeting]:
     """The test database, broker, result backend and folders the workers share with this run.
 
     The folder is this session's own (not pytest's tmp_path, which a concurrent pytest run may
-    prune); it is removed at the end unless ``CRASH_KEEP`` is set.
+    prune); it is removed at the end unless ``CRASH_KEEP`` is set.  Without Redis every crash test
+    is skipped, with the reason in pytest's summary (``-rs``).
     """
+    if redis_broker_url() is None:
+        pytest.skip(NEEDS_REDIS)
     folder = Path(tempfile.mkdtemp(prefix="celery-deactivate-crash-"))
     place = Meeting.create(folder, str(connection.settings_dict["NAME"]))
     saved = os.environ.get("CRASH_STATE_DIR")

@@ -53,9 +53,7 @@ def sequential_model(first_failure: int, initial_count: int, runs: int) -> Expec
 def test_two_workers_match_the_sequential_model(meeting: Meeting) -> None:
     # Given a few hundred feeds that succeed until their n-th poll and then fail for good,
     # some with failures counted already,
-    objects, runs = (
-        (int(os.environ.get("CRASH_OBJECTS", 200)), 10) if meeting.uses_redis else (100, 10)
-    )
+    objects, runs = int(os.environ.get("CRASH_OBJECTS", 200)), 10
     rng = random.Random(6)
     plan = {}
     for index in range(objects):

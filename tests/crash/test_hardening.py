@@ -123,8 +123,6 @@ def test_a_dropped_connection_is_not_the_object_s_fault(meeting: Meeting) -> Non
 
 
 def test_sqlite_with_two_processes_adds_no_lock_failures(meeting: Meeting) -> None:
-    if not meeting.uses_redis:
-        pytest.skip("needs a broker shared by processes: Redis (CELERY_BROKER_URL)")
     folder = Path(tempfile.mkdtemp(prefix="celery-deactivate-sqlite-"))
     database = folder / "db.sqlite3"
     env = {
