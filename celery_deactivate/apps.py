@@ -5,6 +5,7 @@ from django.apps import AppConfig
 
 class CeleryDeactivateConfig(AppConfig):
     name = "celery_deactivate"
+    default_auto_field = "django.db.models.BigAutoField"
     verbose_name = "Celery deactivate"
 
     def ready(self) -> None:
