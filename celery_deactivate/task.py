@@ -21,7 +21,7 @@ from django.apps import apps
 from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Model
 
-from . import services
+from . import notify, outage, services
 from .conf import ExceptionTypes, Notifier, check_option_names, option_inputs, resolve
 from .dispatch import dispatch_active
 from .exceptions import DeactivateConfigError
@@ -102,10 +102,20 @@ class DeactivatingTask(_TaskBase):
     deactivate_on: ClassVar[Any] = None
     #: Exception types that never count nor deactivate (default ``()``).
     dont_deactivate_on: ClassVar[Any] = None
-    #: Notify once per deactivation (default ``True``).
+    #: Notify deactivations, digests and outages (default ``True``).
     deactivate_notify: ClassVar[bool | None] = None
     #: The notifier, a callable or dotted path (default: mail the site admins).
     deactivate_notifier: ClassVar[Notifier | str | None] = None
+    #: Seconds of a notice window: later deactivations wait for its digest (default 300; 0 off).
+    deactivate_notify_window: ClassVar[float | None] = None
+    #: The site's base URL, for absolute admin links in notices (default: relative paths).
+    deactivate_site_url: ClassVar[str | None] = None
+    #: Outage guard: distinct failing objects in the window (default 10; 0 turns it off).
+    deactivate_outage_objects: ClassVar[int | None] = None
+    #: Outage guard: failure rate of the finished runs in the window, in (0, 1] (default 0.5).
+    deactivate_outage_rate: ClassVar[float | None] = None
+    #: Outage guard: seconds over which failures and runs are counted (default 300).
+    deactivate_outage_window: ClassVar[float | None] = None
     #: Field names by role (active, error, error_message, deactivated_at, failure_count).
     deactivate_fields: ClassVar[dict[str, str | None] | None] = None
     #: Call the body with the loaded instance instead of the primary key (default ``False``).
@@ -139,6 +149,7 @@ class DeactivatingTask(_TaskBase):
         resolve(cls, "deactivate_pass_object")
         resolve(cls, "deactivate_crash_timeout")
         resolve(cls, "deactivate_atomic")
+        outage.check(cls)
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -273,6 +284,8 @@ class DeactivatingTask(_TaskBase):
             result = self._run_atomic(run, args, kwargs, using, target)
         else:
             result = run(*args, **kwargs)
+        if state and state[0]:
+            outage.ran(self)  # the outage guard: one finished run, counted in memory
         if len(state) > 1 and state[1]:
             self._reset_failures(target, pk, using)
         return result
@@ -394,6 +407,10 @@ class DeactivatingTask(_TaskBase):
                     identity,
                     type(exc).__qualname__,
                 )
+                outage.ran(self)  # a finished run, not a failure of the object
+                return None
+            guard = outage.Failure(self, target, pk, exc, task_id, timeout=timeout)
+            if guard.during_outage():  # counted for the task only, logged
                 return None
             using = services.db_for(target)
             outcome = services.record_failure(
@@ -426,7 +443,7 @@ class DeactivatingTask(_TaskBase):
                 task_id,
                 services.describe(exc),
             )
-            if policy.notify:
+            if policy.notify and guard.notify_now(outcome):  # else: in the digest
                 instance = outcome.instance
                 transaction.on_commit(
                     lambda: self._notify(policy.notifier, instance, exc, task_id, identity),
@@ -442,6 +459,7 @@ class DeactivatingTask(_TaskBase):
                 task_id,
                 services.describe(exc),
             )
+        guard.after(outcome)  # the outage guard: count the failure, check; never raises
         return outcome
 
     def _notify(
@@ -452,18 +470,30 @@ class DeactivatingTask(_TaskBase):
         task_id: str | None,
         identity: str,
     ) -> None:
+        """The deactivation notice (after commit); a notifier that raises is logged at ERROR."""
         try:
-            notifier(task=self, instance=instance, exception=exc, task_id=task_id)
+            assert instance is not None
+            item = notify.object_of(
+                instance,
+                exception=exc,
+                task_id=task_id,
+                site_url=outage.guard_of(self).site_url,
+            )
+            notice = notify.deactivation_notice(self.name, item)
         except Exception as error:
             logger.error(
-                "celery_deactivate: notifier %r failed for %s (deactivated by %s[%s]): %s",
-                notifier,
+                "celery_deactivate: the notice of %s (deactivated by %s[%s]) could not be "
+                "written: %s",
                 identity,
                 self.name,
                 task_id,
                 services.describe(error),
                 exc_info=error,
             )
+            return
+        notify.deliver(
+            notifier, notice, task=self, instance=instance, exception=exc, task_id=task_id
+        )
 
 
 def _close_if_unusable(using: str) -> None:
