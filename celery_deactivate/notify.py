@@ -191,7 +191,9 @@ def object_of(
     )
 
 
-def deactivation_notice(task: str, item: NoticeObject) -> Notice:
+def deactivation_notice(task: str, item: NoticeObject, window: float = 0) -> Notice:
+    """One deactivation; ``window``: the notice window it opened (later deactivations of the task
+    within it wait for the digest)."""
     lines = [
         f"The task {task}[{item.task_id}] failed on {item.label} pk={item.pk!r}",
         f"({item.name}), which is now deactivated: it is not scheduled until reactivated.",
@@ -199,6 +201,12 @@ def deactivation_notice(task: str, item: NoticeObject) -> Notice:
         item.error,
         *_details(item, indent=""),
     ]
+    if window:
+        lines += [
+            "",
+            f"Further deactivations by {task} in the next {_duration(window)} are sent together "
+            "in one digest.",
+        ]
     return Notice(
         kind=DEACTIVATED,
         task=task,
@@ -321,7 +329,7 @@ def _share(part: int, whole: int) -> str:
 
 
 def _duration(seconds: float) -> str:
-    seconds = max(int(seconds), 0)
+    seconds = max(round(seconds), 0)
     if seconds < 120:
         return f"{seconds} s"
     if seconds < 7200:

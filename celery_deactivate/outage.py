@@ -730,10 +730,12 @@ def send_digest(
         state.update(notify_until=new_until)
         if guard.notify:
             target = task.target
+            key = target.model._meta.pk
+            assert key is not None
             items = [
                 notify.NoticeObject(
                     label=target.label,
-                    pk=pk,
+                    pk=(pk := key.to_python(text_pk)),
                     name=text,
                     error=error,
                     traceback=tb,
@@ -741,7 +743,7 @@ def send_digest(
                     deactivated_at=when,
                     task_id=task_id or None,
                 )
-                for _, pk, text, error, tb, when, task_id in rows
+                for _, text_pk, text, error, tb, when, task_id in rows
             ]
             since = until - timedelta(seconds=guard.notify_window)
             notice = notify.digest_notice(name, items, since, now)

@@ -473,13 +473,12 @@ class DeactivatingTask(_TaskBase):
         """The deactivation notice (after commit); a notifier that raises is logged at ERROR."""
         try:
             assert instance is not None
+            guard = outage.guard_of(self)
             item = notify.object_of(
-                instance,
-                exception=exc,
-                task_id=task_id,
-                site_url=outage.guard_of(self).site_url,
+                instance, exception=exc, task_id=task_id, site_url=guard.site_url
             )
-            notice = notify.deactivation_notice(self.name, item)
+            window = guard.notify_window if guard.digests else 0
+            notice = notify.deactivation_notice(self.name, item, window)
         except Exception as error:
             logger.error(
                 "celery_deactivate: the notice of %s (deactivated by %s[%s]) could not be "
