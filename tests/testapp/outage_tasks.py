@@ -84,7 +84,9 @@ def recovery(pk: int) -> Any:
     return work(Feed.objects.get(pk=pk))
 
 
-@app.task(base=DeactivatingTask, model=Feed, deactivate_outage_objects=0)
+@app.task(
+    base=DeactivatingTask, model=Feed, deactivate_outage_objects=0, deactivate_notify_window=3
+)
 def storm(pk: int) -> Any:
     """500 deactivations in a burst: the notice window's digest, without the guard."""
     return work(Feed.objects.get(pk=pk))
