@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.result import AsyncResult, ResultSet
+from django.conf import settings
 from django.core import mail
 from django.db import connection
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from celery_deactivate import DeactivatingTask, outage
@@ -122,6 +124,28 @@ def test_bad_values_fail_when_the_task_is_declared(options: dict[str, Any], mess
 
     with pytest.raises(DeactivateConfigError, match=message):
         app.task(base=DeactivatingTask, lazy=False, shared=False, model=Feed, **options)(body)
+
+
+def test_the_guard_needs_the_library_s_tables() -> None:
+    app = Celery("outage-apps", set_as_current=False)
+    app.finalize()
+
+    def body(pk: int) -> None: ...
+
+    without = [name for name in settings.INSTALLED_APPS if name != "celery_deactivate"]
+    with override_settings(INSTALLED_APPS=without):
+        with pytest.raises(DeactivateConfigError, match="add it to INSTALLED_APPS and migrate"):
+            app.task(base=DeactivatingTask, lazy=False, shared=False, model=Feed)(body)
+        # Both off: nothing to keep, nothing needed.
+        app.task(
+            base=DeactivatingTask,
+            lazy=False,
+            shared=False,
+            model=Feed,
+            deactivate_outage_objects=0,
+            deactivate_notify_window=0,
+            name="without-the-tables",
+        )(body)
 
 
 def test_maintain_is_registered_with_a_ready_beat_entry(celery_app: Celery) -> None:
