@@ -116,24 +116,19 @@ def _process() -> str:
     return multiprocessing.current_process().name[:40]
 
 
-def log_outage_started(sender: Any, counts: Any, **kwargs: Any) -> None:
-    SignalLog.objects.create(
-        signal="outage_started",
-        feed_id="-",
-        task_id=sender.name[-64:],
-        failure_count=counts["failures"],
-        process=_process(),
-    )
+def log_outage(signal: str) -> Any:
+    """A receiver of ``signal`` (an outage signal) that records it."""
 
+    def receiver(sender: Any, counts: Any, **kwargs: Any) -> None:
+        SignalLog.objects.create(
+            signal=signal,
+            feed_id="-",
+            task_id=sender.name[-64:],
+            failure_count=counts["failures"],
+            process=_process(),
+        )
 
-def log_outage_ended(sender: Any, counts: Any, **kwargs: Any) -> None:
-    SignalLog.objects.create(
-        signal="outage_ended",
-        feed_id="-",
-        task_id=sender.name[-64:],
-        failure_count=counts["failures"],
-        process=_process(),
-    )
+    return receiver
 
 
 def log_reactivated(sender: Any, instance: Any, **kwargs: Any) -> None:
@@ -143,6 +138,10 @@ def log_reactivated(sender: Any, instance: Any, **kwargs: Any) -> None:
 
 
 if os.environ.get("CRASH_SIGNAL_LOG"):
-    outage_started.connect(log_outage_started, dispatch_uid="crash-log-outage-started")
-    outage_ended.connect(log_outage_ended, dispatch_uid="crash-log-outage-ended")
+    outage_started.connect(
+        log_outage("outage_started"), weak=False, dispatch_uid="crash-log-outage-started"
+    )
+    outage_ended.connect(
+        log_outage("outage_ended"), weak=False, dispatch_uid="crash-log-outage-ended"
+    )
     object_reactivated.connect(log_reactivated, dispatch_uid="crash-log-reactivated")
