@@ -31,32 +31,28 @@ at least :data:`FLUSH_EVERY` seconds after the last write (one ``UPDATE`` of the
 and a read of the task's state), or by the next failure.  Counts of a process that stops
 receiving tasks are written with its next task; there is no background thread.  A failure
 outside an outage adds a read of the task's state, the count, the object's row in
-``TaskFailure`` and two small reads to check the guard; during an outage a failure costs a read
-and the count (less than a deactivation).  The guard off (``deactivate_outage_objects=0``) and
-``deactivate_notify_window=0`` add nothing at all.
+``TaskFailure``, the distinct objects counted up to the threshold (then the sums of the window),
+and after a deactivation a second read of the state; during an outage a failure costs a read and
+the count, and nothing on the object (less than a deactivation).  The guard off
+(``deactivate_outage_objects=0``) and ``deactivate_notify_window=0`` add nothing at all.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
-from django.db import IntegrityError, connections, router, transaction
-from django.db.models import F, Sum
+from django.db import transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import notify, services, signals
+from . import counts, notify, services, signals
 from .conf import option_inputs, resolve
+from .counts import FLUSH_EVERY, forget
 from .exceptions import DeactivateConfigError
 
 if TYPE_CHECKING:
@@ -66,13 +62,6 @@ if TYPE_CHECKING:
     from .task import DeactivatingTask
 
 logger = logging.getLogger("celery_deactivate")
-
-#: Seconds between two writes of the runs a process counted in memory, per task.
-FLUSH_EVERY = 2.0
-#: The window is counted in this many slots (a tenth each, at least a second).
-SLOTS = 10
-#: Rows changed per statement when a list of keys is long (SQLite's parameter limit).
-CHUNK = 500
 
 #: The options the guard and the notices are resolved from.
 GUARD_OPTIONS = (
@@ -111,12 +100,6 @@ class Guard:
     def records(self) -> bool:
         """The failure path writes the task's state at all."""
         return self.on or self.digests
-
-    def slot_of(self, when: datetime) -> datetime:
-        """The start of the slot ``when`` falls in (slots are a tenth of the window)."""
-        width = max(self.window / SLOTS, 1.0)
-        stamp = when.timestamp()
-        return datetime.fromtimestamp(stamp - stamp % width, tz=when.tzinfo)
 
 
 _UNSET = object()
@@ -170,70 +153,27 @@ def check(task: Any) -> None:
         )
 
 
-def _db() -> str:
-    from .models import TaskState
-
-    return router.db_for_write(TaskState)
-
-
-# -- counting runs in memory ------------------------------------------------------------------
-
-
-class _Pending:
-    """Finished runs counted in this process, per task name, not yet written."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.runs: dict[str, int] = {}
-        self.written: dict[str, float] = {}
-
-    def add(self, name: str) -> bool:
-        """Count one run; whether it is time to write them."""
-        now = time.monotonic()
-        with self.lock:
-            self.runs[name] = self.runs.get(name, 0) + 1
-            written = self.written.setdefault(name, now)
-        return now - written >= FLUSH_EVERY
-
-    def take(self, name: str) -> int:
-        with self.lock:
-            self.written[name] = time.monotonic()
-            return self.runs.pop(name, 0)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.runs.clear()
-            self.written.clear()
-
-
-_pending = _Pending()
-if hasattr(os, "register_at_fork"):  # a pool child starts with nothing counted
-    os.register_at_fork(after_in_child=_pending.clear)
-
-
-def forget() -> None:
-    """Drop the runs this process counted and has not written (tests: the tables were emptied)."""
-    _pending.clear()
+# -- runs ------------------------------------------------------------------------------------
 
 
 def ran(task: DeactivatingTask) -> None:
     """One finished run of ``task`` whose body succeeded: counted in memory.  Every
     :data:`FLUSH_EVERY` seconds the counts are written (and an open outage checked).  Never
     raises."""
-    if _pending.add(task.name):
+    if counts.pending.add(task.name):
         _write_runs(task)
 
 
 def _write_runs(task: DeactivatingTask) -> None:
     try:
-        runs = _pending.take(task.name)
+        runs = counts.pending.take(task.name)
         guard = guard_of(task)
         if not guard.on or not runs:
             return
-        using = _db()
-        with _unit(using, None):
-            _count(task.name, guard, using, runs=runs, failures=0)
-            state = _read_state(task.name, using, create=False)
+        using = counts.db()
+        with counts.unit(using, None):
+            counts.add(task.name, guard.window, using, runs=runs, failures=0)
+            state = counts.read_state(task.name, using, create=False)
             if state is not None and state.outage_started_at is not None:
                 _end_if_over(task, guard, state.outage_started_at, using)
     except Exception as error:
@@ -243,103 +183,6 @@ def _write_runs(task: DeactivatingTask) -> None:
             services.describe(error),
             exc_info=error,
         )
-
-
-_process: tuple[int, str] = (0, "")
-
-
-def _process_key() -> str:
-    """``host:pid`` of this process: the key of the rows it counts in."""
-    global _process
-    pid = os.getpid()
-    if _process[0] != pid:
-        _process = (pid, f"{socket.gethostname()}:{pid}"[-255:])
-    return _process[1]
-
-
-# -- the tables --------------------------------------------------------------------------------
-
-
-class State(NamedTuple):
-    outage_started_at: datetime | None
-    outage_ended_at: datetime | None
-    notify_until: datetime | None
-
-
-def _read_state(name: str, using: str, *, create: bool) -> State | None:
-    from .models import TaskState
-
-    rows = TaskState.objects.using(using).filter(task=name)
-    found = rows.values_list("outage_started_at", "outage_ended_at", "notify_until")[:1]
-    for row in found:
-        return State(*row)
-    if not create:
-        return None
-    TaskState.objects.using(using).bulk_create([TaskState(task=name)], ignore_conflicts=True)
-    return State(None, None, None)
-
-
-def _count(name: str, guard: Guard, using: str, *, runs: int, failures: int) -> None:
-    """Add to this process's row of the current slot: one ``UPDATE``, an ``INSERT`` (and the
-    removal of its rows older than two windows) once per slot."""
-    from .models import TaskRuns
-
-    now = timezone.now()
-    slot = guard.slot_of(now)
-    process = _process_key()
-    table = TaskRuns.objects.using(using)
-    row = table.filter(task=name, slot=slot, process=process)
-    if row.update(runs=F("runs") + runs, failures=F("failures") + failures):
-        return
-    try:
-        with _savepoint(using):
-            table.create(task=name, slot=slot, process=process, runs=runs, failures=failures)
-    except IntegrityError:  # another thread of this process created it
-        row.update(runs=F("runs") + runs, failures=F("failures") + failures)
-        return
-    old = now - timedelta(seconds=2 * guard.window)
-    table.filter(task=name, process=process, slot__lt=old).delete()
-
-
-def _sums(name: str, guard: Guard, using: str, since: datetime) -> tuple[int, int]:
-    """``(runs, failures)`` of the task since ``since``, rounded down to the start of its slot."""
-    from .models import TaskRuns
-
-    totals = (
-        TaskRuns.objects.using(using)
-        .filter(task=name, slot__gte=guard.slot_of(since))
-        .aggregate(runs=Sum("runs"), failures=Sum("failures"))
-    )
-    return int(totals["runs"] or 0), int(totals["failures"] or 0)
-
-
-def _distinct(name: str, using: str, since: datetime, at_most: int | None) -> int:
-    """Distinct objects with a final failure after ``since``, counted up to ``at_most``."""
-    from .models import TaskFailure
-
-    rows = TaskFailure.objects.using(using).filter(task=name, failed_at__gt=since)
-    counted: int = rows[:at_most].count() if at_most is not None else rows.count()
-    return counted
-
-
-@contextmanager
-def _savepoint(using: str) -> Iterator[None]:
-    """A savepoint in a transaction, so that an error leaves it usable; nothing in autocommit."""
-    with transaction.atomic(using=using) if connections[using].in_atomic_block else nullcontext():
-        yield
-
-
-@contextmanager
-def _unit(using: str, timeout: float | None) -> Iterator[None]:
-    """The guard's statements of one failure: in autocommit (each its own transaction), in a
-    savepoint inside someone else's transaction, or, bounded by ``timeout`` (the crash path of
-    the worker's main process), in a transaction of their own."""
-    if timeout:
-        with transaction.atomic(using=using), services.bounded(using, timeout):
-            yield
-    else:
-        with _savepoint(using):
-            yield
 
 
 # -- one failure --------------------------------------------------------------------------------
@@ -373,7 +216,7 @@ class Failure:
         self.task_id = task_id
         self.timeout = timeout
         self.guard = guard_of(task)
-        self.state = State(None, None, None)
+        self.state = counts.State(None, None, None)
         self.using = ""
         self.working = self.guard.records
         self.notified = True
@@ -384,8 +227,8 @@ class Failure:
         if not self.working:
             return False
         try:
-            self.using = _db()
-            with _unit(self.using, self.timeout):
+            self.using = counts.db()
+            with counts.unit(self.using, self.timeout):
                 return self._during_outage()
         except Exception as error:
             self._broken(error, "read the task's state")
@@ -393,7 +236,7 @@ class Failure:
 
     def _during_outage(self) -> bool:
         guard, using = self.guard, self.using
-        state = _read_state(self.name, using, create=True)
+        state = counts.read_state(self.name, using, create=True)
         assert state is not None
         until = state.notify_until
         if until is not None and until <= timezone.now():
@@ -402,8 +245,8 @@ class Failure:
         started = state.outage_started_at
         if not guard.on or started is None:
             return False
-        runs = _pending.take(self.name) + 1
-        _count(self.name, guard, using, runs=runs, failures=1)
+        runs = counts.pending.take(self.name) + 1
+        counts.add(self.name, guard.window, using, runs=runs, failures=1)
         logger.info(
             "celery_deactivate: %s[%s] on %s: not deactivated nor counted against the object, "
             "the task has an outage since %s (%s)",
@@ -424,7 +267,7 @@ class Failure:
         if not (self.working and outcome.deactivated and self.guard.digests):
             return True
         try:
-            with _unit(self.using, self.timeout):
+            with counts.unit(self.using, self.timeout):
                 self.notified = self._quiet(timezone.now())
         except Exception as error:
             self._broken(error, "open a notice window")
@@ -435,7 +278,7 @@ class Failure:
         if not self.working:
             return
         try:
-            with _unit(self.using, self.timeout):
+            with counts.unit(self.using, self.timeout):
                 self._after(outcome)
         except Exception as error:
             self._broken(error, "count the failure")
@@ -445,8 +288,8 @@ class Failure:
         instance = outcome.instance if outcome is not None else None
         deactivated = instance is not None and outcome is not None and outcome.deactivated
         if guard.on:
-            runs = _pending.take(name) + 1
-            _count(name, guard, using, runs=runs, failures=int(instance is not None))
+            runs = counts.pending.take(name) + 1
+            counts.add(name, guard.window, using, runs=runs, failures=int(instance is not None))
         now = timezone.now()
         pending = deactivated and not self.notified
         if instance is not None and (guard.on or pending):
@@ -504,9 +347,9 @@ class Failure:
         ended = self.state.outage_ended_at
         if ended is not None and ended > since:
             since = ended  # after an outage, count afresh
-        if _distinct(name, using, since, guard.objects) < guard.objects:
+        if counts.distinct(name, using, since, guard.objects) < guard.objects:
             return False
-        runs, failures = _sums(name, guard, using, since)
+        runs, failures = counts.sums(name, guard.window, using, since)
         if not runs or failures < guard.rate * runs:
             logger.info(
                 "celery_deactivate: %s: %d of %d finished runs failed for good since %s, below "
@@ -534,7 +377,7 @@ class Failure:
 
 
 def _outage_open(name: str, using: str) -> bool:
-    state = _read_state(name, using, create=False)
+    state = counts.read_state(name, using, create=False)
     return state is not None and state.outage_started_at is not None
 
 
@@ -554,8 +397,12 @@ def start_outage(
     from .models import TaskState
 
     name, target = task.name, task.target
-    runs, failures = _sums(name, guard, using, since)
-    counts = {"runs": runs, "failures": failures, "objects": _distinct(name, using, since, None)}
+    runs, failures = counts.sums(name, guard.window, using, since)
+    totals = {
+        "runs": runs,
+        "failures": failures,
+        "objects": counts.distinct(name, using, since, None),
+    }
     with transaction.atomic(using=using):
         rows = TaskState.objects.using(using).filter(task=name, outage_started_at__isnull=True)
         if not rows.update(outage_started_at=now):
@@ -566,7 +413,7 @@ def start_outage(
             signals.outage_started,
             task,
             started_at=now,
-            counts=counts,
+            counts=totals,
             exception=exc,
             reactivated=[instance for instance, _ in reactivated],
         )
@@ -581,7 +428,7 @@ def start_outage(
         runs,
         since.isoformat(timespec="seconds"),
         f"{failures / runs:.0%}" if runs else "-",
-        counts["objects"],
+        totals["objects"],
         target.label,
         guard.objects,
         guard.rate * 100,
@@ -593,7 +440,7 @@ def start_outage(
             name,
             label=target.label,
             started_at=now,
-            counts=counts,
+            counts=totals,
             rate=guard.rate,
             window=guard.window,
             error=error,
@@ -610,15 +457,15 @@ def _end_if_over(task: DeactivatingTask, guard: Guard, started: datetime, using:
 
     name = task.name
     now = timezone.now()
-    runs, failures = _sums(name, guard, using, now - timedelta(seconds=guard.window))
+    runs, failures = counts.sums(name, guard.window, using, now - timedelta(seconds=guard.window))
     if failures and failures >= guard.rate * runs:
         return False
-    counts = {"runs": runs, "failures": failures}
+    totals = {"runs": runs, "failures": failures}
     with transaction.atomic(using=using):
         rows = TaskState.objects.using(using).filter(task=name, outage_started_at=started)
         if not rows.update(outage_started_at=None, outage_ended_at=now):
             return False  # ended by another process
-        _send(signals.outage_ended, task, started_at=started, ended_at=now, counts=counts)
+        _send(signals.outage_ended, task, started_at=started, ended_at=now, counts=totals)
     logger.warning(
         "celery_deactivate: outage of %s ended after %s: %d of %d finished runs failed for good "
         "in the last %g s, below %.0f%%; failures deactivate objects again",
@@ -631,7 +478,7 @@ def _end_if_over(task: DeactivatingTask, guard: Guard, started: datetime, using:
     )
     if guard.notify:
         notice = notify.outage_ended_notice(
-            name, started_at=started, ended_at=now, counts=counts, window=guard.window
+            name, started_at=started, ended_at=now, counts=totals, window=guard.window
         )
         _notify_on_commit(task, guard, notice, using)
     return True
@@ -665,7 +512,7 @@ def _reactivate(
     model_db = services.db_for(target)
     wanted = {meta_pk.to_python(text): when for text, when in victims}
     reactivated = []
-    for chunk in _chunks(list(wanted)):
+    for chunk in counts.chunks(list(wanted)):
         rows = model._base_manager.db_manager(model_db).filter(pk__in=chunk)
         rows = rows.filter(**{target.active: False})
         stamp = target.deactivated_at
@@ -687,16 +534,11 @@ def _reactivate(
                 task.name,
             )
             reactivated.append((instance, notify.object_of(instance, site_url=guard.site_url)))
-    for chunk in _chunks([text for text, _ in victims]):
+    for chunk in counts.chunks([text for text, _ in victims]):
         TaskFailure.objects.using(using).filter(task=task.name, object_pk__in=chunk).update(
             deactivated_at=None, notice_pending=False
         )
     return reactivated
-
-
-def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), CHUNK):
-        yield items[start : start + CHUNK]
 
 
 # -- digests --------------------------------------------------------------------------------------
@@ -724,7 +566,7 @@ def send_digest(
         )
         if not rows:
             return None
-        for chunk in _chunks([row[0] for row in rows]):
+        for chunk in counts.chunks([row[0] for row in rows]):
             TaskFailure.objects.using(using).filter(pk__in=chunk).update(notice_pending=False)
         new_until = now + timedelta(seconds=guard.notify_window)
         state.update(notify_until=new_until)
@@ -766,7 +608,7 @@ def maintain(app: Celery) -> dict[str, int]:
     from .models import TaskState
     from .task import DeactivatingTask
 
-    using = _db()
+    using = counts.db()
     done = {"tasks": 0, "outages_ended": 0, "digests": 0}
     rows = TaskState.objects.using(using).values_list("task", "outage_started_at", "notify_until")
     for name, started, until in list(rows):
@@ -822,7 +664,7 @@ def _send(signal: Signal, task: DeactivatingTask, **kwargs: Any) -> None:
         return
     failures: list[tuple[Any, BaseException]] = []
     try:
-        with transaction.atomic(using=_db()):
+        with transaction.atomic(using=counts.db()):
             results = signal.send_robust(sender=task, **kwargs)
             failures = [(r, e) for r, e in results if isinstance(e, BaseException)]
             if failures:
@@ -853,15 +695,19 @@ def counts_now(task: DeactivatingTask) -> Mapping[str, int]:
     """The guard's counts of ``task`` over its last window, as the tables hold them (for
     operators and tests): ``runs``, ``failures``, ``objects``."""
     guard = guard_of(task)
-    using = _db()
+    using = counts.db()
     since = timezone.now() - timedelta(seconds=guard.window)
-    runs, failures = _sums(task.name, guard, using, since)
-    return {"runs": runs, "failures": failures, "objects": _distinct(task.name, using, since, None)}
+    runs, failures = counts.sums(task.name, guard.window, using, since)
+    return {
+        "runs": runs,
+        "failures": failures,
+        "objects": counts.distinct(task.name, using, since, None),
+    }
 
 
 def outage_of(task: DeactivatingTask) -> datetime | None:
     """When the task's open outage started; ``None`` without one."""
-    state = _read_state(task.name, _db(), create=False)
+    state = counts.read_state(task.name, counts.db(), create=False)
     return state.outage_started_at if state is not None else None
 
 
