@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.3.0"
 
-__all__ = ["DeactivatableModel", "DeactivatingTask", "__version__"]
+__all__ = ["DeactivatableModel", "DeactivatingTask", "__version__", "maintain_entry"]
 
 if TYPE_CHECKING:
     from .models import DeactivatableModel
     from .task import DeactivatingTask
+    from .tasks import maintain_entry
 
 
 def __getattr__(name: str) -> Any:
@@ -29,4 +30,8 @@ def __getattr__(name: str) -> Any:
         from .models import DeactivatableModel
 
         return DeactivatableModel
+    if name == "maintain_entry":
+        from .tasks import maintain_entry
+
+        return maintain_entry
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ from django.core import checks
 
 class CeleryDeactivateConfig(AppConfig):
     name = "celery_deactivate"
+    default_auto_field = "django.db.models.BigAutoField"
     verbose_name = "Celery deactivate"
 
     def ready(self) -> None:

@@ -69,10 +69,30 @@ def _non_negative_number(value: Any) -> float:
     return float(value)
 
 
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 def _positive_seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError(f"must be a number of seconds > 0, got {value!r}")
     return float(value)
+
+
+def _url(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
 
 
 def _exception_types(value: Any) -> ExceptionTypes:
@@ -141,14 +161,55 @@ OPTIONS: Mapping[str, Option] = {
             "deactivate_notify",
             True,
             _bool,
-            "Call the notifier (by default: mail the site admins) once per deactivation.",
+            "Call the notifier (by default: mail the site admins) for the task's deactivations, "
+            "digests and outages.  False: no notice of any kind for this task.",
         ),
         Option(
             "deactivate_notifier",
             "celery_deactivate.notify.mail_admins",
             _callable,
             "Callable (or dotted path) called as notifier(task=, instance=, exception=, "
-            "task_id=) once per deactivation.",
+            "task_id=, kind=, notice=), after the change commits; kind is 'deactivated', "
+            "'digest', 'outage_started' or 'outage_ended' (see celery_deactivate.notify).",
+        ),
+        Option(
+            "deactivate_notify_window",
+            300.0,
+            _non_negative_number,
+            "Seconds: the first deactivation of a task in a quiet period is notified at once, "
+            "later ones within this window are sent together as one digest when it ends "
+            "(by celery_deactivate.maintain or the task's next failure).  0: one notice per "
+            "deactivation.",
+        ),
+        Option(
+            "deactivate_site_url",
+            None,
+            _url,
+            "The site's base URL (https://ops.example.com): notices link to the admin change "
+            "page with absolute URLs.  Unset: site-relative paths.",
+        ),
+        Option(
+            "deactivate_outage_objects",
+            10,
+            _non_negative_int,
+            "Outage guard: distinct objects that must fail for good within the window, "
+            "together with deactivate_outage_rate, for an outage of the task to start (no "
+            "deactivation while it lasts).  0 turns the guard off for the task; a worker-wide "
+            "setting of 0 or None turns it off for every task that does not set it.",
+        ),
+        Option(
+            "deactivate_outage_rate",
+            0.5,
+            _rate,
+            "Outage guard: share of the task's finished runs in the window that failed for "
+            "good, in (0, 1], at or above which an outage starts (with deactivate_outage_objects) "
+            "and below which it ends.",
+        ),
+        Option(
+            "deactivate_outage_window",
+            300.0,
+            _positive_seconds,
+            "Outage guard: seconds over which failures and runs are counted.",
         ),
         Option(
             "deactivate_fields",

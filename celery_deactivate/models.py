@@ -105,3 +105,98 @@ class PausedSchedule(models.Model):
 
     def __str__(self) -> str:
         return f"periodic task {self.periodic_task_id} of {self.model} pk={self.object_pk}"
+
+
+# -- the library's own tables: the outage guard and the notice windows (issue #12) -------------
+#
+# Shared by every worker process on every machine through the database.  Written by
+# :mod:`celery_deactivate.outage`; read them, never write them by hand.
+
+
+class TaskState(models.Model):
+    """One row per deactivating task: whether an outage is open, and its notice window."""
+
+    task = models.CharField(max_length=255, unique=True)
+    #: When the open outage started (``None``: no outage).
+    outage_started_at = models.DateTimeField(null=True, blank=True)
+    #: When the last outage ended: the guard counts only failures after it (hysteresis).
+    outage_ended_at = models.DateTimeField(null=True, blank=True)
+    #: End of the current notice window (``None``: a quiet period, the next deactivation is
+    #: notified at once); deactivations within it wait for the digest sent when it ends.
+    notify_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "task state"
+
+    def __str__(self) -> str:
+        return self.task
+
+
+class TaskRuns(models.Model):
+    """How many runs of a task finished, and how many failed for good, per time slot (a tenth of
+    ``deactivate_outage_window``) and per worker process.
+
+    Each process writes its own rows only, so failures never queue for one row; the guard sums the
+    rows of the last window.
+    """
+
+    task = models.CharField(max_length=255)
+    #: Start of the slot.
+    slot = models.DateTimeField()
+    #: ``host:pid`` of the process that counted them.
+    process = models.CharField(max_length=255)
+    runs = models.PositiveBigIntegerField(default=0)
+    failures = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "task runs"
+        verbose_name_plural = "task runs"
+        constraints = (
+            models.UniqueConstraint(
+                fields=("task", "slot", "process"), name="celery_deactivate_runs_unique"
+            ),
+        )
+        indexes = (models.Index(fields=("task", "slot"), name="celery_deactivate_runs_slot"),)
+
+    def __str__(self) -> str:
+        return f"{self.task} {self.slot:%Y-%m-%d %H:%M:%S} {self.process}"
+
+
+class TaskFailure(models.Model):
+    """The last final failure of a task on one object: the distinct objects the guard counts, the
+    objects an outage re-activates, and the deactivations a digest lists."""
+
+    task = models.CharField(max_length=255)
+    #: The object's primary key, as text.
+    object_pk = models.CharField(max_length=255)
+    #: ``str()`` of the object when it was deactivated.
+    object_repr = models.CharField(max_length=200, blank=True, default="")
+    failed_at = models.DateTimeField()
+    #: The object's ``deactivated_at`` as this task's failure wrote it (``None``: not deactivated
+    #: by it, or re-activated by an outage since).
+    deactivated_at = models.DateTimeField(null=True, blank=True)
+    #: The deactivation waits for the digest of the current notice window.
+    notice_pending = models.BooleanField(default=False)
+    task_id = models.CharField(max_length=255, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    #: The innermost frames of the traceback.
+    traceback = models.TextField(blank=True, default="")
+
+    class Meta:
+        verbose_name = "task failure"
+        constraints = (
+            models.UniqueConstraint(
+                fields=("task", "object_pk"), name="celery_deactivate_failure_unique"
+            ),
+        )
+        indexes = (
+            models.Index(fields=("task", "failed_at"), name="celery_deactivate_failure_at"),
+            models.Index(
+                fields=("task",),
+                condition=models.Q(notice_pending=True),
+                name="celery_deactivate_pending",
+            ),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.task} pk={self.object_pk}"

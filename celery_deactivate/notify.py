@@ -1,35 +1,410 @@
-"""Notifiers: called once per deactivation when ``deactivate_notify`` is on.
+"""Notices, and the notifiers that deliver them (mail, logging, a chat webhook).
 
-A notifier is any callable accepting the keyword arguments ``task``, ``instance``, ``exception``
-and ``task_id`` (and ``**kwargs`` for arguments added later).  Set it with the
-``deactivate_notifier`` option; an exception it raises is logged, never raised over the task's.
+A notifier is any callable taking keyword arguments; set it with the ``deactivate_notifier`` option
+(a callable or a dotted path).  It is called after the change commits
+(``transaction.on_commit``), once per notice::
+
+    def notifier(*, task, instance, exception, task_id, kind, notice, **kwargs):
+        ...
+
+``kind`` says what the notice is about (:data:`DEACTIVATED`, :data:`DIGEST`,
+:data:`OUTAGE_STARTED`, :data:`OUTAGE_ENDED`); ``notice`` is a :class:`Notice` with a ready
+``subject`` and ``text`` and the same facts as data.  ``instance``, ``exception`` and ``task_id``
+are the deactivated object, its exception and the failed task's id for :data:`DEACTIVATED`, and
+``None`` for the other kinds.  Accept ``**kwargs``: arguments may be added later.  An exception a
+notifier raises is logged at ERROR and never reaches the task nor undoes the change.
+
+A Sentry notifier, for example::
+
+    import sentry_sdk
+
+    def to_sentry(*, notice, exception=None, **kwargs):
+        with sentry_sdk.new_scope() as scope:
+            scope.set_tag("celery_deactivate.kind", notice.kind)
+            scope.set_extra("objects", [item.identity for item in notice.objects])
+            sentry_sdk.capture_message(notice.subject, level="warning")
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import traceback
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+from django.apps import apps
 from django.core import mail
 from django.db.models import Model
+from django.urls import NoReverseMatch, reverse
 
 from .services import describe
+
+logger = logging.getLogger("celery_deactivate")
+notice_logger = logging.getLogger("celery_deactivate.notices")
+
+#: One object was deactivated (the first of a quiet period, or every one without a window).
+DEACTIVATED = "deactivated"
+#: The deactivations of one notice window, together.
+DIGEST = "digest"
+#: An outage of the task started: no deactivation until it ends; its first victims re-activated.
+OUTAGE_STARTED = "outage_started"
+#: The outage ended: failures deactivate objects again.
+OUTAGE_ENDED = "outage_ended"
+
+#: Frames of a traceback kept in notices (the innermost ones: where the body failed).
+TRACEBACK_FRAMES = 3
+
+
+@dataclass(frozen=True)
+class NoticeObject:
+    """One object a notice is about."""
+
+    label: str  # "app_label.Model"
+    pk: Any
+    name: str  # str(instance)
+    error: str = ""  # "ValueError: the text"
+    traceback: str = ""  # the innermost frames
+    url: str | None = None  # the admin change page, when the admin is installed
+    deactivated_at: datetime | None = None
+    task_id: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """``app_label.Model pk=42``, as the log lines name it."""
+        return f"{self.label} pk={self.pk!r}"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What a notifier is told: ``subject`` and ``text`` ready to send, and the facts as data."""
+
+    kind: str
+    task: str  # the task's name
+    subject: str
+    text: str
+    #: Deactivated objects (:data:`DEACTIVATED`, :data:`DIGEST`) or the objects an outage
+    #: re-activated (:data:`OUTAGE_STARTED`).
+    objects: tuple[NoticeObject, ...] = ()
+    #: The outage's start and end (outage notices); the digest's window.
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    #: Over the last ``deactivate_outage_window`` (outage notices): final failures, finished
+    #: runs, distinct failing objects.
+    counts: Mapping[str, int] = field(default_factory=dict)
+    #: The last failure's exception, described (outage notices).
+    error: str = ""
+
+
+# -- delivering --------------------------------------------------------------------------------
+
+
+def deliver(
+    notifier: Any,
+    notice: Notice,
+    *,
+    task: Any,
+    instance: Model | None = None,
+    exception: BaseException | None = None,
+    task_id: str | None = None,
+) -> bool:
+    """Call ``notifier`` with ``notice``; log at ERROR and return ``False`` if it raises."""
+    try:
+        notifier(
+            task=task,
+            instance=instance,
+            exception=exception,
+            task_id=task_id,
+            kind=notice.kind,
+            notice=notice,
+        )
+    except Exception as error:
+        logger.error(
+            "celery_deactivate: notifier %r failed on the %s notice of %s (%s): %s",
+            notifier,
+            notice.kind,
+            notice.task,
+            ", ".join(item.identity for item in notice.objects[:5]) or "no object",
+            describe(error),
+            exc_info=error,
+        )
+        return False
+    logger.info(
+        "celery_deactivate: %s notice of %s sent (%d object(s))",
+        notice.kind,
+        notice.task,
+        len(notice.objects),
+    )
+    return True
+
+
+# -- what notices say --------------------------------------------------------------------------
+
+
+def admin_url(model: type[Model], pk: Any, site_url: str | None = None) -> str | None:
+    """The object's change page in the admin, ``None`` when the admin is not installed or does
+    not register the model; absolute when ``site_url`` (``deactivate_site_url``) is given."""
+    if not apps.is_installed("django.contrib.admin"):
+        return None
+    from django.contrib.admin.utils import quote
+
+    meta = model._meta
+    try:
+        path = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[quote(pk)])
+    except NoReverseMatch:
+        return None
+    return f"{site_url}{path}" if site_url else path
+
+
+def traceback_of(exc: BaseException | None, frames: int = TRACEBACK_FRAMES) -> str:
+    """The innermost ``frames`` frames of ``exc``'s traceback ('' without one); never raises."""
+    if exc is None or exc.__traceback__ is None:
+        return ""
+    try:
+        lines = traceback.format_tb(exc.__traceback__, limit=-frames)
+    except Exception:
+        return ""
+    return "".join(lines).rstrip()
+
+
+def object_of(
+    instance: Model,
+    *,
+    exception: BaseException | None = None,
+    task_id: str | None = None,
+    deactivated_at: datetime | None = None,
+    site_url: str | None = None,
+) -> NoticeObject:
+    return NoticeObject(
+        label=instance._meta.label,
+        pk=instance.pk,
+        name=name_of(instance),
+        error=describe(exception),
+        traceback=traceback_of(exception),
+        url=admin_url(type(instance), instance.pk, site_url),
+        deactivated_at=deactivated_at,
+        task_id=task_id,
+    )
+
+
+def deactivation_notice(task: str, item: NoticeObject, window: float = 0) -> Notice:
+    """One deactivation; ``window``: the notice window it opened (later deactivations of the task
+    within it wait for the digest)."""
+    lines = [
+        f"The task {task}[{item.task_id}] failed on {item.label} pk={item.pk!r}",
+        f"({item.name}), which is now deactivated: it is not scheduled until reactivated.",
+        "",
+        item.error,
+        *_details(item, indent=""),
+    ]
+    if window:
+        lines += [
+            "",
+            f"Further deactivations by {task} in the next {_duration(window)} are sent together "
+            "in one digest.",
+        ]
+    return Notice(
+        kind=DEACTIVATED,
+        task=task,
+        subject=f"{item.label} {item.name} deactivated after a task failure",
+        text="\n".join(lines),
+        objects=(item,),
+    )
+
+
+def digest_notice(
+    task: str, items: Sequence[NoticeObject], since: datetime | None, until: datetime
+) -> Notice:
+    label = items[0].label if items else ""
+    lines = [
+        f"The task {task} deactivated {len(items)} more object(s) of {label} in its notice window"
+        f"{f' ({since:%Y-%m-%d %H:%M:%S} to {until:%H:%M:%S})' if since else ''}.",
+        "They are not scheduled until reactivated.",
+    ]
+    for item in items:
+        when = f" at {item.deactivated_at:%H:%M:%S}" if item.deactivated_at else ""
+        lines += ["", f"- {item.identity} ({item.name}){when}, task {item.task_id}"]
+        lines += [f"  {item.error}", *_details(item, indent="  ")]
+    return Notice(
+        kind=DIGEST,
+        task=task,
+        subject=f"{len(items)} {label} objects deactivated by {task}",
+        text="\n".join(lines),
+        objects=tuple(items),
+        started_at=since,
+        ended_at=until,
+    )
+
+
+def outage_started_notice(
+    task: str,
+    *,
+    label: str,
+    started_at: datetime,
+    counts: Mapping[str, int],
+    rate: float,
+    window: float,
+    error: str,
+    reactivated: Sequence[NoticeObject],
+) -> Notice:
+    runs, failures, objects = counts["runs"], counts["failures"], counts["objects"]
+    lines = [
+        f"Outage of {task} since {started_at:%Y-%m-%d %H:%M:%S %Z}: {failures} of its {runs} "
+        f"finished runs in the last {window:g} s failed for good ({_share(failures, runs)}), on "
+        f"{objects} distinct objects of {label}.",
+        "",
+        "The cause looks shared (an upstream service, a credential, a deploy), not the objects: "
+        "until the outage ends no failure of this task deactivates an object, and these "
+        "failures are not counted against them.",
+        f"The outage ends when the failure rate over the last {window:g} s falls below "
+        f"{rate:.0%}; a recovery notice follows.",
+        "",
+        f"Last error: {error}",
+    ]
+    if reactivated:
+        lines += [
+            "",
+            f"Re-activated: the {len(reactivated)} object(s) this task deactivated in the "
+            "window, the outage's first victims:",
+        ]
+        lines += [f"- {item.identity} ({item.name}){_url_suffix(item)}" for item in reactivated]
+    return Notice(
+        kind=OUTAGE_STARTED,
+        task=task,
+        subject=f"Outage of {task}: {objects} objects failing, no deactivation until it ends",
+        text="\n".join(lines),
+        objects=tuple(reactivated),
+        started_at=started_at,
+        counts=dict(counts),
+        error=error,
+    )
+
+
+def outage_ended_notice(
+    task: str,
+    *,
+    started_at: datetime,
+    ended_at: datetime,
+    counts: Mapping[str, int],
+    window: float,
+) -> Notice:
+    runs, failures = counts["runs"], counts["failures"]
+    lasted = _duration((ended_at - started_at).total_seconds())
+    lines = [
+        f"The outage of {task} is over: it lasted {lasted} "
+        f"({started_at:%Y-%m-%d %H:%M:%S} to {ended_at:%H:%M:%S %Z}).",
+        f"Over the last {window:g} s, {failures} of {runs} finished runs failed for good "
+        f"({_share(failures, runs)}).",
+        "A failing object is deactivated again as usual.",
+    ]
+    return Notice(
+        kind=OUTAGE_ENDED,
+        task=task,
+        subject=f"Outage of {task} over after {lasted}",
+        text="\n".join(lines),
+        started_at=started_at,
+        ended_at=ended_at,
+        counts=dict(counts),
+    )
+
+
+def _details(item: NoticeObject, indent: str) -> list[str]:
+    lines = [f"{indent}Admin: {item.url}"] if item.url else []
+    if item.traceback:
+        lines += [f"{indent}Traceback (innermost frames):"]
+        lines += [f"{indent}{line}" for line in item.traceback.splitlines()]
+    return lines
+
+
+def _url_suffix(item: NoticeObject) -> str:
+    return f": {item.url}" if item.url else ""
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.0%}" if whole else "no finished run"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(round(seconds), 0)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def name_of(instance: Model) -> str:
+    """``str(instance)``, or a placeholder if it raises."""
+    try:
+        return str(instance)
+    except Exception as error:
+        return f"<str() raised {type(error).__qualname__}>"
+
+
+# -- the notifiers -----------------------------------------------------------------------------
 
 
 def mail_admins(
     *,
     task: Any,
-    instance: Model,
-    exception: BaseException | None,
-    task_id: str | None,
+    instance: Model | None = None,
+    exception: BaseException | None = None,
+    task_id: str | None = None,
+    notice: Notice | None = None,
     **kwargs: Any,
 ) -> None:
-    """Mail the site admins (``settings.ADMINS``) that ``instance`` was deactivated."""
-    label = instance._meta.label
-    subject = f"{label} {instance} deactivated after a task failure"
-    lines = [
-        f"The task {getattr(task, 'name', task)}[{task_id}] failed on {label} pk={instance.pk!r}",
-        f"({instance}), which is now deactivated: it is not scheduled until reactivated.",
-        "",
-        describe(exception),
-    ]
-    mail.mail_admins(subject, "\n".join(lines), fail_silently=False)
+    """Mail the site admins (``settings.ADMINS``) the notice (the default notifier)."""
+    if notice is None:  # called by hand, the way versions before 0.4 did
+        assert instance is not None
+        name = getattr(task, "name", str(task))
+        notice = deactivation_notice(
+            name, object_of(instance, exception=exception, task_id=task_id)
+        )
+    mail.mail_admins(notice.subject, notice.text, fail_silently=False)
+
+
+def log(*, notice: Notice, **kwargs: Any) -> None:
+    """Log the notice on the ``celery_deactivate.notices`` logger (WARNING; INFO for a recovery):
+    for projects whose log pipeline already alerts (``deactivate_notifier=
+    "celery_deactivate.notify.log"``)."""
+    level = logging.INFO if notice.kind == OUTAGE_ENDED else logging.WARNING
+    notice_logger.log(level, "%s\n%s", notice.subject, notice.text, extra={"notice": notice})
+
+
+class Webhook:
+    """Post each notice to a chat webhook as JSON ``{"text": ...}`` (the shape Slack, Mattermost
+    and Rocket.Chat incoming webhooks accept)::
+
+        # myproject/notifiers.py
+        chat = Webhook(os.environ["CHAT_WEBHOOK_URL"])
+
+        # settings.py
+        CELERY_DEACTIVATE_NOTIFIER = "myproject.notifiers.chat"
+
+    A response other than 2xx, or no answer within ``timeout`` seconds, raises (and is logged).
+    """
+
+    def __init__(
+        self, url: str, *, timeout: float = 5.0, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+
+    def payload(self, notice: Notice) -> dict[str, Any]:
+        """The JSON body: override for another chat's format."""
+        return {"text": f"*{notice.subject}*\n{notice.text}"}
+
+    def __call__(self, *, notice: Notice, **kwargs: Any) -> None:
+        body = json.dumps(self.payload(notice)).encode()
+        request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            response.read()
+
+    def __repr__(self) -> str:  # the path of a webhook URL is its secret: keep it out of logs
+        parts = urllib.parse.urlsplit(self.url)
+        return f"Webhook('{parts.scheme}://{parts.netloc}/…')"

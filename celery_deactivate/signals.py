@@ -29,3 +29,22 @@ object_reactivated = Signal()
 #: task_id: the failed task's id.
 #: failure_count: the consecutive failure count after the change.
 failure_counted = Signal()
+
+#: Sent once when an outage of a task starts (:mod:`celery_deactivate.outage`): in the
+#: transaction that opens it, after its victims were re-activated.
+#:
+#: sender: the task.
+#: started_at: when it started.
+#: counts: ``{"runs", "failures", "objects"}`` over the window (finished runs, final failures,
+#:     distinct failing objects).
+#: exception: the failure that tripped the guard.
+#: reactivated: the instances re-activated (each also sent ``object_reactivated``).
+outage_started = Signal()
+
+#: Sent once when the outage of a task ends, in the transaction that closes it.
+#:
+#: sender: the task.
+#: started_at: when the outage started.
+#: ended_at: when it ended.
+#: counts: ``{"runs", "failures"}`` over the last window.
+outage_ended = Signal()

@@ -21,7 +21,7 @@ from django.apps import apps
 from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Model
 
-from . import dispatch, services
+from . import dispatch, notify, outage, services
 from .conf import (
     PROBE_ROLES,
     ExceptionTypes,
@@ -115,10 +115,20 @@ class DeactivatingTask(_TaskBase):
     deactivate_on: ClassVar[Any] = None
     #: Exception types that never count nor deactivate (default ``()``).
     dont_deactivate_on: ClassVar[Any] = None
-    #: Notify once per deactivation (default ``True``).
+    #: Notify deactivations, digests and outages (default ``True``).
     deactivate_notify: ClassVar[bool | None] = None
     #: The notifier, a callable or dotted path (default: mail the site admins).
     deactivate_notifier: ClassVar[Notifier | str | None] = None
+    #: Seconds of a notice window: later deactivations wait for its digest (default 300; 0 off).
+    deactivate_notify_window: ClassVar[float | None] = None
+    #: The site's base URL, for absolute admin links in notices (default: relative paths).
+    deactivate_site_url: ClassVar[str | None] = None
+    #: Outage guard: distinct failing objects in the window (default 10; 0 turns it off).
+    deactivate_outage_objects: ClassVar[int | None] = None
+    #: Outage guard: failure rate of the finished runs in the window, in (0, 1] (default 0.5).
+    deactivate_outage_rate: ClassVar[float | None] = None
+    #: Outage guard: seconds over which failures and runs are counted (default 300).
+    deactivate_outage_window: ClassVar[float | None] = None
     #: Field names by role (active, error, error_message, deactivated_at, failure_count).
     deactivate_fields: ClassVar[dict[str, str | None] | None] = None
     #: Call the body with the loaded instance instead of the primary key (default ``False``).
@@ -153,6 +163,7 @@ class DeactivatingTask(_TaskBase):
         resolve(cls, "deactivate_crash_timeout")
         resolve(cls, "deactivate_atomic")
         cls._probe_policy(cls._target())
+        outage.check(cls)
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -211,7 +222,7 @@ class DeactivatingTask(_TaskBase):
 
     def outage_open(self) -> bool:
         """Whether an outage of this task is open (no probe is sent meanwhile)."""
-        return False  # the outage guard (issue #12) answers this
+        return outage.outage_of(self) is not None
 
     @classmethod
     def _probe_policy(cls, target: Target) -> tuple[float, float] | None:
@@ -315,8 +326,11 @@ class DeactivatingTask(_TaskBase):
             result = self._run_atomic(run, args, kwargs, using, target)
         else:
             result = run(*args, **kwargs)
-        if state is not None and (state.failures or not state.active):
-            self._after_success(target, pk, using, state)
+        if state is not None:
+            if state.active:
+                outage.ran(self)  # the outage guard: one finished run, counted in memory
+            if state.failures or not state.active:
+                self._after_success(target, pk, using, state)
         return result
 
     def _read(self, read: Any, target: Target, pk: Any, using: str) -> Any:
@@ -449,6 +463,10 @@ class DeactivatingTask(_TaskBase):
                     identity,
                     type(exc).__qualname__,
                 )
+                outage.ran(self)  # a finished run, not a failure of the object
+                return None
+            guard = outage.Failure(self, target, pk, exc, task_id, timeout=timeout)
+            if guard.during_outage():  # counted for the task only, logged
                 return None
             using = services.db_for(target)
             outcome = services.record_failure(
@@ -482,7 +500,7 @@ class DeactivatingTask(_TaskBase):
                 task_id,
                 services.describe(exc),
             )
-            if policy.notify:
+            if policy.notify and guard.notify_now(outcome):  # else: in the digest
                 instance = outcome.instance
                 transaction.on_commit(
                     lambda: self._notify(policy.notifier, instance, exc, task_id, identity),
@@ -508,6 +526,7 @@ class DeactivatingTask(_TaskBase):
                 task_id,
                 services.describe(exc),
             )
+        guard.after(outcome)  # the outage guard: count the failure, check; never raises
         return outcome
 
     def _notify(
@@ -518,18 +537,29 @@ class DeactivatingTask(_TaskBase):
         task_id: str | None,
         identity: str,
     ) -> None:
+        """The deactivation notice (after commit); a notifier that raises is logged at ERROR."""
         try:
-            notifier(task=self, instance=instance, exception=exc, task_id=task_id)
+            assert instance is not None
+            guard = outage.guard_of(self)
+            item = notify.object_of(
+                instance, exception=exc, task_id=task_id, site_url=guard.site_url
+            )
+            window = guard.notify_window if guard.digests else 0
+            notice = notify.deactivation_notice(self.name, item, window)
         except Exception as error:
             logger.error(
-                "celery_deactivate: notifier %r failed for %s (deactivated by %s[%s]): %s",
-                notifier,
+                "celery_deactivate: the notice of %s (deactivated by %s[%s]) could not be "
+                "written: %s",
                 identity,
                 self.name,
                 task_id,
                 services.describe(error),
                 exc_info=error,
             )
+            return
+        notify.deliver(
+            notifier, notice, task=self, instance=instance, exception=exc, task_id=task_id
+        )
 
 
 def _close_if_unusable(using: str) -> None:

@@ -1,4 +1,5 @@
-"""The internal tasks of the fan-out, registered on every Celery app (``shared_task``).
+"""The library's internal tasks, registered on every Celery app (``shared_task``): the fan-out's
+and the periodic ``celery_deactivate.maintain``.
 
 ``CeleryDeactivateConfig.ready()`` imports this module, so any process where Django is set up
 (a worker with Celery's Django fixup, beat, a shell) knows them without ``autodiscover_tasks()``.
@@ -6,11 +7,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import shared_task
 
 from . import dispatch
+
+logger = logging.getLogger("celery_deactivate")
 
 
 @shared_task(name=dispatch.DISPATCH_ACTIVE_TASK, bind=True)
@@ -42,3 +46,43 @@ def dispatch_range(
     """
     task = dispatch.task_named(self.app, task_name)
     return dispatch.dispatch_range(task, (lo, hi), batch_size=batch_size, **(options or {}))
+
+
+#: The periodic task of the library: add it to the beat schedule (:func:`maintain_entry`).
+MAINTAIN_TASK = "celery_deactivate.maintain"
+
+
+@shared_task(name=MAINTAIN_TASK, bind=True, ignore_result=True)
+def maintain(self: Any) -> None:
+    """The library's periodic work, one call per concern; each logs what it did, and one that
+    fails is logged without stopping the others.
+
+    * the outage guard and the notice windows: end the outages that are over, send the digests
+      whose window ended, delete counts no window needs (:func:`celery_deactivate.outage.maintain`);
+    * cool-down probes: claim and send the probes that are due, except for a task whose outage is
+      open (:func:`celery_deactivate.probes.maintain`).
+    """
+    from . import outage, probes
+
+    for concern, work in (("the outage guard", outage.maintain), ("probes", probes.maintain)):
+        try:
+            work(self.app)
+        except Exception:
+            logger.exception("celery_deactivate.maintain: %s failed", concern)
+
+
+def maintain_entry(every: float = 60.0, **entry_options: Any) -> dict[str, Any]:
+    """A ``beat_schedule`` entry that runs ``celery_deactivate.maintain`` every ``every`` seconds::
+
+        app.conf.beat_schedule = {"celery-deactivate": maintain_entry(every=60)}
+
+    Every minute is a good default: an outage's end and a digest are noticed at most that late
+    when the task itself is idle.  ``entry_options`` are the entry's ``options`` (default:
+    ``expires`` after one period, so that missed runs do not pile up).  Safe to run from several
+    beat instances at once: every change it makes is claimed with a conditional update.
+    """
+    return {
+        "task": MAINTAIN_TASK,
+        "schedule": every,
+        "options": {"expires": every, **entry_options},
+    }

@@ -2,12 +2,14 @@
 
 1. migrate a fresh database and create five feeds, one of them with a malformed document;
 2. start a real ``celery worker`` (prefork, 2 processes) in a subprocess;
-3. send one ``poll`` task per feed, wait for every result, then do it once more;
-4. print the feeds before and after, the task results, what the app's ``object_deactivated``
-   receiver logged in the worker and the mail sent to the admins;
-5. check the outcome: the broken feed is deactivated with its error and none of its entries were
-   kept, Celery saw the original exception, the second poll skipped that feed; the other feeds
-   are active with their entries.
+3. round 1: one ``poll`` task per feed: the malformed feed is deactivated, the admins get a mail;
+4. round 2, the upstream is down for every feed: after three failing feeds the outage guard
+   trips, re-activates the feeds it had just deactivated and mails one outage notice instead of
+   a mail per feed; no feed is deactivated by the outage;
+5. the upstream is back: the feeds are polled (and ``celery_deactivate.maintain`` runs, as beat
+   would run it) until the outage ends, with one recovery notice; a last round polls every feed;
+6. print the feeds, the task results, what the app's receivers logged in the worker and the mails
+   to the admins, and check all of it.
 
 Exits 0 when everything is as expected, 1 otherwise.  The worker is always stopped.
 
@@ -27,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,9 +40,13 @@ PYTHONPATH = os.pathsep.join(
     [str(EXAMPLES), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
 )
 
-#: Seconds to wait for all the task results (both rounds), then for the worker to stop by itself.
-RESULTS_TIMEOUT = 40.0
+#: Seconds to wait for all the task results (every round), then for the worker to stop by itself.
+RESULTS_TIMEOUT = 90.0
 STOP_TIMEOUT = 10.0
+#: Seconds between two polling rounds while the demo waits for the outage to end.
+ROUND_INTERVAL = 1.0
+#: Seconds the worker may take to record a round's last failures after their results are ready.
+SETTLE_TIMEOUT = 10.0
 
 BROKEN_TITLE = "Night Owl Radio"
 BAD_DATE = "yesterday, around midnight"
@@ -97,8 +103,12 @@ def create_feeds() -> list[Any]:
     from django.core.management import call_command
     from feeds.models import Feed
 
+    from celery_deactivate.models import TaskFailure, TaskRuns, TaskState
+
     call_command("migrate", verbosity=0)
     Feed.objects.all().delete()  # the entries go with them (a database given by DATABASE_URL)
+    for table in (TaskState, TaskRuns, TaskFailure):  # the outage guard's state of poll
+        table.objects.filter(task="feeds.tasks.poll").delete()
     return [
         Feed.objects.create(
             title=title, url=f"https://{slug}.example.com/rss", document=rss(title, slug, dates)
@@ -214,19 +224,20 @@ def feed_table(feeds: Sequence[Any]) -> str:
     return table(("feed", "active", "error", "failures", "entries", "message"), rows)
 
 
-def result_table(feeds: Sequence[Any], rounds: Sequence[Sequence[Any]]) -> str:
+def result_table(feeds: Sequence[Any], rounds: Mapping[str, Sequence[Any]]) -> str:
     def shown(result: Any) -> str:
         value = result.result
         if result.failed():
-            return f"{result.state} {type(value).__qualname__}: {value}"
+            return f"{result.state} {type(value).__qualname__}"
         if value is None:
-            return f"{result.state} None (feed inactive: body skipped)"
+            return f"{result.state} None (skipped)"
         return f"{result.state} {value!r}"
 
     rows = [
-        (feed.title, *map(shown, results)) for feed, *results in zip(feeds, *rounds, strict=True)
+        (feed.title, *map(shown, results))
+        for feed, *results in zip(feeds, *rounds.values(), strict=True)
     ]
-    return table(("feed", "1st poll", "2nd poll"), rows)
+    return table(("feed", *rounds), rows)
 
 
 def mails() -> list[str]:
@@ -239,15 +250,30 @@ def mails() -> list[str]:
         for raw in path.read_text().split("-" * 79):
             if raw.strip():
                 message = email.message_from_string(raw.strip())
-                headers = [f"{name}: {message[name]}" for name in ("From", "To", "Subject")]
+                headers = [
+                    f"{name}: {' '.join(str(message[name]).split())}"  # unfolded
+                    for name in ("From", "To", "Subject")
+                ]
                 shown.append("\n".join([*headers, "", str(message.get_payload()).strip()]))
     return shown
 
 
+#: What the app's receivers (feeds/receivers.py) log in the worker.
+SIGNALS = ("object_deactivated", "object_reactivated", "outage_started", "outage_ended")
+
+
 def signal_lines(log_path: Path) -> list[str]:
-    """What the app's ``object_deactivated`` receiver logged in the worker."""
+    """What the app's receivers of celery-deactivate's signals logged in the worker."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    return [line for line in text.splitlines() if "object_deactivated:" in line]
+    return [
+        line[line.index("feeds:") :] if "feeds:" in line else line
+        for line in text.splitlines()
+        if any(f"{name}:" in line for name in SIGNALS)
+    ]
+
+
+def signals_named(lines: Sequence[str], name: str) -> list[str]:
+    return [line for line in lines if f"{name}:" in line]
 
 
 def show_log_tail(path: Path, lines: int = 40) -> None:
@@ -259,17 +285,31 @@ def show_log_tail(path: Path, lines: int = 40) -> None:
 # -- checks ---------------------------------------------------------------------------------
 
 
-def check(
-    feeds: Sequence[Any], first: Sequence[Any], second: Sequence[Any], signals: Sequence[str]
-) -> list[str]:
-    """What differs from the expected outcome (empty when the demo worked)."""
-    from feeds.models import Feed
+class Snapshot:
+    """The feeds' rows and the mails at one moment (what the checks compare)."""
 
+    def __init__(self, feeds: Sequence[Any]) -> None:
+        from feeds.models import Feed
+
+        self.rows = {row.pk: row for row in Feed.objects.filter(pk__in=[f.pk for f in feeds])}
+        self.mails = mails()
+
+
+def settle(expected: Any, seconds: float = SETTLE_TIMEOUT) -> None:
+    """Wait until ``expected()`` holds, at most ``seconds``.  Celery stores a task's FAILURE
+    before the worker records the failure (``Task.on_failure``), so the last failures of a round
+    may still be recorded when its results are ready.  The checks afterwards say what differs
+    if it never holds."""
+    deadline = time.monotonic() + seconds
+    while not expected() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def check_round_1(feeds: Sequence[Any], results: Sequence[Any], after: Snapshot) -> list[str]:
+    """The broken feed is deactivated, its entries rolled back; the others stored theirs."""
     problems = []
-    for feed, result, again, (_title, _slug, dates) in zip(
-        feeds, first, second, FEEDS, strict=True
-    ):
-        row = Feed.objects.get(pk=feed.pk)
+    for feed, result, (_title, _slug, dates) in zip(feeds, results, FEEDS, strict=True):
+        row = after.rows[feed.pk]
         entries = row.entries.count()
         if feed.title == BROKEN_TITLE:
             expected_message = f'ValueError: Invalid date value or format "{BAD_DATE}"'
@@ -277,32 +317,104 @@ def check(
                 problems.append(f"{feed}: expected deactivated with error, got active={row.active}")
             if row.error_message != expected_message:
                 problems.append(f"{feed}: error_message {row.error_message!r}")
-            if row.failure_count != 1:
-                problems.append(f"{feed}: failure_count {row.failure_count}, expected 1")
             if entries:
                 problems.append(f"{feed}: {entries} entries kept, the rollback should undo them")
             if result.state != "FAILURE" or type(result.result) is not ValueError:
                 problems.append(
                     f"{feed}: task {result.state} {result.result!r}, expected ValueError"
                 )
-            if again.state != "SUCCESS" or again.result is not None:
-                problems.append(
-                    f"{feed}: 2nd poll {again.state} {again.result!r}, expected skipped"
-                )
-        else:
-            if not row.active or row.error or row.error_message or row.failure_count:
-                problems.append(f"{feed}: expected active without error, got {row.error_message!r}")
-            if entries != len(dates):
-                problems.append(f"{feed}: {entries} entries, expected {len(dates)}")
-            for task in (result, again):
-                if task.state != "SUCCESS" or task.result != len(dates):
-                    problems.append(f"{feed}: task {task.state} {task.result!r}")
-    if len(signals) != 1 or f"feed {feeds[FEED_TITLES.index(BROKEN_TITLE)].pk} " not in signals[0]:
-        problems.append(f"expected one object_deactivated signal, the worker logged {signals}")
-    sent = mails()
-    if len(sent) != 1 or BROKEN_TITLE not in sent[0]:
-        problems.append(f"expected one mail about {BROKEN_TITLE}, found {len(sent)}")
+        elif result.state != "SUCCESS" or result.result != len(dates):
+            problems.append(f"{feed}: 1st poll {result.state} {result.result!r}")
+    if len(after.mails) != 1 or BROKEN_TITLE not in after.mails[0]:
+        problems.append(
+            f"round 1: expected one mail about {BROKEN_TITLE}, found {len(after.mails)}"
+        )
     return problems
+
+
+def check_outage(
+    feeds: Sequence[Any], results: Sequence[Any], before: Snapshot, after: Snapshot, open_: bool
+) -> list[str]:
+    """Every poll failed; the guard tripped: one outage notice, no feed left deactivated."""
+    problems = []
+    if not open_:
+        problems.append("the upstream is down: an outage of feeds.tasks.poll should be open")
+    for feed, result in zip(feeds, results, strict=True):
+        row = after.rows[feed.pk]
+        if feed.title == BROKEN_TITLE:
+            if row.active or result.result is not None:
+                problems.append(f"{feed}: should stay deactivated and be skipped")
+            continue
+        if result.state != "FAILURE" or type(result.result).__name__ != "UpstreamUnavailable":
+            problems.append(f"{feed}: 2nd poll {result.state} {result.result!r}")
+        if not row.active or row.error or row.failure_count:
+            problems.append(
+                f"{feed}: the outage must not deactivate nor count it, got active={row.active} "
+                f"failures={row.failure_count}"
+            )
+    new = after.mails[len(before.mails) :]
+    if len(new) != 1 or "Subject: [feeds] Outage of feeds.tasks.poll" not in new[0]:
+        problems.append(f"the outage: expected one outage notice, found {len(new)} mail(s)")
+    return problems
+
+
+def check_recovery(
+    feeds: Sequence[Any], last: Sequence[Any], before: Snapshot, ended: bool
+) -> list[str]:
+    """The outage ended with one recovery notice; the feeds poll again."""
+    problems = []
+    if not ended:
+        problems.append("the upstream is back: the outage should have ended")
+    new = mails()[len(before.mails) :]
+    if len(new) != 1 or "over after" not in new[0]:
+        problems.append(f"the recovery: expected one recovery notice, found {len(new)} mail(s)")
+    for feed, result, (_title, _slug, dates) in zip(feeds, last, FEEDS, strict=True):
+        expected = None if feed.title == BROKEN_TITLE else len(dates)
+        if result.state != "SUCCESS" or result.result != expected:
+            problems.append(
+                f"{feed}: last poll {result.state} {result.result!r}, expected {expected}"
+            )
+        entries = feed.entries.count()
+        if entries != (0 if expected is None else len(dates)):
+            problems.append(f"{feed}: {entries} entries")
+    return problems
+
+
+def check_signals(feeds: Sequence[Any], lines: Sequence[str]) -> list[str]:
+    """Each feed the outage's first failures deactivated was re-activated; one start, one end."""
+    broken = feeds[FEED_TITLES.index(BROKEN_TITLE)]
+
+    def pks(name: str) -> list[str]:
+        return sorted(line.split("feed ")[1].split()[0] for line in signals_named(lines, name))
+
+    deactivated, reactivated = pks("object_deactivated"), pks("object_reactivated")
+    victims = [pk for pk in deactivated if pk != str(broken.pk)]
+    problems = []
+    if deactivated.count(str(broken.pk)) != 1:
+        problems.append(f"expected {BROKEN_TITLE} deactivated once, the worker logged {lines}")
+    if not victims or reactivated != victims:
+        problems.append(f"expected the outage's victims re-activated, the worker logged {lines}")
+    for name in ("outage_started", "outage_ended"):
+        if len(signals_named(lines, name)) != 1:
+            problems.append(f"expected one {name} signal, the worker logged {lines}")
+    return problems
+
+
+# -- the demo -----------------------------------------------------------------------------------
+
+
+def poll_round(feeds: Sequence[Any], worker: subprocess.Popen[bytes], deadline: float) -> list[Any]:
+    from feeds.tasks import poll
+
+    results = [poll.delay(feed.pk) for feed in feeds]
+    if not wait_for(results, worker, deadline):
+        raise TimeoutError
+    return results
+
+
+def show_mails(title: str, messages: Sequence[str]) -> None:
+    for text in messages:
+        print(f"\n{title}", text.strip(), sep="\n")
 
 
 def main() -> int:
@@ -310,8 +422,13 @@ def main() -> int:
     shutil.rmtree(VAR, ignore_errors=True)
     setup_django()
 
+    from django.conf import settings
+    from feeds.models import Feed
     from feeds.tasks import poll
     from feeds_project.celery import app
+
+    from celery_deactivate.outage import outage_of
+    from celery_deactivate.tasks import maintain
 
     print(f"celery-deactivate demo: {backends()}")
     feeds = create_feeds()
@@ -321,40 +438,76 @@ def main() -> int:
         print("(purged messages left over from an earlier run)")
 
     log_path = VAR / "worker.log"
-    rounds: list[list[Any]] = []
-    done = False
+    rounds: dict[str, list[Any]] = {}
+    problems: list[str] = []
     with log_path.open("wb") as log:
         worker = start_worker(log)
         deadline = time.monotonic() + RESULTS_TIMEOUT
         try:
-            # Two polls of every feed: the second one skips the feed the first one deactivated.
-            for _ in range(2):
-                rounds.append([poll.delay(feed.pk) for feed in feeds])
-                done = wait_for(rounds[-1], worker, deadline)
-                if not done:
-                    break
+            # Round 1: the malformed feed is deactivated.
+            rounds["1st poll"] = poll_round(feeds, worker, deadline)
+            settle(lambda: len(mails()) == 1)
+            after_1 = Snapshot(feeds)
+            print("\nAFTER THE 1st POLL", feed_table(feeds), sep="\n")
+            show_mails("MAIL TO THE ADMINS", after_1.mails)
+            problems += check_round_1(feeds, rounds["1st poll"], after_1)
+
+            # Its failure leaves the guard's window first: the guard then counts the outage's.
+            window = float(settings.CELERY_DEACTIVATE_OUTAGE_WINDOW)
+            time.sleep(window + 0.5)
+
+            # Round 2: the upstream is down for every feed.
+            settings.UPSTREAM_DOWN_FLAG.touch()
+            print("\n*** the upstream goes down: every feed fails ***")
+            rounds["upstream down"] = poll_round(feeds, worker, deadline)
+            settle(lambda: len(mails()) == 2 and Feed.objects.filter(active=False).count() == 1)
+            after_2 = Snapshot(feeds)
+            print("\nAFTER THE POLL DURING THE OUTAGE", feed_table(feeds), sep="\n")
+            show_mails("MAIL TO THE ADMINS", after_2.mails[len(after_1.mails) :])
+            problems += check_outage(
+                feeds, rounds["upstream down"], after_1, after_2, outage_of(poll) is not None
+            )
+
+            # The upstream is back: poll on (and run maintain, as beat would) until it ends.
+            settings.UPSTREAM_DOWN_FLAG.unlink()
+            print("\n*** the upstream is back ***")
+            recovery_rounds = 0
+            while outage_of(poll) is not None and time.monotonic() < deadline:
+                maintain.delay()
+                poll_round(feeds, worker, deadline)
+                recovery_rounds += 1
+                time.sleep(ROUND_INTERVAL)
+            ended = outage_of(poll) is None
+            print(f"(the outage ended after {recovery_rounds} polling round(s))")
+            rounds["after recovery"] = poll_round(feeds, worker, deadline)
+            settle(lambda: len(mails()) == 3)
+            show_mails("MAIL TO THE ADMINS", mails()[len(after_2.mails) :])
+            problems += check_recovery(feeds, rounds["after recovery"], after_2, ended)
+        except TimeoutError:
+            stop_worker(worker)
+            show_log_tail(log_path)
+            return 1
         finally:
             stop_worker(worker)
-    if not done:
-        show_log_tail(log_path)
-        return 1
 
     print("\nAFTER", feed_table(feeds), sep="\n")
     print("\nCELERY RESULTS", result_table(feeds, rounds), sep="\n")
-    signals = signal_lines(log_path)
-    print("\nSIGNAL RECEIVED IN THE WORKER (feeds/receivers.py)", *signals, sep="\n")
-    for text in mails():
-        print("\nMAIL TO THE ADMINS", text.strip(), sep="\n")
+    lines = signal_lines(log_path)
+    print("\nSIGNALS RECEIVED IN THE WORKER (feeds/receivers.py)", *lines, sep="\n")
+    problems += check_signals(feeds, lines)
+    if len(mails()) != 3:
+        problems.append(f"expected 3 mails in all, found {len(mails())}")
 
-    problems = check(feeds, *rounds, signals)
     elapsed = time.monotonic() - started
     if problems:
         print("\nFAILED:", *problems, sep="\n  ")
         show_log_tail(log_path)
         return 1
     print(
-        f"\nOK in {elapsed:.1f}s: {BROKEN_TITLE} was deactivated, its partial entries rolled back, "
-        "and the 2nd poll skipped it; the other feeds stay active. "
+        f"\nOK in {elapsed:.1f}s: {BROKEN_TITLE} was deactivated with its partial entries rolled "
+        "back; when the upstream went down for every feed the guard tripped, no feed was "
+        "deactivated and one outage notice was sent instead of a mail per feed; after the "
+        "recovery notice every feed polls again. "
         f"Worker log: {log_path.relative_to(ROOT)}"
     )
     return 0

@@ -11,6 +11,7 @@ from celery import Celery
 from celery.contrib.testing.worker import TestWorkController
 from django.core import mail
 
+from celery_deactivate import outage
 from tests.celery_app import app as project_app
 
 
@@ -93,6 +94,14 @@ def conf(celery_app: Celery) -> Iterator[Callable[..., None]]:
 @pytest.fixture(autouse=True)
 def _empty_outbox() -> None:
     mail.outbox = []
+
+
+@pytest.fixture(autouse=True)
+def _no_pending_runs() -> None:
+    """Runs the outage guard counted in memory in this process (the in-thread worker's too) and
+    did not write yet belong to earlier tests, whose tables were emptied: forget them, and restart
+    the clock of their next write."""
+    outage.forget()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:

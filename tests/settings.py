@@ -134,6 +134,11 @@ CELERY_DB_REUSE_MAX = int(os.environ.get("DB_REUSE_MAX") or 0) or None
 # Seconds a prefork worker waits for the result of a killed child before WorkerLostError.
 CELERY_WORKER_LOST_WAIT = float(os.environ.get("WORKER_LOST_WAIT") or 10.0)
 
+# The notice window (on by default) set through the environment, e.g. for a crash-test worker
+# whose test expects one notice per deactivation: DEACTIVATE_NOTIFY_WINDOW=0.
+if os.environ.get("DEACTIVATE_NOTIFY_WINDOW"):
+    CELERY_DEACTIVATE_NOTIFY_WINDOW = float(os.environ["DEACTIVATE_NOTIFY_WINDOW"])
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

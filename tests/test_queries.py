@@ -24,6 +24,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVEPOINT")
 
 
+@pytest.fixture
+def no_guard(conf: Callable[..., None]) -> None:
+    """The failure path as before the outage guard and the notice windows (their own statements
+    are counted in tests/test_outage.py)."""
+    conf(deactivate_outage_objects=0, deactivate_notify_window=0)
+
+
 def statements(run: Callable[[], Any]) -> list[str]:
     """The data statements ``run`` sends (transaction control left out, and the
     django-celery-beat integration's look-up of the object's schedules: tests/test_beat.py)."""
@@ -67,7 +74,9 @@ def test_success_path_with_the_loaded_object_adds_nothing(eager: Celery) -> None
     assert len(task) == len(body)
 
 
-def test_failure_path_adds_a_read_a_write_and_a_read_of_the_change(eager: Celery) -> None:
+def test_failure_path_adds_a_read_a_write_and_a_read_of_the_change(
+    eager: Celery, no_guard: None
+) -> None:
     body = statements(body_alone(Feed.objects.create(title="a", behaviour="fail").pk))
     feed = Feed.objects.create(title="b", behaviour="fail")
 
@@ -94,7 +103,7 @@ def test_success_after_failures_resets_the_count_with_one_targeted_update(eager:
     assert Feed.objects.get(pk=feed.pk).failure_count == 0
 
 
-def test_failure_write_touches_only_its_own_columns(eager: Celery) -> None:
+def test_failure_write_touches_only_its_own_columns(eager: Celery, no_guard: None) -> None:
     feed = Feed.objects.create(title="b", behaviour="fail")
     task = statements(lambda: tasks.poll.delay(feed.pk))
     update = task[-2]

@@ -127,9 +127,23 @@ if CELERY_RESULT_BACKEND.startswith("file://"):
 
 # celery-deactivate options, worker-wide (a task's own keyword wins): see celery_deactivate.conf.
 CELERY_DEACTIVATE_AFTER = 1
+# The outage guard: an outage of a task starts when 3 distinct feeds failed for good within 5 s
+# and at least half of the task's runs in those 5 s failed (defaults: 10 objects, 50 %, 300 s;
+# the window is short here so that the demo sees the recovery within seconds).
+CELERY_DEACTIVATE_OUTAGE_OBJECTS = 3
+CELERY_DEACTIVATE_OUTAGE_RATE = 0.5
+CELERY_DEACTIVATE_OUTAGE_WINDOW = 5
+# The first deactivation of a task in a quiet period is mailed at once; later ones within 5 minutes
+# wait for one digest (sent by celery_deactivate.maintain, in the beat schedule of celery.py).
+CELERY_DEACTIVATE_NOTIFY_WINDOW = 300
+# Admin links in the notices are absolute with the site's base URL (else site-relative paths).
+CELERY_DEACTIVATE_SITE_URL = "http://127.0.0.1:8000"
+
+# The demo's stand-in for the feeds' upstream: down while this file exists (feeds/tasks.py).
+UPSTREAM_DOWN_FLAG = VAR_DIR / "upstream-down"
 
 
-# -- mail: the admins are told about each deactivation ------------------------------------------
+# -- mail: the admins are told about deactivations and outages ----------------------------------
 
 ADMINS = [("Feeds operations", "ops@example.com")]
 SERVER_EMAIL = "feeds-worker@example.com"

@@ -62,7 +62,8 @@ def test_mail_server_down(meeting: Meeting) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {"EMAIL_FILE_PATH": "", "EMAIL_PORT": str(port)}
+    # Every deactivation is notified (no notice window): each notifier call fails and is logged.
+    env = {"EMAIL_FILE_PATH": "", "EMAIL_PORT": str(port), "DEACTIVATE_NOTIFY_WINDOW": "0"}
     feeds = {
         name: Feed.objects.create(title=f"no mail {name}", behaviour=behaviour)
         for name, (behaviour, _) in FAILURES.items()

@@ -174,12 +174,19 @@ def crash_retry(self: DeactivatingTask, pk: int) -> Any:
     return act(self, pk)
 
 
-@app.task(base=DeactivatingTask, model=Feed, deactivate_after=3)
+@app.task(
+    base=DeactivatingTask,
+    model=Feed,
+    deactivate_after=3,
+    deactivate_outage_objects=0,
+    deactivate_notify_window=0,
+)
 def mixed(pk: int, first_failure: int) -> Any:
     """Succeed until the feed has ``first_failure`` successful polls, then fail for good.
 
     The row lock serializes the runs of one feed, so the outcome of every run is a function of
-    the runs before it: the tests compare with a sequential model.
+    the runs before it: the tests compare with a sequential model of one object (no outage
+    guard, which looks at the whole task; one notice per deactivation).
     """
     feed = Feed.objects.select_for_update().get(pk=pk)
     if feed.polls >= first_failure:

@@ -1,0 +1,186 @@
+"""The outage guard's shared state: the library's tables, read and written, and the runs each
+process counts in memory before writing them (see :mod:`celery_deactivate.outage`).
+
+* ``TaskState``: one row per task, read by every failure, written only on transitions.
+* ``TaskRuns``: finished runs and final failures per task, per slot (a tenth of the window, at
+  least a second) and per process (``host:pid``).  A process adds only to its own row of the
+  current slot, so two processes never wait for one row; a sum over a window reads a few dozen
+  rows (slots × processes) whatever the number of failures.
+* ``TaskFailure``: one row per task and object, written with one upsert.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import F, Sum
+from django.utils import timezone
+
+from . import services
+
+#: Seconds between two writes of the runs a process counted in memory, per task.
+FLUSH_EVERY = 2.0
+#: A window is counted in this many slots (a tenth each, at least a second).
+SLOTS = 10
+#: Rows changed per statement when a list of keys is long (SQLite's parameter limit).
+CHUNK = 500
+
+
+def slot_of(window: float, when: datetime) -> datetime:
+    """The start of the slot ``when`` falls in, for a window of ``window`` seconds."""
+    width = max(window / SLOTS, 1.0)
+    stamp = when.timestamp()
+    return datetime.fromtimestamp(stamp - stamp % width, tz=when.tzinfo)
+
+
+def db() -> str:
+    """The database of the library's tables (the router's choice for them)."""
+    from .models import TaskState
+
+    return router.db_for_write(TaskState)
+
+
+class Pending:
+    """Finished runs counted in this process, per task name, not yet written."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runs: dict[str, int] = {}
+        self.written: dict[str, float] = {}
+
+    def add(self, name: str) -> bool:
+        """Count one run; whether it is time to write them."""
+        now = time.monotonic()
+        with self.lock:
+            self.runs[name] = self.runs.get(name, 0) + 1
+            written = self.written.setdefault(name, now)
+        return now - written >= FLUSH_EVERY
+
+    def take(self, name: str) -> int:
+        with self.lock:
+            self.written[name] = time.monotonic()
+            return self.runs.pop(name, 0)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.runs.clear()
+            self.written.clear()
+
+
+pending = Pending()
+if hasattr(os, "register_at_fork"):  # a pool child starts with nothing counted
+    os.register_at_fork(after_in_child=pending.clear)
+
+
+def forget() -> None:
+    """Drop the runs this process counted and has not written (tests: the tables were emptied)."""
+    pending.clear()
+
+
+_process: tuple[int, str] = (0, "")
+
+
+def process_key() -> str:
+    """``host:pid`` of this process: the key of the rows it counts in."""
+    global _process
+    pid = os.getpid()
+    if _process[0] != pid:
+        _process = (pid, f"{socket.gethostname()}:{pid}"[-255:])
+    return _process[1]
+
+
+class State(NamedTuple):
+    """A task's ``TaskState`` row."""
+
+    outage_started_at: datetime | None
+    outage_ended_at: datetime | None
+    notify_until: datetime | None
+
+
+def read_state(name: str, using: str, *, create: bool) -> State | None:
+    from .models import TaskState
+
+    rows = TaskState.objects.using(using).filter(task=name)
+    found = rows.values_list("outage_started_at", "outage_ended_at", "notify_until")[:1]
+    for row in found:
+        return State(*row)
+    if not create:
+        return None
+    TaskState.objects.using(using).bulk_create([TaskState(task=name)], ignore_conflicts=True)
+    return State(None, None, None)
+
+
+def add(name: str, window: float, using: str, *, runs: int, failures: int) -> None:
+    """Add to this process's row of the current slot: one ``UPDATE``, an ``INSERT`` (and the
+    removal of its rows older than two windows) once per slot."""
+    from .models import TaskRuns
+
+    now = timezone.now()
+    slot = slot_of(window, now)
+    process = process_key()
+    table = TaskRuns.objects.using(using)
+    row = table.filter(task=name, slot=slot, process=process)
+    if row.update(runs=F("runs") + runs, failures=F("failures") + failures):
+        return
+    try:
+        with savepoint(using):
+            table.create(task=name, slot=slot, process=process, runs=runs, failures=failures)
+    except IntegrityError:  # another thread of this process created it
+        row.update(runs=F("runs") + runs, failures=F("failures") + failures)
+        return
+    old = now - timedelta(seconds=2 * window)
+    table.filter(task=name, process=process, slot__lt=old).delete()
+
+
+def sums(name: str, window: float, using: str, since: datetime) -> tuple[int, int]:
+    """``(runs, failures)`` of the task since ``since``, rounded down to the start of its slot."""
+    from .models import TaskRuns
+
+    totals = (
+        TaskRuns.objects.using(using)
+        .filter(task=name, slot__gte=slot_of(window, since))
+        .aggregate(runs=Sum("runs"), failures=Sum("failures"))
+    )
+    return int(totals["runs"] or 0), int(totals["failures"] or 0)
+
+
+def distinct(name: str, using: str, since: datetime, at_most: int | None) -> int:
+    """Distinct objects with a final failure after ``since``, counted up to ``at_most``."""
+    from .models import TaskFailure
+
+    rows = TaskFailure.objects.using(using).filter(task=name, failed_at__gt=since)
+    counted: int = rows[:at_most].count() if at_most is not None else rows.count()
+    return counted
+
+
+@contextmanager
+def savepoint(using: str) -> Iterator[None]:
+    """A savepoint in a transaction, so that an error leaves it usable; nothing in autocommit."""
+    with transaction.atomic(using=using) if connections[using].in_atomic_block else nullcontext():
+        yield
+
+
+@contextmanager
+def unit(using: str, timeout: float | None) -> Iterator[None]:
+    """The guard's statements of one failure: in autocommit (each its own transaction), in a
+    savepoint inside someone else's transaction, or, bounded by ``timeout`` (the crash path of
+    the worker's main process), in a transaction of their own."""
+    if timeout:
+        with transaction.atomic(using=using), services.bounded(using, timeout):
+            yield
+    else:
+        with savepoint(using):
+            yield
+
+
+def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), CHUNK):
+        yield items[start : start + CHUNK]

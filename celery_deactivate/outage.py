@@ -1,0 +1,727 @@
+"""The outage guard, and the notice windows that turn a burst of deactivations into a digest.
+
+Deactivating on failure is right when one object is broken and wrong when the cause is shared
+(the upstream is down, a credential expired, a deploy broke the parser).  Like Envoy's outlier
+detection, the guard lets failures deactivate objects one by one, but not when most of the task's
+runs fail: then an *outage* of the task starts.
+
+* **Start.** Within ``deactivate_outage_window`` seconds, at least ``deactivate_outage_objects``
+  distinct objects had a final failure of the task, and the task's final failures are at least
+  ``deactivate_outage_rate`` of its finished runs.  Then, once: ``outage_started``, one notice,
+  a WARNING, and the objects this task deactivated within the window are re-activated (through
+  :func:`~celery_deactivate.services.reactivate`: ``object_reactivated``).
+* **During it** no failure of the task deactivates an object, nor counts toward
+  ``deactivate_after`` (each is logged at INFO): after recovery every object starts afresh.  The
+  exception reaches Celery unchanged.
+* **End.** The task's failure rate over the last window falls below the rate, or the window had
+  no failure: ``outage_ended``, one recovery notice.  Checked by the task's own runs (when a
+  process writes its counts) and by the periodic task ``celery_deactivate.maintain``.  After an
+  end, the next start counts only failures and runs since it (hysteresis).
+
+State is shared by every process on every machine through three tables of the library
+(:mod:`celery_deactivate.models`): :class:`~celery_deactivate.models.TaskState` (one row per
+task: the outage, the notice window), :class:`~celery_deactivate.models.TaskRuns` (finished runs
+and final failures per task, per tenth of the window and per process: each process updates only
+its own rows, so failures never queue on one row) and
+:class:`~celery_deactivate.models.TaskFailure` (one row per task and object: the distinct objects,
+the outage's victims, the pending digest).  Process clocks are assumed in sync (NTP).
+
+Cost.  The success path runs no statement: runs are counted in memory and written by the next run
+at least :data:`FLUSH_EVERY` seconds after the last write (one ``UPDATE`` of the process's own row
+and a read of the task's state), or by the next failure.  Counts of a process that stops
+receiving tasks are written with its next task; there is no background thread.  A failure
+outside an outage adds a read of the task's state, the count, the object's row in
+``TaskFailure``, the distinct objects counted up to the threshold (then the sums of the window),
+and after a deactivation a second read of the state; during an outage a failure costs a read and
+the count, and nothing on the object (less than a deactivation).  The guard off
+(``deactivate_outage_objects=0``) and ``deactivate_notify_window=0`` add nothing at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.apps import apps
+from django.db import transaction
+from django.dispatch import Signal
+from django.utils import timezone
+
+from . import counts, notify, services, signals
+from .conf import option_inputs, resolve
+from .counts import FLUSH_EVERY, forget
+from .exceptions import DeactivateConfigError
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .target import Target
+    from .task import DeactivatingTask
+
+logger = logging.getLogger("celery_deactivate")
+
+#: The options the guard and the notices are resolved from.
+GUARD_OPTIONS = (
+    "deactivate_outage_objects",
+    "deactivate_outage_rate",
+    "deactivate_outage_window",
+    "deactivate_notify_window",
+    "deactivate_notify",
+    "deactivate_notifier",
+    "deactivate_site_url",
+)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The guard's and the notices' options of one task, resolved."""
+
+    objects: int  # 0: the guard is off
+    rate: float
+    window: float
+    notify_window: float
+    notify: bool
+    notifier: Any
+    site_url: str | None
+
+    @property
+    def on(self) -> bool:
+        return self.objects > 0
+
+    @property
+    def digests(self) -> bool:
+        """Deactivations within a notice window wait for its digest."""
+        return self.notify and self.notify_window > 0
+
+    @property
+    def records(self) -> bool:
+        """The failure path writes the task's state at all."""
+        return self.on or self.digests
+
+
+_UNSET = object()
+
+
+def guard_of(task: Any) -> Guard:
+    """The task's :class:`Guard`, resolved again only when what it is resolved from changed."""
+    changes = task._get_app().conf.changes
+    inputs = (
+        option_inputs(task, GUARD_OPTIONS),
+        "deactivate_outage_objects" in changes,
+    )
+    memo = task.__dict__.get("_guard_memo")
+    if memo is not None and memo[0] == inputs:
+        guard: Guard = memo[1]
+        return guard
+    guard = Guard(
+        objects=_objects(task),
+        rate=resolve(task, "deactivate_outage_rate"),
+        window=resolve(task, "deactivate_outage_window"),
+        notify_window=resolve(task, "deactivate_notify_window"),
+        notify=resolve(task, "deactivate_notify"),
+        notifier=resolve(task, "deactivate_notifier"),
+        site_url=resolve(task, "deactivate_site_url"),
+    )
+    if isinstance(task, type):
+        return guard
+    task._guard_memo = (inputs, guard)
+    return guard
+
+
+def _objects(task: Any) -> int:
+    """``deactivate_outage_objects``; a worker-wide ``None`` (set, not merely unset) is 0: off."""
+    name = "deactivate_outage_objects"
+    if getattr(task, name, None) is None and task._get_app().conf.get(name, _UNSET) is None:
+        return 0
+    objects: int = resolve(task, name)
+    return objects
+
+
+def check(task: Any) -> None:
+    """Resolve the options (``ImproperlyConfigured`` for a bad value) and, when they need the
+    library's tables, check that ``celery_deactivate`` is an installed app."""
+    guard = guard_of(task)
+    if guard.records and apps.apps_ready and not apps.is_installed("celery_deactivate"):
+        raise DeactivateConfigError(
+            "the outage guard and the notice windows keep their state in the tables of the "
+            "'celery_deactivate' app: add it to INSTALLED_APPS and migrate, or set "
+            "deactivate_outage_objects=0 and deactivate_notify_window=0",
+            task=task.name,
+        )
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+def ran(task: DeactivatingTask) -> None:
+    """One finished run of ``task`` whose body succeeded: counted in memory.  Every
+    :data:`FLUSH_EVERY` seconds the counts are written (and an open outage checked).  Never
+    raises."""
+    if counts.pending.add(task.name):
+        _write_runs(task)
+
+
+def _write_runs(task: DeactivatingTask) -> None:
+    try:
+        runs = counts.pending.take(task.name)
+        guard = guard_of(task)
+        if not guard.on or not runs:
+            return
+        using = counts.db()
+        with counts.unit(using, None):
+            counts.add(task.name, guard.window, using, runs=runs, failures=0)
+            state = counts.read_state(task.name, using, create=False)
+            if state is not None and state.outage_started_at is not None:
+                _end_if_over(task, guard, state.outage_started_at, using)
+    except Exception as error:
+        logger.error(
+            "celery_deactivate: %s: the outage guard could not write its run counts: %s",
+            task.name,
+            services.describe(error),
+            exc_info=error,
+        )
+
+
+# -- one failure --------------------------------------------------------------------------------
+
+
+class Failure:
+    """The guard's part in recording one final failure of ``task`` on the object ``pk``.
+
+    :meth:`during_outage` runs first: during an outage the failure is counted for the task only.
+    Otherwise the failure is recorded on the object, :meth:`notify_now` decides whether its
+    deactivation is notified now or in the digest, and :meth:`after` counts the failure and
+    checks the guard.  None raises: an error of the guard is logged at ERROR and the failure is
+    recorded (and notified) as without it.
+    """
+
+    def __init__(
+        self,
+        task: DeactivatingTask,
+        target: Target,
+        pk: Any,
+        exc: BaseException,
+        task_id: str | None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self.task = task
+        self.name = task.name
+        self.target = target
+        self.pk = pk
+        self.exc = exc
+        self.task_id = task_id
+        self.timeout = timeout
+        self.guard = guard_of(task)
+        self.state = counts.State(None, None, None)
+        self.using = ""
+        self.working = self.guard.records
+        self.notified = True
+
+    def during_outage(self) -> bool:
+        """Whether an outage of the task is open (then the failure is counted for the task,
+        logged, and not recorded on the object).  Sends a digest that is due."""
+        if not self.working:
+            return False
+        try:
+            self.using = counts.db()
+            with counts.unit(self.using, self.timeout):
+                return self._during_outage()
+        except Exception as error:
+            self._broken(error, "read the task's state")
+            return False
+
+    def _during_outage(self) -> bool:
+        guard, using = self.guard, self.using
+        state = counts.read_state(self.name, using, create=True)
+        assert state is not None
+        until = state.notify_until
+        if until is not None and until <= timezone.now():
+            state = state._replace(notify_until=send_digest(self.task, guard, until, using))
+        self.state = state
+        started = state.outage_started_at
+        if not guard.on or started is None:
+            return False
+        runs = counts.pending.take(self.name) + 1
+        counts.add(self.name, guard.window, using, runs=runs, failures=1)
+        logger.info(
+            "celery_deactivate: %s[%s] on %s: not deactivated nor counted against the object, "
+            "the task has an outage since %s (%s)",
+            self.name,
+            self.task_id,
+            self.target.identity(self.pk),
+            started.isoformat(timespec="seconds"),
+            services.describe(self.exc),
+        )
+        if runs > 1:  # successes of this process counted too: the outage may be over
+            _end_if_over(self.task, guard, started, using)
+        return True
+
+    def notify_now(self, outcome: services.FailureOutcome) -> bool:
+        """Whether to notify this deactivation now: the first of a quiet period (it opens a
+        notice window), or every one without a window.  ``False``: it waits for the digest."""
+        self.notified = True
+        if not (self.working and outcome.deactivated and self.guard.digests):
+            return True
+        try:
+            with counts.unit(self.using, self.timeout):
+                self.notified = self._quiet(timezone.now())
+        except Exception as error:
+            self._broken(error, "open a notice window")
+        return self.notified
+
+    def after(self, outcome: services.FailureOutcome | None) -> None:
+        """Count the failure for the task and check the guard (after :meth:`notify_now`)."""
+        if not self.working:
+            return
+        try:
+            with counts.unit(self.using, self.timeout):
+                self._after(outcome)
+        except Exception as error:
+            self._broken(error, "count the failure")
+
+    def _after(self, outcome: services.FailureOutcome | None) -> None:
+        guard, using, name = self.guard, self.using, self.name
+        instance = outcome.instance if outcome is not None else None
+        deactivated = instance is not None and outcome is not None and outcome.deactivated
+        if guard.on:
+            runs = counts.pending.take(name) + 1
+            counts.add(name, guard.window, using, runs=runs, failures=int(instance is not None))
+        now = timezone.now()
+        pending = deactivated and not self.notified
+        if instance is not None and (guard.on or pending):
+            self._mark(instance, now, deactivated=deactivated, pending=pending)
+        if not guard.on or instance is None:
+            return
+        opened = self._trip(now)
+        if deactivated and (opened or _outage_open(name, using)):
+            # Deactivated while an outage started: one of its victims.  The process that opened
+            # it may not have seen this row yet; re-activating twice changes the row once.
+            _reactivate(self.task, self.target, guard, [(str(instance.pk), None)], using)
+
+    def _quiet(self, now: datetime) -> bool:
+        """Claim the notice window if the period is quiet: then notify this one now."""
+        from .models import TaskState
+
+        if self.state.notify_until is None:
+            window = timedelta(seconds=self.guard.notify_window)
+            rows = TaskState.objects.using(self.using).filter(task=self.name)
+            if rows.filter(notify_until__isnull=True).update(notify_until=now + window):
+                return True
+        logger.info(
+            "celery_deactivate: %s deactivated by %s[%s]: notice deferred to the digest of the "
+            "notice window",
+            self.target.identity(self.pk),
+            self.name,
+            self.task_id,
+        )
+        return False
+
+    def _mark(self, instance: Any, now: datetime, *, deactivated: bool, pending: bool) -> None:
+        """Record the failure in ``TaskFailure`` (one row per task and object)."""
+        from .models import TaskFailure
+
+        row = TaskFailure(task=self.name, object_pk=str(instance.pk)[:255], failed_at=now)
+        fields = ["failed_at"]
+        if deactivated:
+            field = self.target.deactivated_at
+            row.deactivated_at = getattr(instance, field) if field else now
+            row.notice_pending = pending
+            row.task_id = self.task_id or ""
+            row.error = services.format_error(self.exc, None)
+            row.traceback = notify.traceback_of(self.exc).replace("\x00", "\ufffd")
+            row.object_repr = notify.name_of(instance)[:200]
+            fields += ["deactivated_at", "notice_pending", "task_id", "error", "traceback"]
+            fields += ["object_repr"]
+        TaskFailure.objects.using(self.using).bulk_create(
+            [row], update_conflicts=True, unique_fields=["task", "object_pk"], update_fields=fields
+        )
+
+    def _trip(self, now: datetime) -> bool:
+        """Start an outage if the guard's conditions hold; whether this call started it."""
+        guard, using, name = self.guard, self.using, self.name
+        since = now - timedelta(seconds=guard.window)
+        ended = self.state.outage_ended_at
+        if ended is not None and ended > since:
+            since = ended  # after an outage, count afresh
+        if counts.distinct(name, using, since, guard.objects) < guard.objects:
+            return False
+        runs, failures = counts.sums(name, guard.window, using, since)
+        if not runs or failures < guard.rate * runs:
+            logger.info(
+                "celery_deactivate: %s: %d of %d finished runs failed for good since %s, below "
+                "the outage rate %.0f%%: failing objects are deactivated one by one",
+                name,
+                failures,
+                runs,
+                since.isoformat(timespec="seconds"),
+                guard.rate * 100,
+            )
+            return False
+        return start_outage(self.task, guard, now, since, self.exc, using)
+
+    def _broken(self, error: Exception, doing: str) -> None:
+        self.working = False
+        logger.error(
+            "celery_deactivate: the outage guard of %s could not %s for %s (%s); the failure is "
+            "recorded as without the guard",
+            self.name,
+            doing,
+            self.target.identity(self.pk),
+            services.describe(error),
+            exc_info=error,
+        )
+
+
+def _outage_open(name: str, using: str) -> bool:
+    state = counts.read_state(name, using, create=False)
+    return state is not None and state.outage_started_at is not None
+
+
+# -- starting and ending an outage ------------------------------------------------------------
+
+
+def start_outage(
+    task: DeactivatingTask,
+    guard: Guard,
+    now: datetime,
+    since: datetime,
+    exc: BaseException | None,
+    using: str,
+) -> bool:
+    """Open the task's outage unless one is open: ``outage_started`` (in the transaction), the
+    victims re-activated, a WARNING, one notice after commit.  Whether this call opened it."""
+    from .models import TaskState
+
+    name, target = task.name, task.target
+    runs, failures = counts.sums(name, guard.window, using, since)
+    totals = {
+        "runs": runs,
+        "failures": failures,
+        "objects": counts.distinct(name, using, since, None),
+    }
+    with transaction.atomic(using=using):
+        rows = TaskState.objects.using(using).filter(task=name, outage_started_at__isnull=True)
+        if not rows.update(outage_started_at=now):
+            return False
+        victims = _victims(name, since, using)
+        reactivated = _reactivate(task, target, guard, victims, using)
+        _send(
+            signals.outage_started,
+            task,
+            started_at=now,
+            counts=totals,
+            exception=exc,
+            reactivated=[instance for instance, _ in reactivated],
+        )
+    error = services.describe(exc)
+    logger.warning(
+        "celery_deactivate: outage of %s started: %d of %d finished runs failed for good since "
+        "%s (%s), on %d distinct objects of %s (thresholds: %d objects, %.0f%%); no failure "
+        "deactivates an object until it ends; %d object(s) it deactivated re-activated; last "
+        "error: %s",
+        name,
+        failures,
+        runs,
+        since.isoformat(timespec="seconds"),
+        f"{failures / runs:.0%}" if runs else "-",
+        totals["objects"],
+        target.label,
+        guard.objects,
+        guard.rate * 100,
+        len(reactivated),
+        error,
+    )
+    if guard.notify:
+        notice = notify.outage_started_notice(
+            name,
+            label=target.label,
+            started_at=now,
+            counts=totals,
+            rate=guard.rate,
+            window=guard.window,
+            error=error,
+            reactivated=[item for _, item in reactivated],
+        )
+        _notify_on_commit(task, guard, notice, using)
+    return True
+
+
+def _end_if_over(task: DeactivatingTask, guard: Guard, started: datetime, using: str) -> bool:
+    """End the outage that started at ``started`` if the failure rate over the last window is
+    below the rate (or the window had no failure); whether this call ended it."""
+    from .models import TaskState
+
+    name = task.name
+    now = timezone.now()
+    runs, failures = counts.sums(name, guard.window, using, now - timedelta(seconds=guard.window))
+    if failures and failures >= guard.rate * runs:
+        return False
+    totals = {"runs": runs, "failures": failures}
+    with transaction.atomic(using=using):
+        rows = TaskState.objects.using(using).filter(task=name, outage_started_at=started)
+        if not rows.update(outage_started_at=None, outage_ended_at=now):
+            return False  # ended by another process
+        _send(signals.outage_ended, task, started_at=started, ended_at=now, counts=totals)
+    logger.warning(
+        "celery_deactivate: outage of %s ended after %s: %d of %d finished runs failed for good "
+        "in the last %g s, below %.0f%%; failures deactivate objects again",
+        name,
+        now - started,
+        failures,
+        runs,
+        guard.window,
+        guard.rate * 100,
+    )
+    if guard.notify:
+        notice = notify.outage_ended_notice(
+            name, started_at=started, ended_at=now, counts=totals, window=guard.window
+        )
+        _notify_on_commit(task, guard, notice, using)
+    return True
+
+
+def _victims(name: str, since: datetime, using: str) -> list[tuple[str, datetime | None]]:
+    """``(pk as text, deactivated_at)`` of the objects the task deactivated since ``since``."""
+    from .models import TaskFailure
+
+    rows = TaskFailure.objects.using(using).filter(task=name, deactivated_at__gt=since)
+    return list(rows.values_list("object_pk", "deactivated_at"))
+
+
+def _reactivate(
+    task: DeactivatingTask,
+    target: Target,
+    guard: Guard,
+    victims: Sequence[tuple[str, datetime | None]],
+    using: str,
+) -> list[tuple[Any, notify.NoticeObject]]:
+    """Re-activate the objects still off as this task left them (``deactivated_at`` unchanged;
+    without that field: any inactive one), through :func:`services.reactivate`."""
+    from .models import TaskFailure
+
+    if not victims:
+        return []
+    model = target.model
+    meta_pk = model._meta.pk
+    assert meta_pk is not None
+    fields = resolve(task, "deactivate_fields")
+    model_db = services.db_for(target)
+    wanted = {meta_pk.to_python(text): when for text, when in victims}
+    reactivated = []
+    for chunk in counts.chunks(list(wanted)):
+        rows = model._base_manager.db_manager(model_db).filter(pk__in=chunk)
+        rows = rows.filter(**{target.active: False})
+        stamp = target.deactivated_at
+        for pk, current in rows.values_list("pk", stamp or "pk"):
+            when = wanted[pk]
+            if stamp and when is not None and current != when:
+                logger.info(
+                    "celery_deactivate: %s stays deactivated: deactivated again since %s did",
+                    target.identity(pk),
+                    task.name,
+                )
+                continue
+            instance = services.reactivate(model, pk, fields=fields, using=model_db)
+            if instance is None:
+                continue
+            logger.warning(
+                "celery_deactivate: %s re-activated: deactivated by %s, a victim of its outage",
+                target.identity(pk),
+                task.name,
+            )
+            reactivated.append((instance, notify.object_of(instance, site_url=guard.site_url)))
+    for chunk in counts.chunks([text for text, _ in victims]):
+        TaskFailure.objects.using(using).filter(task=task.name, object_pk__in=chunk).update(
+            deactivated_at=None, notice_pending=False
+        )
+    return reactivated
+
+
+# -- digests --------------------------------------------------------------------------------------
+
+
+def send_digest(
+    task: DeactivatingTask, guard: Guard, until: datetime, using: str
+) -> datetime | None:
+    """Close the notice window that ended at ``until`` and send its digest, if it holds
+    deactivations; then a new window opens (the period was not quiet).  Returns the end of the
+    window now open (``None``: quiet; ``until`` itself when another process closed it first)."""
+    from .models import TaskFailure, TaskState
+
+    name = task.name
+    now = timezone.now()
+    with transaction.atomic(using=using):
+        state = TaskState.objects.using(using).filter(task=name)
+        if not state.filter(notify_until=until).update(notify_until=None):
+            return until
+        pending = TaskFailure.objects.using(using).filter(task=name, notice_pending=True)
+        rows = list(
+            pending.order_by("deactivated_at", "pk").values_list(
+                "pk", "object_pk", "object_repr", "error", "traceback", "deactivated_at", "task_id"
+            )
+        )
+        if not rows:
+            return None
+        for chunk in counts.chunks([row[0] for row in rows]):
+            TaskFailure.objects.using(using).filter(pk__in=chunk).update(notice_pending=False)
+        new_until = now + timedelta(seconds=guard.notify_window)
+        state.update(notify_until=new_until)
+        if guard.notify:
+            target = task.target
+            key = target.model._meta.pk
+            assert key is not None
+            items = [
+                notify.NoticeObject(
+                    label=target.label,
+                    pk=(pk := key.to_python(text_pk)),
+                    name=text,
+                    error=error,
+                    traceback=tb,
+                    url=notify.admin_url(target.model, pk, guard.site_url),
+                    deactivated_at=when,
+                    task_id=task_id or None,
+                )
+                for _, text_pk, text, error, tb, when, task_id in rows
+            ]
+            since = until - timedelta(seconds=guard.notify_window)
+            notice = notify.digest_notice(name, items, since, now)
+            _notify_on_commit(task, guard, notice, using)
+    logger.info(
+        "celery_deactivate: %s: digest of %d deactivation(s) of its notice window ending %s",
+        name,
+        len(rows),
+        until.isoformat(timespec="seconds"),
+    )
+    return new_until
+
+
+# -- maintenance ---------------------------------------------------------------------------------
+
+
+def maintain(app: Celery) -> dict[str, int]:
+    """For every task with a state row: end its outage if it is over, send its digest if due,
+    delete counts no window needs any more.  What ``celery_deactivate.maintain`` runs."""
+    from .models import TaskState
+    from .task import DeactivatingTask
+
+    using = counts.db()
+    done = {"tasks": 0, "outages_ended": 0, "digests": 0}
+    rows = TaskState.objects.using(using).values_list("task", "outage_started_at", "notify_until")
+    for name, started, until in list(rows):
+        task = app.tasks.get(name)
+        if not isinstance(task, DeactivatingTask):
+            logger.info(
+                "celery_deactivate.maintain: %s is not a deactivating task of this app; skipped",
+                name,
+            )
+            continue
+        done["tasks"] += 1
+        try:
+            guard = guard_of(task)
+            if started is not None and _end_if_over(task, guard, started, using):
+                done["outages_ended"] += 1
+            if until is not None and until <= timezone.now():
+                opened = send_digest(task, guard, until, using)
+                done["digests"] += int(opened is not None and opened != until)
+            _prune(name, guard, using)
+        except Exception as error:
+            logger.error(
+                "celery_deactivate.maintain: %s failed: %s",
+                name,
+                services.describe(error),
+                exc_info=error,
+            )
+    logger.info(
+        "celery_deactivate.maintain: %(tasks)d task(s), %(outages_ended)d outage(s) ended, "
+        "%(digests)d digest(s) sent",
+        done,
+    )
+    return done
+
+
+def _prune(name: str, guard: Guard, using: str) -> None:
+    from .models import TaskFailure, TaskRuns
+
+    now = timezone.now()
+    horizon = timedelta(seconds=2 * max(guard.window, guard.notify_window))
+    TaskRuns.objects.using(using).filter(task=name, slot__lt=now - horizon).delete()
+    TaskFailure.objects.using(using).filter(
+        task=name, failed_at__lt=now - horizon, notice_pending=False
+    ).delete()
+
+
+# -- signals and notices ------------------------------------------------------------------------
+
+
+def _send(signal: Signal, task: DeactivatingTask, **kwargs: Any) -> None:
+    """Send ``signal`` in the caller's transaction; a receiver that raises is logged at ERROR
+    and what the receivers wrote is rolled back (a savepoint), as for the object signals."""
+    if not signal.has_listeners(task):
+        return
+    failures: list[tuple[Any, BaseException]] = []
+    try:
+        with transaction.atomic(using=counts.db()):
+            results = signal.send_robust(sender=task, **kwargs)
+            failures = [(r, e) for r, e in results if isinstance(e, BaseException)]
+            if failures:
+                raise _ReceiverFailed
+    except _ReceiverFailed:
+        for receiver, error in failures:
+            logger.error(
+                "celery_deactivate: receiver %r of the outage signal of %s raised: %s",
+                receiver,
+                task.name,
+                services.describe(error),
+                exc_info=error,
+            )
+
+
+class _ReceiverFailed(Exception):
+    pass
+
+
+def _notify_on_commit(
+    task: DeactivatingTask, guard: Guard, notice: notify.Notice, using: str
+) -> None:
+    notifier = guard.notifier
+    transaction.on_commit(lambda: notify.deliver(notifier, notice, task=task), using=using)
+
+
+def counts_now(task: DeactivatingTask) -> Mapping[str, int]:
+    """The guard's counts of ``task`` over its last window, as the tables hold them (for
+    operators and tests): ``runs``, ``failures``, ``objects``."""
+    guard = guard_of(task)
+    using = counts.db()
+    since = timezone.now() - timedelta(seconds=guard.window)
+    runs, failures = counts.sums(task.name, guard.window, using, since)
+    return {
+        "runs": runs,
+        "failures": failures,
+        "objects": counts.distinct(task.name, using, since, None),
+    }
+
+
+def outage_of(task: DeactivatingTask) -> datetime | None:
+    """When the task's open outage started; ``None`` without one."""
+    state = counts.read_state(task.name, counts.db(), create=False)
+    return state.outage_started_at if state is not None else None
+
+
+__all__ = [
+    "FLUSH_EVERY",
+    "Failure",
+    "Guard",
+    "check",
+    "counts_now",
+    "forget",
+    "guard_of",
+    "maintain",
+    "outage_of",
+    "ran",
+    "send_digest",
+    "start_outage",
+]

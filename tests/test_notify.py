@@ -1,0 +1,344 @@
+"""Notifications without storms (issue #12): the first deactivation of a quiet period at once, the
+later ones of its notice window in one digest; pluggable notifiers told what each notice is; a
+failing notifier changes nothing; notices only after commit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.result import ResultSet
+from django.core import mail
+from django.db import transaction
+from django.utils import timezone
+
+from celery_deactivate import notify, outage
+from celery_deactivate.models import TaskFailure, TaskState
+from tests.conftest import wait_for
+from tests.testapp import outage_tasks, tasks
+from tests.testapp.models import Feed, RecipeObject
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def failing(count: int, prefix: str = "broken") -> list[Feed]:
+    return [Feed.objects.create(title=f"{prefix} {n}", behaviour="fail") for n in range(count)]
+
+
+def run_all(task: Any, objects: list[Feed]) -> None:
+    results = ResultSet([task.delay(feed.pk) for feed in objects])
+    wait_for(results.ready, timeout=60)
+
+
+def pending(task: Any) -> int:
+    return TaskFailure.objects.filter(task=task.name, notice_pending=True).count()
+
+
+class Recorder:
+    """A notifier that keeps what it is called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, **kwargs: Any) -> None:
+        self.calls.append(kwargs)
+
+    def kinds(self) -> list[str]:
+        return [call["kind"] for call in self.calls]
+
+
+def broken_notifier(**kwargs: Any) -> None:
+    raise ConnectionRefusedError("the mail server is down")
+
+
+@pytest.fixture
+def window(conf: Callable[..., None]) -> float:
+    """A notice window of one second (worker-wide: the in-thread worker shares the app)."""
+    conf(deactivate_notify_window=1)
+    return 1.0
+
+
+# -- the notice window and its digest -----------------------------------------------------------
+
+
+@pytest.mark.usefixtures("worker")
+def test_first_at_once_the_rest_in_one_digest_naming_every_object(
+    conf: Callable[..., None], celery_app: Celery
+) -> None:
+    # Given six objects that break within the notice window (3 s: a slow machine's burst too),
+    conf(deactivate_notify_window=3)
+    broken = failing(6)
+
+    run_all(outage_tasks.unguarded, broken)
+
+    # the first deactivation is mailed at once, the five others wait;
+    wait_for(lambda: pending(outage_tasks.unguarded) == 5)
+    assert len(mail.outbox) == 1
+    first = mail.outbox[0]
+    assert "deactivated after a task failure" in first.subject
+    # when the window ends, maintain sends one digest listing each of them,
+    wait_for(lambda: outage.maintain(celery_app)["digests"], timeout=10)
+    wait_for(lambda: len(mail.outbox) == 2)
+    digest = mail.outbox[1]
+    assert (
+        digest.subject
+        == f"[Django] 5 testapp.Feed objects deactivated by {outage_tasks.unguarded.name}"
+    )
+    named = [feed for feed in broken if f"testapp.Feed pk={feed.pk} " in digest.body]
+    assert len(named) == 5 and f"pk={named[0].pk}" not in first.body
+    for feed in named:
+        assert f"/admin/testapp/feed/{feed.pk}/change/" in digest.body  # the admin is installed
+        assert f"Boom: {feed.title} is broken" in digest.body
+    assert digest.body.count('raise Boom(f"{obj.title} is broken")') == 5  # traceback lines
+    assert pending(outage_tasks.unguarded) == 0
+    # and once only.
+    assert outage.maintain(celery_app)["digests"] == 0
+    assert len(mail.outbox) == 2
+
+
+@pytest.mark.usefixtures("worker")
+def test_the_next_failure_after_the_window_sends_the_digest(window: float) -> None:
+    first, second, late = failing(3)
+    run_all(outage_tasks.unguarded, [first, second])
+    wait_for(lambda: pending(outage_tasks.unguarded) == 1)
+    waiting = TaskFailure.objects.get(notice_pending=True).object_pk  # first or second: a race
+    until = TaskState.objects.get(task=outage_tasks.unguarded.name).notify_until
+    assert until is not None
+
+    wait_for(lambda: timezone.now() > until, timeout=10)  # the window is over
+
+    run_all(outage_tasks.unguarded, [late])
+
+    wait_for(lambda: len(mail.outbox) == 2)
+    digest = mail.outbox[1]
+    assert f"testapp.Feed pk={waiting} " in digest.body
+    # A digest with content opens the next window: the late one waits for its digest.
+    assert pending(outage_tasks.unguarded) == 1
+    assert TaskState.objects.get(task=outage_tasks.unguarded.name).notify_until > until
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_window_of_zero_notifies_every_deactivation(conf: Callable[..., None]) -> None:
+    conf(deactivate_notify_window=0)
+    broken = failing(4)
+
+    run_all(outage_tasks.unguarded, broken)
+
+    wait_for(lambda: len(mail.outbox) == 4)
+    assert not TaskState.objects.exists()  # no state at all: nothing written for it
+    assert not TaskFailure.objects.exists()
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_burst_sends_a_bounded_number_of_mails(window: float, celery_app: Celery) -> None:
+    broken = failing(60)
+    started = time.monotonic()
+
+    run_all(outage_tasks.unguarded, broken)
+    took = time.monotonic() - started
+    wait_for(lambda: Feed.objects.filter(active=False).count() == 60)
+
+    def all_sent() -> bool:
+        outage.maintain(celery_app)
+        return pending(outage_tasks.unguarded) == 0
+
+    wait_for(all_sent, timeout=10)
+    # The first at once, then one digest per window the burst lasted, and the last one.
+    assert 2 <= len(mail.outbox) <= 2 + math.ceil(took / window), (len(mail.outbox), took)
+    for feed in broken:
+        named = [m for m in mail.outbox if re.search(rf"testapp\.Feed pk={feed.pk}\b", m.body)]
+        assert len(named) == 1, feed.pk
+
+
+# -- notifiers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_failing_notifier_is_logged_and_changes_nothing(
+    conf: Callable[..., None], caplog: pytest.LogCaptureFixture, celery_app: Celery
+) -> None:
+    conf(deactivate_notifier="tests.test_notify.broken_notifier")
+    feed = Feed.objects.create(title="broken", behaviour="fail")
+
+    with caplog.at_level(logging.ERROR, logger="celery_deactivate"):
+        result = tasks.poll.delay(feed.pk)
+        wait_for(result.ready)
+        wait_for(lambda: "failed on the deactivated notice" in caplog.text)
+
+    assert isinstance(result.result, tasks.Boom)  # the task's own exception, unchanged
+    feed.refresh_from_db()
+    assert (feed.active, feed.error, feed.failure_count) == (False, True, 1)
+    record = next(r for r in caplog.records if "failed on the deactivated notice" in r.message)
+    assert record.levelno == logging.ERROR
+    assert "ConnectionRefusedError: the mail server is down" in record.message
+    assert f"testapp.Feed pk={feed.pk}" in record.message
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_failing_notifier_does_not_stop_the_guard(
+    conf: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    conf(deactivate_notifier=broken_notifier)
+    with caplog.at_level(logging.ERROR, logger="celery_deactivate"):
+        run_all(outage_tasks.guarded, failing(10))
+        wait_for(lambda: "failed on the outage_started notice" in caplog.text)
+
+    assert outage.outage_of(outage_tasks.guarded) is not None
+    assert not Feed.objects.filter(active=False).exists()
+
+
+@pytest.mark.usefixtures("worker")
+def test_every_kind_reaches_the_notifier_with_what_it_is(
+    conf: Callable[..., None], celery_app: Celery
+) -> None:
+    recorder = Recorder()
+    conf(deactivate_notifier=recorder)
+    table = failing(10)
+
+    run_all(outage_tasks.guarded_briefly, table)
+    Feed.objects.update(behaviour="ok")
+    wait_for(lambda: outage.maintain(celery_app)["outages_ended"], timeout=30)
+
+    wait_for(lambda: "outage_ended" in recorder.kinds())
+    assert recorder.kinds() == ["deactivated", "outage_started", "outage_ended"]
+    deactivated, started, ended = recorder.calls
+    assert isinstance(deactivated["instance"], Feed)
+    assert isinstance(deactivated["exception"], tasks.Boom)
+    assert deactivated["task"] is outage_tasks.guarded_briefly
+    notice = started["notice"]
+    assert isinstance(notice, notify.Notice) and notice.kind == notify.OUTAGE_STARTED
+    assert started["instance"] is None and started["exception"] is None
+    assert notice.counts["objects"] >= 5 and notice.error.startswith("Boom: ")
+    assert {item.pk for item in notice.objects} >= {deactivated["instance"].pk}  # re-activated
+    assert "Re-activated" in notice.text and notice.subject.startswith("Outage of")
+    assert ended["notice"].started_at == notice.started_at
+    assert ended["notice"].ended_at is not None
+
+
+def test_the_log_notifier(conf: Callable[..., None], caplog: pytest.LogCaptureFixture) -> None:
+    conf(deactivate_notifier="celery_deactivate.notify.log")
+    feed = Feed.objects.create(title="logged", behaviour="fail")
+
+    with caplog.at_level(logging.WARNING, logger="celery_deactivate.notices"):
+        tasks.poll.apply((feed.pk,))
+
+    record = next(r for r in caplog.records if r.name == "celery_deactivate.notices")
+    assert record.levelno == logging.WARNING
+    assert "testapp.Feed logged deactivated after a task failure" in record.message
+    assert record.notice.kind == notify.DEACTIVATED  # type: ignore[attr-defined]
+    assert mail.outbox == []
+
+
+@pytest.fixture
+def chat() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A chat server's incoming webhook on localhost, keeping the JSON bodies it receives."""
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None: ...
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hooks/secret-token", received
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_webhook_notifier_posts_to_a_chat(
+    conf: Callable[..., None], chat: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, received = chat
+    webhook = notify.Webhook(url, timeout=5)
+    conf(deactivate_notifier=webhook)
+    feed = Feed.objects.create(title="chatty", behaviour="fail")
+
+    tasks.poll.apply((feed.pk,))
+
+    assert len(received) == 1
+    text = received[0]["text"]
+    assert text.startswith("*testapp.Feed chatty deactivated after a task failure*\n")
+    assert f"testapp.Feed pk={feed.pk}" in text
+    assert "secret-token" not in repr(webhook)  # logs name the host, not the secret path
+
+
+def test_a_webhook_that_answers_an_error_is_logged(
+    conf: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    conf(deactivate_notifier=notify.Webhook("http://127.0.0.1:9/nobody-listens", timeout=1))
+    feed = Feed.objects.create(title="unheard", behaviour="fail")
+
+    with caplog.at_level(logging.ERROR, logger="celery_deactivate"):
+        tasks.poll.apply((feed.pk,))
+
+    assert "notifier Webhook('http://127.0.0.1:9/…') failed" in caplog.text
+    assert Feed.objects.get(pk=feed.pk).active is False
+
+
+# -- links, options, transactions ---------------------------------------------------------------
+
+
+def test_admin_links_relative_absolute_or_none(conf: Callable[..., None]) -> None:
+    feed = Feed.objects.create(title="linked")
+    assert notify.admin_url(Feed, feed.pk) == f"/admin/testapp/feed/{feed.pk}/change/"
+    assert (
+        notify.admin_url(Feed, feed.pk, "https://ops.example.com")
+        == f"https://ops.example.com/admin/testapp/feed/{feed.pk}/change/"
+    )
+    assert notify.admin_url(RecipeObject, 1) is None  # not registered in the admin
+
+    conf(deactivate_site_url="https://ops.example.com/")
+    broken = Feed.objects.create(title="linked broken", behaviour="fail")
+    tasks.poll.apply((broken.pk,))
+    assert (
+        f"Admin: https://ops.example.com/admin/testapp/feed/{broken.pk}/change/"
+        in mail.outbox[0].body
+    )
+
+
+def test_deactivate_notify_false_silences_every_kind(conf: Callable[..., None]) -> None:
+    conf(deactivate_notify=False)
+    for feed in failing(6):
+        outage_tasks.guarded.apply((feed.pk,))
+
+    assert outage.outage_of(outage_tasks.guarded) is not None
+    assert mail.outbox == []
+
+
+class Rollback(Exception):
+    pass
+
+
+def test_an_outage_started_in_a_transaction_that_rolls_back_notifies_nobody() -> None:
+    table = failing(6)
+
+    def caller() -> None:
+        with transaction.atomic():
+            for feed in table:
+                with pytest.raises(tasks.Boom):
+                    outage_tasks.guarded(feed.pk)
+            assert outage.outage_of(outage_tasks.guarded) is not None  # in the transaction
+            assert mail.outbox == []
+            raise Rollback
+
+    with pytest.raises(Rollback):
+        caller()
+
+    assert mail.outbox == []
+    assert outage.outage_of(outage_tasks.guarded) is None
+    assert not Feed.objects.filter(active=False).exists()
