@@ -4,23 +4,29 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('celery_deactivate', '0001_initial'),
+        ("celery_deactivate", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='PausedSchedule',
+            name="PausedSchedule",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('periodic_task_id', models.BigIntegerField(unique=True)),
-                ('model', models.CharField(max_length=200)),
-                ('object_pk', models.CharField(max_length=255)),
-                ('paused_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("periodic_task_id", models.BigIntegerField(unique=True)),
+                ("model", models.CharField(max_length=200)),
+                ("object_pk", models.CharField(max_length=255)),
+                ("paused_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'indexes': [models.Index(fields=['model', 'object_pk'], name='celery_deac_paused_object')],
+                "indexes": [
+                    models.Index(fields=["model", "object_pk"], name="celery_deac_paused_object")
+                ],
             },
         ),
     ]
