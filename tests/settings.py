@@ -138,6 +138,10 @@ CELERY_WORKER_LOST_WAIT = float(os.environ.get("WORKER_LOST_WAIT") or 10.0)
 # whose test expects one notice per deactivation: DEACTIVATE_NOTIFY_WINDOW=0.
 if os.environ.get("DEACTIVATE_NOTIFY_WINDOW"):
     CELERY_DEACTIVATE_NOTIFY_WINDOW = float(os.environ["DEACTIVATE_NOTIFY_WINDOW"])
+# The crash tests' workers: the guard off worker-wide (tests/crash/worker.py); the guard's own
+# tasks (tests/testapp/outage_tasks.py) set it per task.
+if os.environ.get("DEACTIVATE_OUTAGE_OBJECTS"):
+    CELERY_DEACTIVATE_OUTAGE_OBJECTS = int(os.environ["DEACTIVATE_OUTAGE_OBJECTS"])
 
 LOGGING = {
     "version": 1,

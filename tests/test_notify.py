@@ -25,7 +25,7 @@ from celery_deactivate import notify, outage
 from celery_deactivate.models import TaskFailure, TaskState
 from tests.conftest import wait_for
 from tests.testapp import outage_tasks, tasks
-from tests.testapp.models import Feed, RecipeObject
+from tests.testapp.models import Entry, Feed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -300,7 +300,7 @@ def test_admin_links_relative_absolute_or_none(conf: Callable[..., None]) -> Non
         notify.admin_url(Feed, feed.pk, "https://ops.example.com")
         == f"https://ops.example.com/admin/testapp/feed/{feed.pk}/change/"
     )
-    assert notify.admin_url(RecipeObject, 1) is None  # not registered in the admin
+    assert notify.admin_url(Entry, 1) is None  # not registered in the admin
 
     conf(deactivate_site_url="https://ops.example.com/")
     broken = Feed.objects.create(title="linked broken", behaviour="fail")

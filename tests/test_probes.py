@@ -166,3 +166,30 @@ def test_deactivate_takes_the_recipe_s_exception_class() -> None:
     feed = Feed.objects.create(title="f")
     feed.deactivate(error=KeyError)
     assert (feed.active, feed.error, feed.error_message) == (False, True, "KeyError")
+
+
+def test_no_probe_while_the_task_s_outage_is_open(eager: Celery) -> None:
+    from celery_deactivate.models import TaskState
+
+    deactivated_by_a_failure()
+    # Given an outage of the task, open (as the guard records it)
+    TaskState.objects.update_or_create(
+        task=tasks.poll_cooldown.name, defaults={"outage_started_at": timezone.now()}
+    )
+    assert tasks.poll_cooldown.outage_open() is True
+
+    assert probes.maintain(eager, now=later(61)) == 0
+
+    TaskState.objects.filter(task=tasks.poll_cooldown.name).update(outage_started_at=None)
+    assert probes.maintain(eager, now=later(61)) == 1
+
+
+def test_the_maintain_task_sends_the_due_probes(eager: Celery) -> None:
+    feed = deactivated_by_a_failure()
+    Feed.objects.filter(pk=feed.pk).update(
+        behaviour="ok", next_probe_at=timezone.now() - timedelta(seconds=1)
+    )
+
+    eager.tasks["celery_deactivate.maintain"].delay()
+
+    assert Feed.objects.get(pk=feed.pk).active is True

@@ -24,8 +24,10 @@ TASKS = "tests.testapp.outage_tasks."
 
 @pytest.fixture(scope="module")
 def workers(meeting: Meeting) -> Iterator[list[Worker]]:
-    """Two prefork workers of two children each, consuming one queue."""
-    pair = [Worker(meeting, f"guard{n}", queue="outage", concurrency=2) for n in (1, 2)]
+    """Two prefork workers of two children each, consuming one queue, with the library's default
+    notice window (the crash tests' workers notify every deactivation at once)."""
+    env = {"DEACTIVATE_NOTIFY_WINDOW": ""}
+    pair = [Worker(meeting, f"guard{n}", queue="outage", concurrency=2, env=env) for n in (1, 2)]
     try:
         for worker in pair:
             worker.start()

@@ -112,6 +112,11 @@ class Meeting:
             EMAIL_FILE_PATH=str(self.folder / "mail"),
             SQLITE_TRANSACTION_MODE="IMMEDIATE",  # SQLite: concurrent bodies wait, never fail
             WORKER_LOST_WAIT="0.5",  # report a killed child at once (default: 10 s)
+            # Per-object accounting: no outage guard and one notice per deactivation, unless a
+            # task sets them (the guard's own tests, tests/crash/test_outage.py).  Nothing is
+            # written after the deactivation a test waits for.
+            DEACTIVATE_OUTAGE_OBJECTS="0",
+            DEACTIVATE_NOTIFY_WINDOW="0",
             PYTHONUNBUFFERED="1",
         )
         env.update(extra)
