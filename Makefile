@@ -52,8 +52,11 @@ lint: $(STAMP) ## ruff and mypy
 typecheck: $(STAMP) ## mypy only
 	$(BIN)/mypy
 
-bench: $(STAMP) ## Benchmarks: prefork worker throughput, ratios side by side; writes tests/benchmarks/results.md
+bench: $(STAMP) ## Benchmarks side by side (tests/benchmarks/results.md); with PostgreSQL + Redis also the outage guard (outage_results.md)
 	$(PY) -m tests.benchmarks.run $(BENCH_ARGS)
+	if [ -n "$$DATABASE_URL" ] && [ "$${CELERY_BROKER_URL#redis://}" != "$$CELERY_BROKER_URL" ]; then \
+		$(PY) -m tests.benchmarks.outage $(OUTAGE_BENCH_ARGS); \
+	else echo "outage guard benchmark skipped: it needs DATABASE_URL (PostgreSQL) and a redis:// CELERY_BROKER_URL"; fi
 
 dist: $(STAMP) ## Build sdist and wheel into dist/
 	$(PY) -m pip install -q build
