@@ -165,10 +165,18 @@ def traceback_of(exc: BaseException | None, frames: int = TRACEBACK_FRAMES) -> s
     if exc is None or exc.__traceback__ is None:
         return ""
     try:
-        lines = traceback.format_tb(exc.__traceback__, limit=-frames)
+        # extract_tb reads the source of the last frames only; formatting them here, without the
+        # caret lines format_tb draws (Python 3.11+ parses each line's source for those), keeps
+        # a notice cheap on a failure path that may run thousands of times in an outage.
+        found = traceback.extract_tb(exc.__traceback__, limit=-frames)
     except Exception:
         return ""
-    return "".join(lines).rstrip()
+    lines = []
+    for frame in found:
+        lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}')
+        if frame.line:
+            lines.append(f"    {frame.line.strip()}")
+    return "\n".join(lines)
 
 
 def object_of(

@@ -8,7 +8,10 @@
    a mail per feed; no feed is deactivated by the outage;
 5. the upstream is back: the feeds are polled (and ``celery_deactivate.maintain`` runs, as beat
    would run it) until the outage ends, with one recovery notice; a last round polls every feed;
-6. print the feeds, the task results, what the app's receivers logged in the worker and the mails
+6. the way back: ``manage.py deactivated`` lists the broken feed; its upstream is fixed, and once
+   its cool-down has passed (an hour here: the demo asks ``celery_deactivate.maintain``'s probes
+   an hour ahead) one probe polls it and re-activates it;
+7. print the feeds, the task results, what the app's receivers logged in the worker and the mails
    to the admins, and check all of it.
 
 Exits 0 when everything is as expected, 1 otherwise.  The worker is always stopped.
@@ -380,8 +383,44 @@ def check_recovery(
     return problems
 
 
+def the_way_back(feeds: Sequence[Any]) -> list[str]:
+    """``manage.py deactivated`` lists the broken feed; once its upstream is fixed and its
+    cool-down has passed, its probe (sent by ``celery_deactivate.maintain``) re-activates it."""
+    from datetime import timedelta
+    from io import StringIO
+
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.utils import timezone
+    from feeds.models import Feed
+    from feeds_project.celery import app
+
+    from celery_deactivate import probes
+
+    listing = StringIO()
+    call_command("deactivated", stdout=listing)
+    print("\n$ python manage.py deactivated", listing.getvalue().rstrip(), sep="\n")
+    broken = feeds[FEED_TITLES.index(BROKEN_TITLE)]
+    problems = []
+    if BROKEN_TITLE not in listing.getvalue():
+        problems.append(f"manage.py deactivated does not list {BROKEN_TITLE}")
+    Feed.objects.filter(pk=broken.pk).update(document=rss(BROKEN_TITLE, "nightowl", GOOD_DATES))
+    print(f"\n*** {BROKEN_TITLE}'s upstream is fixed; an hour later its probe is due ***")
+    later = timezone.now() + timedelta(seconds=settings.CELERY_DEACTIVATE_COOLDOWN + 1)
+    sent = probes.maintain(app, now=later)
+    settle(lambda: Feed.objects.get(pk=broken.pk).active)
+    broken.refresh_from_db()
+    if sent != 1 or not broken.active or broken.entries.count() != len(GOOD_DATES):
+        problems.append(
+            f"the probe: {sent} sent, {BROKEN_TITLE} active={broken.active} with "
+            f"{broken.entries.count()} entries (expected 1 probe, active, {len(GOOD_DATES)})"
+        )
+    return problems
+
+
 def check_signals(feeds: Sequence[Any], lines: Sequence[str]) -> list[str]:
-    """Each feed the outage's first failures deactivated was re-activated; one start, one end."""
+    """Each feed the outage's first failures deactivated was re-activated, and the broken feed by
+    its probe; one start, one end."""
     broken = feeds[FEED_TITLES.index(BROKEN_TITLE)]
 
     def pks(name: str) -> list[str]:
@@ -392,8 +431,11 @@ def check_signals(feeds: Sequence[Any], lines: Sequence[str]) -> list[str]:
     problems = []
     if deactivated.count(str(broken.pk)) != 1:
         problems.append(f"expected {BROKEN_TITLE} deactivated once, the worker logged {lines}")
-    if not victims or reactivated != victims:
-        problems.append(f"expected the outage's victims re-activated, the worker logged {lines}")
+    if not victims or reactivated != sorted([*victims, str(broken.pk)]):
+        problems.append(
+            f"expected the outage's victims and {BROKEN_TITLE} (its probe) re-activated, the "
+            f"worker logged {lines}"
+        )
     for name in ("outage_started", "outage_ended"):
         if len(signals_named(lines, name)) != 1:
             problems.append(f"expected one {name} signal, the worker logged {lines}")
@@ -483,6 +525,9 @@ def main() -> int:
             settle(lambda: len(mails()) == 3)
             show_mails("MAIL TO THE ADMINS", mails()[len(after_2.mails) :])
             problems += check_recovery(feeds, rounds["after recovery"], after_2, ended)
+
+            # The way back: the operator's list, then the broken feed's cool-down probe.
+            problems += the_way_back(feeds)
         except TimeoutError:
             stop_worker(worker)
             show_log_tail(log_path)
@@ -507,7 +552,8 @@ def main() -> int:
         f"\nOK in {elapsed:.1f}s: {BROKEN_TITLE} was deactivated with its partial entries rolled "
         "back; when the upstream went down for every feed the guard tripped, no feed was "
         "deactivated and one outage notice was sent instead of a mail per feed; after the "
-        "recovery notice every feed polls again. "
+        f"recovery notice every feed polls again; once fixed, {BROKEN_TITLE} came back through "
+        "its cool-down probe. "
         f"Worker log: {log_path.relative_to(ROOT)}"
     )
     return 0

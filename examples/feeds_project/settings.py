@@ -136,6 +136,10 @@ CELERY_DEACTIVATE_OUTAGE_WINDOW = 5
 # The first deactivation of a task in a quiet period is mailed at once; later ones within 5 minutes
 # wait for one digest (sent by celery_deactivate.maintain, in the beat schedule of celery.py).
 CELERY_DEACTIVATE_NOTIFY_WINDOW = 300
+# The way back: an hour after a feed was deactivated by a failure, celery_deactivate.maintain sends
+# one probe (the poll task, for that feed); success re-activates it, failure doubles the cool-down
+# (up to a day, deactivate_cooldown_max).
+CELERY_DEACTIVATE_COOLDOWN = 3600
 # Admin links in the notices are absolute with the site's base URL (else site-relative paths).
 CELERY_DEACTIVATE_SITE_URL = "http://127.0.0.1:8000"
 
