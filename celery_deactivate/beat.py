@@ -10,7 +10,8 @@ the ``DatabaseScheduler`` picks the change up at its next tick.
 
 It runs as receivers of :data:`~celery_deactivate.signals.object_deactivated` and
 :data:`~celery_deactivate.signals.object_reactivated`, in the change's transaction: the rows
-change with the object, or not at all.
+change with the object, or not at all, when django-celery-beat's tables are on the model's write
+database (``router.db_for_write(PeriodicTask)`` decides where they are written).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from celery import current_app
 from django.apps import apps
+from django.db import router
 from django.db.models import Model, Q, QuerySet
 
 from . import signals
@@ -45,13 +47,14 @@ def pause(sender: Any, instance: Model, **kwargs: Any) -> None:
     from .models import PausedSchedule
 
     names = task_names(type(instance), getattr(sender, "app", None))
-    rows = schedules_of(names, instance.pk).filter(enabled=True)
+    using = router.db_for_write(PeriodicTask)
+    rows = schedules_of(names, instance.pk).using(using).filter(enabled=True)
     ids = list(rows.values_list("pk", flat=True))
     if not ids:
         return
-    PeriodicTask.objects.filter(pk__in=ids).update(enabled=False)
+    PeriodicTask.objects.using(using).filter(pk__in=ids).update(enabled=False)
     label, key = instance._meta.label, str(instance.pk)
-    PausedSchedule.objects.bulk_create(
+    PausedSchedule.objects.using(using).bulk_create(
         [PausedSchedule(periodic_task_id=id_, model=label, object_pk=key) for id_ in ids],
         ignore_conflicts=True,
     )
@@ -64,11 +67,14 @@ def resume(sender: Any, instance: Model, **kwargs: Any) -> None:
 
     from .models import PausedSchedule
 
-    paused = PausedSchedule.objects.filter(model=instance._meta.label, object_pk=str(instance.pk))
+    using = router.db_for_write(PeriodicTask)
+    paused = PausedSchedule.objects.using(using).filter(
+        model=instance._meta.label, object_pk=str(instance.pk)
+    )
     ids = list(paused.values_list("periodic_task_id", flat=True))
     if not ids:
         return
-    PeriodicTask.objects.filter(pk__in=ids).update(enabled=True)
+    PeriodicTask.objects.using(using).filter(pk__in=ids).update(enabled=True)
     paused.delete()
     PeriodicTasks.update_changed()
 

@@ -215,7 +215,8 @@ OPTIONS: Mapping[str, Option] = {
             "deactivate_fields",
             {},
             _fields,
-            "Field names by role: active, error, error_message, deactivated_at, failure_count. "
+            "Field names by role: active, error, error_message, deactivated_at, failure_count, "
+            "next_probe_at, cooldown, probing_since. "
             "A role mapped to None is not written; a default name missing on the model is skipped.",
         ),
         Option(

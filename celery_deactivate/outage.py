@@ -11,8 +11,8 @@ runs fail: then an *outage* of the task starts.
   a WARNING, and the objects this task deactivated within the window are re-activated (through
   :func:`~celery_deactivate.services.reactivate`: ``object_reactivated``).
 * **During it** no failure of the task deactivates an object, nor counts toward
-  ``deactivate_after`` (each is logged at INFO): after recovery every object starts afresh.  The
-  exception reaches Celery unchanged.
+  ``deactivate_after`` (each is logged at INFO): the outage adds nothing to an object's count
+  (the failures before it started did count).  The exception reaches Celery unchanged.
 * **End.** The task's failure rate over the last window falls below the rate, or the window had
   no failure: ``outage_ended``, one recovery notice.  Checked by the task's own runs (when a
   process writes its counts) and by the periodic task ``celery_deactivate.maintain``.  After an
@@ -107,7 +107,7 @@ _UNSET = object()
 
 def guard_of(task: Any) -> Guard:
     """The task's :class:`Guard`, resolved again only when what it is resolved from changed."""
-    changes = task._get_app().conf.changes
+    changes = task.app.conf.changes
     inputs = (
         option_inputs(task, GUARD_OPTIONS),
         "deactivate_outage_objects" in changes,
@@ -134,7 +134,7 @@ def guard_of(task: Any) -> Guard:
 def _objects(task: Any) -> int:
     """``deactivate_outage_objects``; a worker-wide ``None`` (set, not merely unset) is 0: off."""
     name = "deactivate_outage_objects"
-    if getattr(task, name, None) is None and task._get_app().conf.get(name, _UNSET) is None:
+    if getattr(task, name, None) is None and task.app.conf.get(name, _UNSET) is None:
         return 0
     objects: int = resolve(task, name)
     return objects
@@ -273,34 +273,54 @@ class Failure:
             self._broken(error, "open a notice window")
         return self.notified
 
-    def after(self, outcome: services.FailureOutcome | None) -> None:
-        """Count the failure for the task and check the guard (after :meth:`notify_now`)."""
+    def after(self, outcome: services.FailureOutcome | None) -> bool:
+        """Count the failure for the task, check the guard, keep the deferred notice (after
+        :meth:`notify_now`).  Returns whether a deactivation is to be notified now: not when
+        :meth:`notify_now` deferred it, nor when the outage this failure started re-activated
+        the object at once; always when its notice could not be deferred."""
         if not self.working:
-            return
+            return self.notified
         try:
             with counts.unit(self.using, self.timeout):
-                self._after(outcome)
+                reactivated = self._after(outcome)
         except Exception as error:
             self._broken(error, "count the failure")
+            return True  # a deferred notice went with the rolled-back row: notify it now
+        return self.notified and not reactivated
 
-    def _after(self, outcome: services.FailureOutcome | None) -> None:
+    def _after(self, outcome: services.FailureOutcome | None) -> bool:
+        if outcome is not None and outcome.probed:
+            # A cool-down probe of a deactivated object: not a run of the task on a live object,
+            # so neither its failure nor its success counts toward an outage.
+            return False
         guard, using, name = self.guard, self.using, self.name
         instance = outcome.instance if outcome is not None else None
         deactivated = instance is not None and outcome is not None and outcome.deactivated
-        if guard.on:
-            runs = counts.pending.take(name) + 1
-            counts.add(name, guard.window, using, runs=runs, failures=int(instance is not None))
         now = timezone.now()
         pending = deactivated and not self.notified
         if instance is not None and (guard.on or pending):
             self._mark(instance, now, deactivated=deactivated, pending=pending)
+        if pending:
+            # A window is open for the deferred notice, or one is made due now: whoever closed
+            # the window this failure saw open (maintain, another process) before the row above
+            # was written has not sent it; the next maintain run or failure will.
+            from .models import TaskState
+
+            TaskState.objects.using(using).filter(task=name, notify_until__isnull=True).update(
+                notify_until=now
+            )
+        if guard.on:
+            runs = counts.pending.take(name) + 1
+            counts.add(name, guard.window, using, runs=runs, failures=int(instance is not None))
         if not guard.on or instance is None:
-            return
+            return False
         opened = self._trip(now)
         if deactivated and (opened or _outage_open(name, using)):
             # Deactivated while an outage started: one of its victims.  The process that opened
             # it may not have seen this row yet; re-activating twice changes the row once.
             _reactivate(self.task, self.target, guard, [(str(instance.pk), None)], using)
+            return True
+        return False
 
     def _quiet(self, now: datetime) -> bool:
         """Claim the notice window if the period is quiet: then notify this one now."""

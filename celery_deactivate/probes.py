@@ -38,9 +38,16 @@ def probing_tasks(app: Any) -> Iterator[DeactivatingTask]:
 
 
 def maintain(app: Any, *, now: Any = None, batch_size: int = BATCH_SIZE) -> int:
-    """Send the due probes of every probing task of ``app``; return how many were sent."""
+    """Send the due probes of every probing task of ``app``; return how many were sent.  A task
+    whose probes cannot be sent is logged and does not stop the others."""
     now = now or timezone.now()
-    return sum(send_due_probes(task, now=now, batch_size=batch_size) for task in probing_tasks(app))
+    sent = 0
+    for task in probing_tasks(app):
+        try:
+            sent += send_due_probes(task, now=now, batch_size=batch_size)
+        except Exception:
+            logger.exception("celery_deactivate: %s: the probes could not be sent", task.name)
+    return sent
 
 
 def send_due_probes(
@@ -67,7 +74,18 @@ def send_due_probes(
     for pk in list(candidates):
         if not services.claim_probe(target, pk, now, stale_before, using=using):
             continue  # someone else claimed it meanwhile
+        try:
+            task.apply_async((pk,))
+        except Exception:
+            # Not sent (the broker is down; an eager probe that propagates its failure): give the
+            # claim back, so that the next maintain run tries again.
+            services.release_probe(target, pk, now, using=using)
+            logger.exception(
+                "celery_deactivate: %s: the probe of %s could not be sent",
+                task.name,
+                target.identity(pk),
+            )
+            continue
         logger.info("celery_deactivate: %s: probe sent for %s", task.name, target.identity(pk))
-        task.apply_async((pk,))
         sent += 1
     return sent

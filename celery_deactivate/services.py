@@ -121,10 +121,11 @@ def record_failure(
 
 
 def reset_failures(target: Target, pk: Any, *, using: str | None = None) -> int:
-    """Set a positive failure count back to 0 (a success ends the run of failures)."""
+    """Set a positive failure count of an active object back to 0 (a success ends the run of
+    failures; a deactivation that raced it keeps its count)."""
     if not target.failure_count:
         return 0
-    rows = _rows(target, pk, using or db_for(target))
+    rows = _rows(target, pk, using or db_for(target)).filter(**{target.active: True})
     changed: int = rows.filter(**{f"{target.failure_count}__gt": 0}).update(
         **{target.failure_count: 0}
     )
@@ -200,6 +201,13 @@ def claim_probe(target: Target, pk: Any, now: Any, stale_before: Any, *, using: 
     callers try at once, one wins."""
     rows = _rows(target, pk, using).filter(probe_due(target, now, stale_before))
     return bool(rows.update(**{cast(str, target.probing_since): now}))
+
+
+def release_probe(target: Target, pk: Any, claimed_at: Any, *, using: str) -> bool:
+    """Give back the claim :func:`claim_probe` made at ``claimed_at`` (its probe was not sent)."""
+    probing = cast(str, target.probing_since)
+    rows = _rows(target, pk, using).filter(**{probing: claimed_at})
+    return bool(rows.update(**{probing: None}))
 
 
 def probe_due(target: Target, now: Any, stale_before: Any) -> Q:

@@ -1,10 +1,16 @@
-"""Signals sent by celery-deactivate.  Each is sent only when a row really changed."""
+"""Signals sent by celery-deactivate.  Each is sent only when a row really changed.
+
+Like Django's model signals they are sent synchronously, inside the transaction that made the
+change (before it commits): a receiver's writes commit or roll back with it.  Put what leaves the
+process in ``transaction.on_commit()``.  The receivers of one sending run in a savepoint: when one
+raises, what they wrote is rolled back, the error is logged and the change stays.
+"""
 
 from __future__ import annotations
 
 from django.dispatch import Signal
 
-#: Sent once per deactivation, after the row was written (and committed, outside a transaction).
+#: Sent once per deactivation, after the row was written, in the same transaction.
 #:
 #: sender: the task (a :class:`~celery_deactivate.DeactivatingTask` instance) or, for a manual
 #:     deactivation (admin action, management command), the model class.

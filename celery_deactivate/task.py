@@ -129,7 +129,8 @@ class DeactivatingTask(_TaskBase):
     deactivate_outage_rate: ClassVar[float | None] = None
     #: Outage guard: seconds over which failures and runs are counted (default 300).
     deactivate_outage_window: ClassVar[float | None] = None
-    #: Field names by role (active, error, error_message, deactivated_at, failure_count).
+    #: Field names by role (active, error, error_message, deactivated_at, failure_count,
+    #: next_probe_at, cooldown, probing_since).
     deactivate_fields: ClassVar[dict[str, str | None] | None] = None
     #: Call the body with the loaded instance instead of the primary key (default ``False``).
     deactivate_pass_object: ClassVar[bool | None] = None
@@ -137,6 +138,11 @@ class DeactivatingTask(_TaskBase):
     deactivate_crash_timeout: ClassVar[float | None] = None
     #: Run the body in a transaction, rolled back on failure (default ``True``).
     deactivate_atomic: ClassVar[bool | None] = None
+    #: Seconds after a deactivation by a failure before one cool-down probe (default ``None``:
+    #: no probes).
+    deactivate_cooldown: ClassVar[float | None] = None
+    #: The longest cool-down between two probes, in seconds (default a day).
+    deactivate_cooldown_max: ClassVar[float | None] = None
 
     #: The worker-side request class: records crashes (hard time limit, killed child).
     Request = "celery_deactivate.request:DeactivatingRequest"
@@ -317,20 +323,18 @@ class DeactivatingTask(_TaskBase):
             def run(first: Any, *rest: Any, **named: Any) -> Any:
                 nonlocal state
                 instance = self._read(self._load, target, first, using)
-                state = target.state_of([getattr(instance, n) for n in target.state_fields()])
-                if not self._may_run(state, options, pk):
-                    return None
+                found = target.state_of([getattr(instance, n) for n in target.state_fields()])
+                if not self._may_run(found, options, pk):
+                    return None  # state stays None: the body did not run
+                state = found
                 return self.run(instance, *rest, **named)
 
         if options.atomic:
             result = self._run_atomic(run, args, kwargs, using, target)
         else:
             result = run(*args, **kwargs)
-        if state is not None:
-            if state.active:
-                outage.ran(self)  # the outage guard: one finished run, counted in memory
-            if state.failures or not state.active:
-                self._after_success(target, pk, using, state)
+        if state is not None:  # the body ran and returned
+            self._after_success(target, pk, using, state)
         return result
 
     def _read(self, read: Any, target: Target, pk: Any, using: str) -> Any:
@@ -391,6 +395,10 @@ class DeactivatingTask(_TaskBase):
                 target.identity(pk),
             )
             return
+        if state.active:
+            outage.ran(self)  # the outage guard: one finished run, counted in memory
+            if not state.failures:
+                return
         try:
             if state.active:
                 services.reset_failures(target, pk, using=using)
@@ -500,12 +508,8 @@ class DeactivatingTask(_TaskBase):
                 task_id,
                 services.describe(exc),
             )
-            if policy.notify and guard.notify_now(outcome):  # else: in the digest
-                instance = outcome.instance
-                transaction.on_commit(
-                    lambda: self._notify(policy.notifier, instance, exc, task_id, identity),
-                    using=using,
-                )
+            if policy.notify:
+                guard.notify_now(outcome)  # the first of a quiet period, else the digest's
         elif outcome.probed:
             logger.warning(
                 "celery_deactivate: %s stays deactivated: its probe %s[%s] failed (%s); next "
@@ -526,7 +530,16 @@ class DeactivatingTask(_TaskBase):
                 task_id,
                 services.describe(exc),
             )
-        guard.after(outcome)  # the outage guard: count the failure, check; never raises
+        # The outage guard: count the failure, check, keep a deferred notice; never raises.  It
+        # says whether this deactivation is to be notified now (not when the outage it started
+        # re-activated the object at once; yes when the notice could not be deferred).
+        notify_now = guard.after(outcome)
+        if outcome.deactivated and policy.notify and notify_now:
+            instance = outcome.instance
+            transaction.on_commit(
+                lambda: self._notify(policy.notifier, instance, exc, task_id, identity),
+                using=using,
+            )
         return outcome
 
     def _notify(
@@ -574,6 +587,8 @@ def _close_if_unusable(using: str) -> None:
 
 def _marked_for_rollback(using: str) -> bool:
     """Whether the innermost ``atomic`` block on ``using`` will roll back (False outside one)."""
+    if transaction.get_autocommit(using=using):  # no transaction: nothing to roll back
+        return False
     try:
         return transaction.get_rollback(using=using)
     except transaction.TransactionManagementError:  # autocommit: nothing to roll back

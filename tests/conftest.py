@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, states
 from celery.contrib.testing.worker import TestWorkController
+from celery.signals import task_postrun
+from celery.utils import uuid
 from django.core import mail
 
 from celery_deactivate import outage
@@ -114,3 +117,30 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         time.sleep(interval)
+
+
+def run_to_end(task: Any, calls: Sequence[tuple[Any, ...]], timeout: float = 60.0) -> list[Any]:
+    """Send ``task`` once per argument tuple; return the results once the worker is done with
+    each.  Celery stores a failure's result before it calls ``on_failure`` (where the library
+    records the failure), and sends ``task_postrun`` after both: waiting for the result alone
+    races the recording."""
+    ids = [uuid() for _ in calls]
+    pending = set(ids)
+    lock = threading.Lock()
+
+    def finished(task_id: str, state: str | None = None, **kwargs: Any) -> None:
+        if task_id in pending and state in states.READY_STATES:  # not a run that retries
+            with lock:
+                pending.discard(task_id)
+
+    task_postrun.connect(finished, weak=False)
+    try:
+        results = [
+            task.apply_async(args, task_id=id_) for args, id_ in zip(calls, ids, strict=True)
+        ]
+        wait_for(lambda: not pending, timeout=timeout)
+    finally:
+        task_postrun.disconnect(finished)
+    for result in results:
+        wait_for(result.ready)
+    return results

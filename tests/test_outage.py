@@ -22,7 +22,7 @@ from celery_deactivate.exceptions import DeactivateConfigError
 from celery_deactivate.models import TaskFailure, TaskRuns, TaskState
 from celery_deactivate.signals import object_reactivated, outage_ended, outage_started
 from celery_deactivate.tasks import maintain, maintain_entry
-from tests.conftest import wait_for
+from tests.conftest import run_to_end, wait_for
 from tests.testapp import outage_tasks, tasks
 from tests.testapp.models import Feed
 
@@ -36,9 +36,9 @@ def feeds(count: int, behaviour: str = "ok", prefix: str = "feed") -> list[Feed]
 
 
 def run_all(task: Any, objects: list[Feed]) -> ResultSet:
-    results = ResultSet([task.delay(feed.pk) for feed in objects])
-    wait_for(results.ready, timeout=60)
-    return results
+    """Run ``task`` on every object; return once the worker is done with each (its failure
+    recorded: ``run_to_end``)."""
+    return ResultSet(run_to_end(task, [(feed.pk,) for feed in objects]))
 
 
 class Received:
@@ -377,17 +377,18 @@ def test_what_a_failure_costs_with_the_guard() -> None:
         "SELECT celery_deactivate_taskstate",  # is an outage open, a digest due?
         "INSERT celery_deactivate_taskstate",  # (the task's first failure: its row)
         "UPDATE celery_deactivate_taskstate",  # a quiet period: the notice window opens
+        "INSERT celery_deactivate_taskfailure",  # the object (an upsert)
         "UPDATE celery_deactivate_taskruns",  # this process's counts in this slot
         "INSERT celery_deactivate_taskruns",  # (the slot's first: the row)
         "DELETE celery_deactivate_taskruns",  # (and this process's rows of old slots)
-        "INSERT celery_deactivate_taskfailure",  # the object (an upsert)
         "SELECT celery_deactivate_taskfailure",  # distinct objects, up to the threshold
         "SELECT celery_deactivate_taskstate",  # deactivated: did an outage start meanwhile?
     ]
     assert own(sql[1]) == [
         "SELECT celery_deactivate_taskstate",
-        "UPDATE celery_deactivate_taskruns",
         "INSERT celery_deactivate_taskfailure",  # its notice waits for the digest
+        "UPDATE celery_deactivate_taskstate",  # a window is open for it (else made due)
+        "UPDATE celery_deactivate_taskruns",
         "SELECT celery_deactivate_taskfailure",
         "SELECT celery_deactivate_taskstate",
     ]

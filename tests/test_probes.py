@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from celery import Celery
 from django.core import mail
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from celery_deactivate import probes, services
@@ -193,3 +195,40 @@ def test_the_maintain_task_sends_the_due_probes(eager: Celery) -> None:
     eager.tasks["celery_deactivate.maintain"].delay()
 
     assert Feed.objects.get(pk=feed.pk).active is True
+
+
+def test_a_skipped_pass_object_run_changes_nothing(
+    eager: Celery, caplog: pytest.LogCaptureFixture, sent: list[Any]
+) -> None:
+    # Given an inactive object with a probe out, and a pass-object task without probes
+    feed = Feed.objects.create(
+        title="off", active=False, error=True, probing_since=timezone.now(), failure_count=2
+    )
+
+    with CaptureQueriesContext(connection) as captured:
+        tasks.poll_object.delay(feed.pk)
+
+    # Then the body did not run, and nothing was written, sent or logged as an error
+    fresh = Feed.objects.get(pk=feed.pk)
+    assert (fresh.active, fresh.polls, fresh.failure_count) == (False, 0, 2)
+    assert sent == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [q["sql"].split()[0] for q in captured.captured_queries if "UPDATE" in q["sql"]] == []
+
+
+def test_a_probe_that_cannot_be_sent_gives_its_claim_back(
+    eager: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a due probe whose eager run propagates its failure (apply_async raises)
+    feed = deactivated_by_a_failure()
+    eager.conf.task_eager_propagates = True
+    try:
+        sent_count = probes.maintain(eager, now=later(61))
+    finally:
+        eager.conf.task_eager_propagates = False
+
+    # Then maintain went on (logged, not raised) and no claim is left behind
+    assert sent_count == 0
+    fresh = Feed.objects.get(pk=feed.pk)
+    assert fresh.probing_since is None and fresh.active is False
+    assert "could not be sent" in caplog.text

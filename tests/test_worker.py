@@ -3,17 +3,14 @@ database and in what Celery recorded (``AsyncResult``)."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
-from celery import states, uuid
 from celery.result import AsyncResult
-from celery.signals import task_postrun
 from django.core import mail
 
 from celery_deactivate.signals import object_deactivated
-from tests.conftest import wait_for
+from tests.conftest import run_to_end
 from tests.testapp import tasks
 from tests.testapp.models import Entry, Feed, RecipeObject
 
@@ -21,23 +18,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 
 
 def run(task: Any, *args: Any) -> AsyncResult:
-    """Send the task; return its result once the worker is done with it.  Celery stores a
-    failure's result before it calls ``on_failure`` (where a final failure is recorded), and
-    sends ``task_postrun`` after both."""
-    sent = uuid()
-    done = threading.Event()
-
-    def finished(task_id: str, state: str | None = None, **kwargs: Any) -> None:
-        if task_id == sent and state in states.READY_STATES:  # not a run that retries
-            done.set()
-
-    task_postrun.connect(finished)
-    try:
-        result = task.apply_async(args, task_id=sent)
-        wait_for(done.is_set)
-    finally:
-        task_postrun.disconnect(finished)
-    wait_for(result.ready)
+    """Send the task; return its result once the worker is done with it (``run_to_end``)."""
+    result: AsyncResult = run_to_end(task, [args])[0]
     return result
 
 

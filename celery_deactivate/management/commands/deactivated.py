@@ -40,6 +40,7 @@ from django.utils import timezone
 
 from ... import services
 from ...checks import deactivating_tasks
+from ...conf import FIELD_DEFAULTS
 from ...exceptions import DeactivateError
 from ...models import DeactivatableModel
 from ...target import Target
@@ -317,14 +318,9 @@ def recorded(target: Target) -> int:
 
 
 def roles(target: Target) -> dict[str, str | None]:
-    """The target's fields by role, as ``services.reactivate(fields=...)`` takes them."""
-    return {
-        "active": target.active,
-        "error": target.error,
-        "error_message": target.error_message,
-        "deactivated_at": target.deactivated_at,
-        "failure_count": target.failure_count,
-    }
+    """The target's fields by role (every role), as ``services.reactivate(fields=...)`` takes
+    them."""
+    return {role: getattr(target, role) for role in FIELD_DEFAULTS}
 
 
 def model_target(label: str, task_targets: list[Target], active_field: str | None) -> Target:
