@@ -19,7 +19,7 @@ runs fail: then an *outage* of the task starts.
   end, the next start counts only failures and runs since it (hysteresis).
 
 State is shared by every process on every machine through three tables of the library
-(:mod:`celery_deactivate.models`): :class:`~celery_deactivate.models.TaskState` (one row per
+(``celery_deactivate.models``): :class:`~celery_deactivate.models.TaskState` (one row per
 task: the outage, the notice window), :class:`~celery_deactivate.models.TaskRuns` (finished runs
 and final failures per task, per tenth of the window and per process: each process updates only
 its own rows, so failures never queue on one row) and
