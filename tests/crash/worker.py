@@ -61,6 +61,12 @@ class Meeting:
     result_backend: str
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     _client: Celery | None = None
+    #: Every AsyncResult sent, alive until the session ends.  Celery 5.3's Redis result backend
+    #: unsubscribes a result's channel in ``AsyncResult.__del__``: when the garbage collector runs
+    #: one while another unsubscribe holds the pubsub's lock (read from a py-spy dump of a hung
+    #: run: ``PubSub.unsubscribe`` -> ``AsyncResult.__del__`` -> ``PubSub.unsubscribe``), the
+    #: test process waits on that lock forever.
+    sent: list[Any] = field(default_factory=list)
 
     @classmethod
     def create(cls, folder: Path, database_name: str) -> Meeting:
@@ -288,5 +294,8 @@ class Worker:
         ]
 
     def send(self, task: str, *args: Any, **options: Any) -> Any:
-        """Send the task named ``task`` to this worker's queue; return its ``AsyncResult``."""
-        return self.meeting.client.send_task(task, args=args, queue=self.queue, **options)
+        """Send the task named ``task`` to this worker's queue; return its ``AsyncResult`` (kept
+        alive until the session ends: :attr:`Meeting.sent`)."""
+        result = self.meeting.client.send_task(task, args=args, queue=self.queue, **options)
+        self.meeting.sent.append(result)
+        return result
