@@ -678,30 +678,8 @@ def _prune(name: str, guard: Guard, using: str) -> None:
 
 
 def _send(signal: Signal, task: DeactivatingTask, **kwargs: Any) -> None:
-    """Send ``signal`` in the caller's transaction; a receiver that raises is logged at ERROR
-    and what the receivers wrote is rolled back (a savepoint), as for the object signals."""
-    if not signal.has_listeners(task):
-        return
-    failures: list[tuple[Any, BaseException]] = []
-    try:
-        with transaction.atomic(using=counts.db()):
-            results = signal.send_robust(sender=task, **kwargs)
-            failures = [(r, e) for r, e in results if isinstance(e, BaseException)]
-            if failures:
-                raise _ReceiverFailed
-    except _ReceiverFailed:
-        for receiver, error in failures:
-            logger.error(
-                "celery_deactivate: receiver %r of the outage signal of %s raised: %s",
-                receiver,
-                task.name,
-                services.describe(error),
-                exc_info=error,
-            )
-
-
-class _ReceiverFailed(Exception):
-    pass
+    """Send an outage signal in the caller's transaction, as the object signals are."""
+    services.send_in_savepoint(signal, task, counts.db(), task.name, **kwargs)
 
 
 def _notify_on_commit(

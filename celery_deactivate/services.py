@@ -481,18 +481,25 @@ class _ReceiversFailed(Exception):
 
 
 def send(signal: Signal, target: Target, sender: Any, instance: Model, **kwargs: Any) -> None:
-    """Send ``signal`` synchronously, in the caller's transaction, like Django's model signals.
+    """Send an object's ``signal`` synchronously, in the caller's transaction, like Django's
+    model signals (:func:`send_in_savepoint`)."""
+    using = instance._state.db or db_for(target)
+    about = target.identity(instance.pk)
+    send_in_savepoint(signal, sender, using, about, instance=instance, **kwargs)
+
+
+def send_in_savepoint(signal: Signal, sender: Any, using: str, about: str, **kwargs: Any) -> None:
+    """Send ``signal`` in the caller's transaction on ``using``.
 
     Every receiver runs.  Their writes are in a savepoint: if one raises, the savepoint is rolled
-    back (what the receivers wrote goes, the state change stays) and each error is logged at
-    ERROR, never raised.
+    back (what the receivers wrote goes, the change that sent it stays) and each error is logged
+    at ERROR with ``about`` (what the signal is about), never raised.
     """
     if not signal.has_listeners(sender):
         return
-    using = instance._state.db or db_for(target)
     try:
         with transaction.atomic(using=using):
-            results = signal.send_robust(sender=sender, instance=instance, **kwargs)
+            results = signal.send_robust(sender=sender, **kwargs)
             failures = [(r, e) for r, e in results if isinstance(e, BaseException)]
             if failures:
                 raise _ReceiversFailed(failures)
@@ -502,7 +509,7 @@ def send(signal: Signal, target: Target, sender: Any, instance: Model, **kwargs:
                 "celery_deactivate: receiver %r of %s raised for %s: %s",
                 receiver,
                 SIGNAL_NAMES.get(signal, repr(signal)),
-                target.identity(instance.pk),
+                about,
                 describe(error),
                 exc_info=error,
             )
@@ -512,4 +519,6 @@ SIGNAL_NAMES = {
     signals.object_deactivated: "object_deactivated",
     signals.object_reactivated: "object_reactivated",
     signals.failure_counted: "failure_counted",
+    signals.outage_started: "outage_started",
+    signals.outage_ended: "outage_ended",
 }
