@@ -28,13 +28,15 @@ A Sentry notifier, for example::
 from __future__ import annotations
 
 import json
+import linecache
 import logging
-import traceback
 import urllib.parse
 import urllib.request
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import TracebackType
 from typing import Any
 
 from django.apps import apps
@@ -162,21 +164,25 @@ def admin_url(model: type[Model], pk: Any, site_url: str | None = None) -> str |
 
 def traceback_of(exc: BaseException | None, frames: int = TRACEBACK_FRAMES) -> str:
     """The innermost ``frames`` frames of ``exc``'s traceback ('' without one); never raises."""
-    if exc is None or exc.__traceback__ is None:
-        return ""
     try:
-        # extract_tb reads the source of the last frames only; formatting them here, without the
-        # caret lines format_tb draws (Python 3.11+ parses each line's source for those), keeps
-        # a notice cheap on a failure path that may run thousands of times in an outage.
-        found = traceback.extract_tb(exc.__traceback__, limit=-frames)
+        # Walked here rather than with traceback.extract_tb(limit=-frames), which computes every
+        # frame's source positions to keep the last ones: a notice stays cheap on a failure
+        # path that may run thousands of times in an outage.
+        last: deque[TracebackType] = deque(maxlen=frames)
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None:
+            last.append(tb)
+            tb = tb.tb_next
+        lines = []
+        for tb in last:
+            code = tb.tb_frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}')
+            source = linecache.getline(code.co_filename, tb.tb_lineno, tb.tb_frame.f_globals)
+            if source.strip():
+                lines.append(f"    {source.strip()}")
+        return "\n".join(lines)
     except Exception:
         return ""
-    lines = []
-    for frame in found:
-        lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}')
-        if frame.line:
-            lines.append(f"    {frame.line.strip()}")
-    return "\n".join(lines)
 
 
 def object_of(

@@ -4,8 +4,9 @@ The task, the worker's crash handler, the admin actions and the management comma
 so they all write the same fields and send the same signals.  Each change is one ORM ``UPDATE``
 of the library's own columns, conditioned on the row's active flag (so concurrent callers change
 a row once), and a read of the row in the same transaction; the signal is sent in that
-transaction, like Django's model signals.  Everything goes through Django's ``QuerySet`` or
-``connection.cursor()``, on every backend.
+transaction, like Django's model signals.  (A failure with nothing but the notice depending on
+the read lets the update commit on its own: see :func:`record_failure`.)  Everything goes through
+Django's ``QuerySet`` or ``connection.cursor()``, on every backend.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -99,17 +100,33 @@ def record_failure(
     alone.  Sends :data:`~celery_deactivate.signals.object_deactivated` or
     :data:`~celery_deactivate.signals.failure_counted` when the row changed.
 
+    The read of the changed row follows in the same transaction (the row locked in between) when
+    more than the notice depends on it: a receiver of those signals (its writes commit or roll
+    back with the change), a ``threshold`` above 1 with a counter (the read says whether this
+    failure reached it), a ``timeout`` (bounded per transaction).  Otherwise the ``UPDATE``
+    commits on its own and the read follows: two statements, as the recipe's ``get()`` and
+    ``save()``.  Inside a caller's transaction both are in it either way.
+
     ``cooldown`` is ``(seconds, max_seconds)`` when cool-down probes are on: a deactivation
     schedules the first probe, and the failure of a probe (a deactivated object with a probe
     out) doubles the cool-down up to the maximum and schedules the next one.
     """
     using = using or db_for(target)
     values = _failure_values(target, exc, threshold, cooldown[0] if cooldown else None)
-    with transaction.atomic(using=using), bounded(using, timeout):
+    # The UPDATE alone decides (it is conditioned on the active flag); see the docstring for when
+    # the read needs the same transaction.
+    consistent = bool(
+        timeout
+        or (threshold > 1 and target.failure_count)
+        or signals.object_deactivated.has_listeners(sender)
+        or signals.failure_counted.has_listeners(sender)
+    )
+    with transaction.atomic(using=using) if consistent else nullcontext(), bounded(using, timeout):
         instance = _change(target, pk, values, True, using)
         if instance is None:
             if cooldown is not None:
-                probed = _probe_failed(target, pk, exc, cooldown[1], using)
+                with transaction.atomic(using=using, savepoint=False):
+                    probed = _probe_failed(target, pk, exc, cooldown[1], using)
                 if probed is not None:
                     return FailureOutcome(probed, False, target.count_of(probed), probed=True)
             return FailureOutcome(None, False, None)
@@ -125,8 +142,8 @@ def reset_failures(target: Target, pk: Any, *, using: str | None = None) -> int:
     failures; a deactivation that raced it keeps its count)."""
     if not target.failure_count:
         return 0
-    rows = _rows(target, pk, using or db_for(target)).filter(**{target.active: True})
-    changed: int = rows.filter(**{f"{target.failure_count}__gt": 0}).update(
+    where = {target.active: True, f"{target.failure_count}__gt": 0}
+    changed: int = _rows(target, pk, using or db_for(target), **where).update(
         **{target.failure_count: 0}
     )
     return changed
@@ -187,10 +204,10 @@ def end_probe(target: Target, pk: Any, *, using: str | None = None) -> Model | N
     using = using or db_for(target)
     assert target.probing_since is not None
     with transaction.atomic(using=using):
-        rows = _rows(target, pk, using).filter(**{f"{target.probing_since}__isnull": False})
-        if not rows.filter(**{target.active: False}).update(**_reactivation(target)):
+        where = {f"{target.probing_since}__isnull": False, target.active: False}
+        if not _rows(target, pk, using, **where).update(**_reactivation(target)):
             return None
-        instance: Model = target.model._base_manager.db_manager(using).get(pk=pk)
+        instance = read_object(target, pk, using)
         send(signals.object_reactivated, target, target.model, instance)
     return instance
 
@@ -227,8 +244,8 @@ def _probe_failed(
     ``cooldown_max``), schedule the next probe, count the failure, keep the new error."""
     if not target.probes:
         return None
-    rows = _rows(target, pk, using).filter(
-        **{target.active: False, f"{target.probing_since}__isnull": False}
+    rows = _rows(
+        target, pk, using, **{target.active: False, f"{target.probing_since}__isnull": False}
     )
     current = rows.select_for_update().values_list(target.cooldown, flat=True).first()
     if current is None and not rows.exists():
@@ -245,8 +262,7 @@ def _probe_failed(
         values[target.failure_count] = F(target.failure_count) + 1
     if not rows.update(**values):
         return None
-    instance: Model = target.model._base_manager.db_manager(using).get(pk=pk)
-    return instance
+    return read_object(target, pk, using)
 
 
 def target_for(model: type[Model], fields: Mapping[str, str | None] | None = None) -> Target:
@@ -254,20 +270,23 @@ def target_for(model: type[Model], fields: Mapping[str, str | None] | None = Non
     return resolve_target(model, tuple(sorted((fields or {}).items())), model._meta.label)
 
 
-def _rows(target: Target, pk: Any, using: str) -> QuerySet[Any]:
-    """The object's row, as a queryset an ``UPDATE`` of the library's columns can run on.
+def _rows(target: Target, pk: Any, using: str, **where: Any) -> QuerySet[Any]:
+    """The object's row (if it matches ``where``), as a queryset an ``UPDATE`` of the library's
+    columns can run on.
 
     Through the model's base manager.  With multi-table inheritance the columns live in an
     ancestor's table: the update runs on that table, restricted to the rows the model's base
     manager has (a subquery), so it stays one ``UPDATE`` whose conditions hold under concurrency
     (the ORM's update of a child model selects the keys first and drops the conditions).
     """
-    rows: QuerySet[Any] = target.model._base_manager.db_manager(using).filter(pk=pk)
+    manager = target.model._base_manager.db_manager(using)
     if not target.inherited:
-        return rows
+        mine: QuerySet[Any] = manager.filter(pk=pk, **where)
+        return mine
+    rows: QuerySet[Any] = manager.filter(pk=pk)
     owner = cast("type[Model]", target.owner)
     owned: QuerySet[Any] = owner._base_manager.db_manager(using).filter(
-        pk=pk, pk__in=rows.values("pk")
+        pk=pk, pk__in=rows.values("pk"), **where
     )
     return owned
 
@@ -275,14 +294,11 @@ def _rows(target: Target, pk: Any, using: str) -> QuerySet[Any]:
 def _change(
     target: Target, pk: Any, values: Mapping[str, Any], active: bool, using: str
 ) -> Model | None:
-    """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change.
-
-    Called in a transaction: the row stays locked between the update and the read.
-    """
-    if not _rows(target, pk, using).filter(**{target.active: active}).update(**values):
+    """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change
+    (:func:`read_object`).  In a transaction, the row stays locked between the two."""
+    if not _rows(target, pk, using, **{target.active: active}).update(**values):
         return None
-    instance: Model = target.model._base_manager.db_manager(using).get(pk=pk)
-    return instance
+    return read_object(target, pk, using)
 
 
 def _field(model: type[Model], name: str) -> Field[Any, Any]:
