@@ -58,6 +58,15 @@ pending_checks: weakref.WeakSet[type[DeactivatingTask]] = weakref.WeakSet()
 CONTROL_FLOW = (Retry, Ignore, Reject)
 
 
+class _Ran:
+    """The object's state read by the run whose body ran (``None``: the body did not run)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state: State | None = None
+
+
 @dataclass(frozen=True)
 class FailurePolicy:
     """The failure options of one task, resolved."""
@@ -276,18 +285,32 @@ class DeactivatingTask(_TaskBase):
         finally:
             _eager_propagates.reset(token)
 
+    # The functions below that are on the stack while the body runs (``__call__``, ``_run``,
+    # ``_run_atomic``) are kept small: a failure's traceback carries each frame's code positions
+    # (billiard's ``ExceptionInfo``), pickled from the pool child to the worker on every failure.
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         options = self._run_options()
         if not args:
-            raise TypeError(
-                f"{self.name} takes the {options.target.label} primary key as first positional "
-                "argument"
-            )
+            raise self._no_key(options)
         request = self.request
-        direct = request.called_directly
-        record_here = direct or (request.is_eager and _eager_propagates.get())
+        if request.called_directly or (request.is_eager and _eager_propagates.get()):
+            return self._call_untraced(options, args, kwargs)
+        return self._run(options, args, kwargs)
+
+    def _no_key(self, options: RunOptions) -> TypeError:
+        return TypeError(
+            f"{self.name} takes the {options.target.label} primary key as first positional argument"
+        )
+
+    def _call_untraced(
+        self, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A call Celery does not trace (a direct call, ``apply()`` propagating exceptions): no
+        failure hook will run, so the failure is recorded here."""
+        request = self.request
         try:
-            if direct:  # not traced by Celery: push a request for the body, as Task.__call__ does
+            if request.called_directly:  # push a request for the body, as Task.__call__ does
                 self.push_request(args=args, kwargs=kwargs)
                 try:
                     return self._run(options, args, kwargs)
@@ -297,45 +320,50 @@ class DeactivatingTask(_TaskBase):
         except CONTROL_FLOW:
             raise
         except Exception as exc:
-            if record_here:  # no failure hook will run: Celery is not tracing this call
-                self.record_failure(exc, args[0], request.id)
+            self.record_failure(exc, args[0], request.id)
             raise
 
     def _run(self, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Read the object's state, run the body on an active object, reset a positive count.
+        """Read the object's state, run the body on an active object, reset a positive count."""
+        using = router.db_for_write(options.target.model)
+        ran = _Ran()
+        run = self._runner(options, args[0], using, ran)
+        if run is None:
+            return None
+        if options.atomic:
+            result = self._run_atomic(run, args, kwargs, using, options.target)
+        else:
+            result = run(*args, **kwargs)
+        if ran.state is not None:  # the body ran and returned
+            self._after_success(options.target, args[0], using, ran.state)
+        return result
 
-        The drop-in form reads the state before the body's transaction opens (a read holding no
-        lock into the body: on SQLite the body's first write would have to upgrade it); the
-        pass-object form reads the instance in the transaction, as the body's own ``get()``
-        would.  Errors of these reads are the library's, not the object's (never counted).
+    def _runner(self, options: RunOptions, pk: Any, using: str, ran: _Ran) -> Any:
+        """What runs the body, ``None`` if it must not run.  ``ran.state`` is set when it runs.
+
+        The drop-in form reads the state here, before the body's transaction opens (a read
+        holding no lock into the body: on SQLite the body's first write would have to upgrade
+        it); the pass-object form reads the instance in the transaction, as the body's own
+        ``get()`` would.  Errors of these reads are the library's, not the object's (never
+        counted).
         """
-        pk = args[0]
         target = options.target
-        using = router.db_for_write(target.model)
-        state: State | None = None
         if not options.pass_object:
             state = target.state_of(self._read(services.read_state, target, pk, using))
             if not self._may_run(state, options, pk):
                 return None
-            run: Any = self.run
-        else:
+            ran.state = state
+            return self.run
 
-            def run(first: Any, *rest: Any, **named: Any) -> Any:
-                nonlocal state
-                instance = self._read(self._load, target, first, using)
-                found = target.state_of([getattr(instance, n) for n in target.state_fields()])
-                if not self._may_run(found, options, pk):
-                    return None  # state stays None: the body did not run
-                state = found
-                return self.run(instance, *rest, **named)
+        def run(first: Any, *rest: Any, **named: Any) -> Any:
+            instance = self._read(self._load, target, first, using)
+            found = target.state_of([getattr(instance, n) for n in target.state_fields()])
+            if not self._may_run(found, options, pk):
+                return None  # ran.state stays None: the body did not run
+            ran.state = found
+            return self.run(instance, *rest, **named)
 
-        if options.atomic:
-            result = self._run_atomic(run, args, kwargs, using, target)
-        else:
-            result = run(*args, **kwargs)
-        if state is not None:  # the body ran and returned
-            self._after_success(target, pk, using, state)
-        return result
+        return run
 
     def _read(self, read: Any, target: Target, pk: Any, using: str) -> Any:
         try:
@@ -372,16 +400,18 @@ class DeactivatingTask(_TaskBase):
         except DatabaseError as exc:
             if failure is None or exc is failure:
                 raise
-            # The connection died under the body (the database went away): the rollback failed
-            # and Django's reconnect at the end of the block raised over the body's exception.
-            logger.warning(
-                "celery_deactivate: %s on %s: the database failed at the rollback (%s)",
-                self.name,
-                target.identity(args[0]),
-                services.describe(exc),
-            )
-        assert failure is not None  # only a rollback failure over the body's exception gets here
-        raise failure  # the task's own exception, unchanged
+            self._rollback_failed(target, args[0], exc)
+        raise failure  # the task's own exception, unchanged (set: only it gets here)
+
+    def _rollback_failed(self, target: Target, pk: Any, exc: DatabaseError) -> None:
+        """The connection died under the body (the database went away): the rollback failed and
+        Django's reconnect at the end of the block raised over the body's exception."""
+        logger.warning(
+            "celery_deactivate: %s on %s: the database failed at the rollback (%s)",
+            self.name,
+            target.identity(pk),
+            services.describe(exc),
+        )
 
     def _after_success(self, target: Target, pk: Any, using: str, state: State) -> None:
         """After a success, outside the body's transaction: reset a positive failure count, or

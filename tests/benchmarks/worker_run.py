@@ -30,6 +30,7 @@ app.finalize()
 from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
+from celery_deactivate.dispatch import DEFAULT_BATCH_SIZE  # noqa: E402
 from tests.benchmarks import stats, tasks  # noqa: E402
 from tests.benchmarks.scenarios import CONCURRENCY, PATHS, Scenario, run_order  # noqa: E402
 from tests.testapp.models import Feed  # noqa: E402
@@ -176,8 +177,9 @@ class Worker:
             self.proc.wait()
 
 
-def fanout(n: int) -> tuple[float, float]:
-    """Messages/s of a ``.delay()`` loop and of ``dispatch_active``, into an unconsumed queue."""
+def fanout(n: int) -> tuple[float, float, float]:
+    """Messages/s of a ``.delay()`` loop, of ``dispatch_active`` and of Celery's floor
+    (:func:`celery_floor`), into an unconsumed queue."""
     target = tasks.fanout_target
     purge("bench_fanout")
     start = time.perf_counter()
@@ -191,7 +193,27 @@ def fanout(n: int) -> tuple[float, float]:
     purge("bench_fanout")
     if sent != n:
         raise RuntimeError(f"dispatch_active sent {sent} messages for {n} active feeds")
-    return delay, fast
+    pks = list(Feed.objects.filter(active=True).values_list("pk", flat=True))
+    start = time.perf_counter()
+    celery_floor(target, pks)
+    floor = n / (time.perf_counter() - start)
+    purge("bench_fanout")
+    return delay, fast, floor
+
+
+def celery_floor(target: Any, pks: list[int]) -> None:
+    """The fastest a fan-out through ``apply_async`` can be: Celery's own ``apply_async`` alone,
+    keys already in memory, over one producer, a page per ``Producer.batch()``, each page's later
+    messages with ``declare=[]`` (what ``dispatch_active`` sends, without reading a key or any
+    code of the library around it)."""
+    size = DEFAULT_BATCH_SIZE
+    with app.producer_or_acquire() as producer:
+        batching = bool(getattr(producer, "supports_batch_publish", False))
+        for page in (pks[i : i + size] for i in range(0, len(pks), size)):
+            with producer.batch(max_size=size) if batching else contextlib.nullcontext():
+                for i, pk in enumerate(page):
+                    more: dict[str, Any] = {"declare": []} if i and batching else {}
+                    target.apply_async((pk,), producer=producer, add_to_parent=False, **more)
 
 
 def memory(sizes: list[int]) -> list[tuple[int, float]]:
@@ -306,13 +328,17 @@ def main() -> int:
                 log(f"round {round_} {scenario.task}: {result['rate']:.0f}/s")
     finally:
         worker.stop()
-    fan: dict[str, Any] = {"n": args.fanout_n, "delay": [], "dispatch": []}
+    fan: dict[str, Any] = {"n": args.fanout_n, "delay": [], "dispatch": [], "floor": []}
     for round_ in range(1, args.rounds + 1):
         reset_rows(args.fanout_n)
-        delay, fast = fanout(args.fanout_n)
+        delay, fast, floor = fanout(args.fanout_n)
         fan["delay"].append(delay)
         fan["dispatch"].append(fast)
-        log(f"round {round_} fan-out: delay {delay:.0f}/s dispatch_active {fast:.0f}/s")
+        fan["floor"].append(floor)
+        log(
+            f"round {round_} fan-out: delay {delay:.0f}/s dispatch_active {fast:.0f}/s "
+            f"Celery's floor {floor:.0f}/s"
+        )
     with app.producer_or_acquire() as producer:
         fan["batch_publish"] = bool(getattr(producer, "supports_batch_publish", False))
     data: dict[str, Any] = {
