@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["DeactivatableModel", "DeactivatingTask", "__version__", "maintain_entry"]
 
