@@ -175,9 +175,10 @@ def traceback_of(exc: BaseException | None, frames: int = TRACEBACK_FRAMES) -> s
             tb = tb.tb_next
         lines = []
         for tb in last:
-            code = tb.tb_frame.f_code
-            lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}')
-            source = linecache.getline(code.co_filename, tb.tb_lineno, tb.tb_frame.f_globals)
+            code, lineno = tb.tb_frame.f_code, tb.tb_lineno or 0
+            lines.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}')
+            linecache.checkcache(code.co_filename)  # a deploy under a running worker
+            source = linecache.getline(code.co_filename, lineno, tb.tb_frame.f_globals)
             if source.strip():
                 lines.append(f"    {source.strip()}")
         return "\n".join(lines)

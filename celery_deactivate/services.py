@@ -5,8 +5,8 @@ so they all write the same fields and send the same signals.  Each change is one
 of the library's own columns, conditioned on the row's active flag (so concurrent callers change
 a row once), and a read of the row in the same transaction; the signal is sent in that
 transaction, like Django's model signals.  (A failure with nothing but the notice depending on
-the read lets the update commit on its own: see :func:`record_failure`.)  Everything goes through
-Django's ``QuerySet`` or ``connection.cursor()``, on every backend.
+the read is recorded without a transaction of its own: see :func:`record_failure`.)  Everything
+goes through Django's ``QuerySet`` or ``connection.cursor()``, on every backend.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from typing import Any, cast
 
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import connections, router, transaction
 from django.db.models import Case, F, Field, Model, Q, QuerySet, Value, When
 from django.dispatch import Signal
@@ -103,9 +104,11 @@ def record_failure(
     The read of the changed row follows in the same transaction (the row locked in between) when
     more than the notice depends on it: a receiver of those signals (its writes commit or roll
     back with the change), a ``threshold`` above 1 with a counter (the read says whether this
-    failure reached it), a ``timeout`` (bounded per transaction).  Otherwise the ``UPDATE``
-    commits on its own and the read follows: two statements, as the recipe's ``get()`` and
-    ``save()``.  Inside a caller's transaction both are in it either way.
+    failure reached it), a ``timeout`` (bounded per transaction), a caller's transaction (a
+    savepoint keeps it usable if a statement fails).  Otherwise no transaction is opened: the row
+    is read, then updated on the same conditions, and the instance returned is the row as read
+    with the values written (the counter as read, plus one): two statements, as the recipe's
+    ``get()`` and ``save()``.  A failed read changes nothing; the update alone decides.
 
     ``cooldown`` is ``(seconds, max_seconds)`` when cool-down probes are on: a deactivation
     schedules the first probe, and the failure of a probe (a deactivated object with a probe
@@ -113,28 +116,48 @@ def record_failure(
     """
     using = using or db_for(target)
     values = _failure_values(target, exc, threshold, cooldown[0] if cooldown else None)
-    # The UPDATE alone decides (it is conditioned on the active flag); see the docstring for when
-    # the read needs the same transaction.
-    consistent = bool(
+    if _read_first(target, threshold, sender, timeout, using):
+        instance = _change_alone(target, pk, values, using)
+        if instance is not None:
+            return FailureOutcome(instance, True, target.count_of(instance))
+    else:
+        with transaction.atomic(using=using), bounded(using, timeout):
+            instance = _change(target, pk, values, True, using)
+            if instance is not None:
+                count = target.count_of(instance)
+                deactivated = not getattr(instance, target.active)
+                signal = signals.object_deactivated if deactivated else signals.failure_counted
+                send(
+                    signal,
+                    target,
+                    sender,
+                    instance,
+                    exception=exc,
+                    task_id=task_id,
+                    failure_count=count,
+                )
+                return FailureOutcome(instance, deactivated, count)
+    if cooldown is not None:
+        with transaction.atomic(using=using), bounded(using, timeout):
+            probed = _probe_failed(target, pk, exc, cooldown[1], using)
+        if probed is not None:
+            return FailureOutcome(probed, False, target.count_of(probed), probed=True)
+    return FailureOutcome(None, False, None)
+
+
+def _read_first(
+    target: Target, threshold: int, sender: Any, timeout: float | None, using: str
+) -> bool:
+    """Whether a failure may be recorded without a transaction of its own (see
+    :func:`record_failure`): it deactivates whenever its update matches, nobody receives its
+    signal, no time limit, and no caller's transaction to keep a savepoint in."""
+    return not (
         timeout
         or (threshold > 1 and target.failure_count)
         or signals.object_deactivated.has_listeners(sender)
         or signals.failure_counted.has_listeners(sender)
+        or connections[using].in_atomic_block
     )
-    with transaction.atomic(using=using) if consistent else nullcontext(), bounded(using, timeout):
-        instance = _change(target, pk, values, True, using)
-        if instance is None:
-            if cooldown is not None:
-                with transaction.atomic(using=using, savepoint=False):
-                    probed = _probe_failed(target, pk, exc, cooldown[1], using)
-                if probed is not None:
-                    return FailureOutcome(probed, False, target.count_of(probed), probed=True)
-            return FailureOutcome(None, False, None)
-        count = target.count_of(instance)
-        deactivated = not getattr(instance, target.active)
-        signal = signals.object_deactivated if deactivated else signals.failure_counted
-        send(signal, target, sender, instance, exception=exc, task_id=task_id, failure_count=count)
-    return FailureOutcome(instance, deactivated, count)
 
 
 def reset_failures(target: Target, pk: Any, *, using: str | None = None) -> int:
@@ -289,6 +312,22 @@ def _rows(target: Target, pk: Any, using: str, **where: Any) -> QuerySet[Any]:
         pk=pk, pk__in=rows.values("pk"), **where
     )
     return owned
+
+
+def _change_alone(target: Target, pk: Any, values: Mapping[str, Any], using: str) -> Model | None:
+    """Without a transaction: read the row, then ``UPDATE`` it if it is active; the instance as
+    read with the values written set on it (the counter as read, plus one)."""
+    try:
+        instance = read_object(target, pk, using)
+    except ObjectDoesNotExist:
+        return None
+    if not _rows(target, pk, using, **{target.active: True}).update(**values):
+        return None
+    for name, value in values.items():
+        if name == target.failure_count:
+            value = (getattr(instance, name) or 0) + 1
+        setattr(instance, name, value)
+    return instance
 
 
 def _change(

@@ -211,9 +211,12 @@ def resolve_target(
         cooldown=name_of("cooldown"),
         probing_since=name_of("probing_since"),
         owner=owner,
-        # Django's own base manager (not a subclass, which may filter): every row of the table.
+        # One table holds every column (no multi-table parent, whichever table has the library's
+        # fields), read through Django's own base manager (not a subclass, which may filter).
         plain_rows=(
-            owner is concrete._meta.concrete_model
+            owner is not None
+            and owner is concrete._meta.concrete_model
+            and not owner._meta.parents
             and type(concrete._base_manager) is models.Manager
         ),
     )

@@ -8,7 +8,7 @@ columns and one read of the changed row, beyond the rollback.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -112,9 +112,9 @@ def test_failure_write_touches_only_its_own_columns(eager: Celery, no_guard: Non
         assert f'"{column}"' not in set_clause
 
 
-def in_transaction(run: Callable[[], Any]) -> dict[str, bool]:
-    """The first word of each data statement ``run`` sends after the body's, with whether it ran
-    in a transaction (``connection.in_atomic_block``, seen by an execute wrapper)."""
+def in_transaction(run: Callable[[], Any]) -> list[tuple[str, bool]]:
+    """The first word of each statement ``run`` sends, with whether it ran in a transaction
+    (``connection.in_atomic_block``, seen by an execute wrapper)."""
     seen: list[tuple[str, bool]] = []
 
     def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
@@ -123,37 +123,29 @@ def in_transaction(run: Callable[[], Any]) -> dict[str, bool]:
 
     with connection.execute_wrapper(wrapper), contextlib.suppress(Exception):
         run()
-    update = [word for word, _ in seen].index("UPDATE")
-    return {word: atomic for word, atomic in seen[update:]}
+    return seen
 
 
-@pytest.fixture
-def no_receiver() -> Iterator[None]:
-    """No receiver of object_deactivated: the django-celery-beat integration's taken away."""
-    from celery_deactivate import beat
-    from celery_deactivate.signals import object_deactivated
-
-    object_deactivated.disconnect(dispatch_uid=beat.DISPATCH_UIDS[0])
-    assert not object_deactivated.has_listeners(tasks.poll)
-    yield
-    beat.connect()
-
-
-def test_failure_with_no_receiver_lets_the_update_commit_on_its_own(
+def test_failure_with_no_receiver_is_recorded_without_a_transaction(
     eager: Celery, no_guard: None, no_receiver: None
 ) -> None:
     feed = Feed.objects.create(title="b", behaviour="fail")
+    body = in_transaction(body_alone(Feed.objects.create(title="a", behaviour="fail").pk))
 
     recorded = in_transaction(lambda: tasks.poll.delay(feed.pk))
 
-    assert recorded == {"UPDATE": False, "SELECT": False}
-    assert Feed.objects.get(pk=feed.pk).active is False
+    # The state read, the body in its transaction, then the row read and updated in autocommit.
+    assert recorded[0] == ("SELECT", False)
+    assert recorded[1:-2] == [(word, True) for word, _ in body]
+    assert recorded[-2:] == [("SELECT", False), ("UPDATE", False)]
+    feed.refresh_from_db()
+    assert (feed.active, feed.error, feed.failure_count) == (False, True, 1)
 
 
 def test_failure_with_a_receiver_reads_in_the_update_s_transaction(
     eager: Celery, no_guard: None, no_receiver: None
 ) -> None:
-    from celery_deactivate.signals import failure_counted, object_deactivated
+    from celery_deactivate.signals import object_deactivated
 
     calls: list[bool] = []
     object_deactivated.connect(
@@ -164,12 +156,20 @@ def test_failure_with_a_receiver_reads_in_the_update_s_transaction(
         recorded = in_transaction(lambda: tasks.poll.delay(feed.pk))
     finally:
         object_deactivated.disconnect(dispatch_uid="q")
-    assert recorded == {"UPDATE": True, "SELECT": True, "SAVEPOINT": True, "RELEASE": True}
+    assert recorded[-4:] == [
+        ("UPDATE", True),
+        ("SELECT", True),
+        ("SAVEPOINT", True),
+        ("RELEASE", True),
+    ]
     assert calls == [True]
 
-    # Below a threshold the read says whether the failure reached it: in the transaction too.
-    assert not failure_counted.has_listeners(tasks.poll_after3)
+
+def test_failure_below_a_threshold_reads_in_the_update_s_transaction(
+    eager: Celery, no_guard: None, no_receiver: None
+) -> None:
+    # The read says whether the failure reached the threshold.
     counted = Feed.objects.create(title="c", behaviour="fail")
     recorded = in_transaction(lambda: tasks.poll_after3.delay(counted.pk))
-    assert recorded == {"UPDATE": True, "SELECT": True}
+    assert recorded[-2:] == [("UPDATE", True), ("SELECT", True)]
     assert Feed.objects.get(pk=counted.pk).failure_count == 1

@@ -14,7 +14,7 @@ from django.test.utils import CaptureQueriesContext
 from celery_deactivate import services
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.testapp import tasks
-from tests.testapp.models import Feed, HiddenFeed, ProxyFeed, SpecialFeed
+from tests.testapp.models import Feed, HiddenFeed, ProxyFeed, SpecialFeed, TrackedArticle
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -152,6 +152,51 @@ def test_model_shapes() -> None:
     assert (child.plain_rows, child.inherited, child.owner) == (False, True, Feed)
     assert (proxy.plain_rows, proxy.inherited, proxy.owner) == (True, False, Feed)
     assert (hidden.plain_rows, hidden.inherited) == (False, False)
+
+
+def test_a_multi_table_child_with_the_fields_in_its_own_table() -> None:
+    tracked = services.target_for(TrackedArticle)
+    assert (tracked.plain_rows, tracked.inherited, tracked.owner) == (False, False, TrackedArticle)
+    article = TrackedArticle.objects.create(title="read me")
+
+    loaded = services.read_object(tracked, article.pk, "default")
+    assert (type(loaded), loaded.title) == (TrackedArticle, "read me")
+    assert services.read_state(tracked, article.pk, "default") == (True, 0, None)
+
+
+@pytest.mark.parametrize("receiver", [True, False], ids=["in-a-transaction", "read-first"])
+@pytest.mark.parametrize("model", [Feed, SpecialFeed, ProxyFeed, HiddenFeed, TrackedArticle])
+def test_every_model_shape_is_deactivated_once_with_or_without_a_receiver(
+    model: Any, receiver: bool, no_receiver: None
+) -> None:
+    received: list[Any] = []
+    if receiver:
+        object_deactivated.connect(
+            lambda instance, **kw: received.append(instance), weak=False, dispatch_uid="shape"
+        )
+    try:
+        obj = model.objects.create(title="shape", failure_count=2)
+        target = services.target_for(model)
+        first = services.record_failure(target, obj.pk, ValueError("x"), threshold=1, sender=None)
+        again = services.record_failure(target, obj.pk, ValueError("y"), threshold=1, sender=None)
+        missing = services.record_failure(target, 10**9, ValueError("z"), threshold=1, sender=None)
+    finally:
+        object_deactivated.disconnect(dispatch_uid="shape")
+
+    assert (first.deactivated, first.failure_count) == (True, 3)
+    instance = first.instance
+    assert type(instance) is model and instance is not None
+    assert (instance.active, instance.error, instance.error_message) == (
+        False,
+        True,
+        "ValueError: x",
+    )
+    assert instance.title == "shape"
+    assert again.instance is None and missing.instance is None  # inactive, missing: left alone
+    stored = model._base_manager.get(pk=obj.pk)
+    assert (stored.active, stored.error, stored.failure_count) == (False, True, 3)
+    assert stored.deactivated_at == instance.deactivated_at
+    assert received == ([instance] if receiver else [])
 
 
 def test_multi_table_child() -> None:

@@ -126,3 +126,19 @@ class HiddenFeed(DeactivatableModel):
 
     def __str__(self) -> str:
         return self.title
+
+
+class Article(models.Model):
+    """A concrete parent without the deactivation fields."""
+
+    title = models.CharField(max_length=100)
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class TrackedArticle(Article, DeactivatableModel):
+    """Multi-table inheritance the other way round: the deactivation fields in the child's table,
+    the parent's columns in another."""
+
+    behaviour = models.CharField(max_length=20, default="ok")
