@@ -105,7 +105,8 @@ def record_failure(
     more than the notice depends on it: a receiver of those signals (its writes commit or roll
     back with the change), a ``threshold`` above 1 with a counter (the read says whether this
     failure reached it), a ``timeout`` (bounded per transaction), a caller's transaction (a
-    savepoint keeps it usable if a statement fails).  Otherwise no transaction is opened: the row
+    savepoint keeps it usable if a statement fails), cool-down probes (a probe's failure is
+    recorded in the same transaction).  Otherwise no transaction is opened: the row
     is read, then updated on the same conditions, and the instance returned is the row as read
     with the values written (the counter as read, plus one): two statements, as the recipe's
     ``get()`` and ``save()``.  A failed read changes nothing; the update alone decides.
@@ -116,33 +117,26 @@ def record_failure(
     """
     using = using or db_for(target)
     values = _failure_values(target, exc, threshold, cooldown[0] if cooldown else None)
-    if _read_first(target, threshold, sender, timeout, using):
+    if cooldown is None and _read_first(target, threshold, sender, timeout, using):
         instance = _change_alone(target, pk, values, using)
-        if instance is not None:
-            return FailureOutcome(instance, True, target.count_of(instance))
-    else:
-        with transaction.atomic(using=using), bounded(using, timeout):
-            instance = _change(target, pk, values, True, using)
-            if instance is not None:
-                count = target.count_of(instance)
-                deactivated = not getattr(instance, target.active)
-                signal = signals.object_deactivated if deactivated else signals.failure_counted
-                send(
-                    signal,
-                    target,
-                    sender,
-                    instance,
-                    exception=exc,
-                    task_id=task_id,
-                    failure_count=count,
-                )
-                return FailureOutcome(instance, deactivated, count)
-    if cooldown is not None:
-        with transaction.atomic(using=using), bounded(using, timeout):
-            probed = _probe_failed(target, pk, exc, cooldown[1], using)
-        if probed is not None:
-            return FailureOutcome(probed, False, target.count_of(probed), probed=True)
-    return FailureOutcome(None, False, None)
+        if instance is None:
+            return FailureOutcome(None, False, None)
+        return FailureOutcome(instance, True, target.count_of(instance))
+    with transaction.atomic(using=using), bounded(using, timeout):
+        instance = _change(target, pk, values, True, using)
+        if instance is None:
+            # With probes on, the update (a write even when it matched nothing) took the row's
+            # lock first, before the probe's read: on SQLite no lock upgrade can fail.
+            if cooldown is not None:
+                probed = _probe_failed(target, pk, exc, cooldown[1], using)
+                if probed is not None:
+                    return FailureOutcome(probed, False, target.count_of(probed), probed=True)
+            return FailureOutcome(None, False, None)
+        count = target.count_of(instance)
+        deactivated = not getattr(instance, target.active)
+        signal = signals.object_deactivated if deactivated else signals.failure_counted
+        send(signal, target, sender, instance, exception=exc, task_id=task_id, failure_count=count)
+    return FailureOutcome(instance, deactivated, count)
 
 
 def _read_first(
@@ -150,7 +144,8 @@ def _read_first(
 ) -> bool:
     """Whether a failure may be recorded without a transaction of its own (see
     :func:`record_failure`): it deactivates whenever its update matches, nobody receives its
-    signal, no time limit, and no caller's transaction to keep a savepoint in."""
+    signal, no time limit, and no caller's transaction to keep a savepoint in.  (Not with
+    cool-down probes either: the caller checks.)"""
     return not (
         timeout
         or (threshold > 1 and target.failure_count)
@@ -489,7 +484,8 @@ def _converters(connection: Any, model: type[Model]) -> list[Any]:
     found = []
     for index, field in enumerate(model._meta.concrete_fields):
         column = field.get_col(model._meta.db_table)
-        functions = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
+        # As the ORM's compiler: the column's converters (a foreign key's include its target's).
+        functions = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
         if functions:
             found.append((index, functions, column))
     known[model] = found
