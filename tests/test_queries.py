@@ -169,22 +169,19 @@ def test_failure_with_a_receiver_reads_in_the_update_s_transaction(
     assert calls == [True]
 
 
-def test_failure_below_a_threshold_reads_in_the_update_s_transaction(
-    eager: Celery, no_guard: None, no_receiver: None
+@pytest.mark.parametrize("task", ["poll_after3", "poll_cooldown"])
+def test_failure_with_a_threshold_or_probes_is_recorded_in_a_transaction(
+    task: str, eager: Celery, no_guard: None, no_receiver: None
 ) -> None:
-    # The read says whether the failure reached the threshold.
-    counted = Feed.objects.create(title="c", behaviour="fail")
-    recorded = in_transaction(lambda: tasks.poll_after3.delay(counted.pk))
-    assert recorded[-2:] == [("UPDATE", True), ("SELECT", True)]
-    assert Feed.objects.get(pk=counted.pk).failure_count == 1
-
-
-def test_failure_with_probes_on_is_recorded_in_a_transaction(
-    eager: Celery, no_guard: None, no_receiver: None
-) -> None:
-    # The update takes the row's lock before a probe's failure is read (SQLite: no upgrade).
+    # Below a threshold the read says whether the failure reached it; with probes the update
+    # takes the row's lock before a probe's failure would be read (SQLite: no lock upgrade).
     feed = Feed.objects.create(title="p", behaviour="fail")
-    recorded = in_transaction(lambda: tasks.poll_cooldown.delay(feed.pk))
+    recorded = in_transaction(lambda: getattr(tasks, task).delay(feed.pk))
     assert recorded[-2:] == [("UPDATE", True), ("SELECT", True)]
     feed.refresh_from_db()
-    assert (feed.active, feed.cooldown, feed.next_probe_at is not None) == (False, 60.0, True)
+    probes = task == "poll_cooldown"
+    assert (feed.active, feed.failure_count, feed.cooldown) == (
+        not probes,
+        1,
+        60.0 if probes else None,
+    )
