@@ -117,7 +117,7 @@ def record_failure(
     """
     using = using or db_for(target)
     values = _failure_values(target, exc, threshold, cooldown[0] if cooldown else None)
-    if cooldown is None and _read_first(target, threshold, sender, timeout, using):
+    if not _needs_transaction(target, threshold, sender, timeout, cooldown, using):
         instance = _change_alone(target, pk, values, using)
         if instance is None:
             return FailureOutcome(None, False, None)
@@ -139,15 +139,18 @@ def record_failure(
     return FailureOutcome(instance, deactivated, count)
 
 
-def _read_first(
-    target: Target, threshold: int, sender: Any, timeout: float | None, using: str
+def _needs_transaction(
+    target: Target,
+    threshold: int,
+    sender: Any,
+    timeout: float | None,
+    cooldown: tuple[float, float] | None,
+    using: str,
 ) -> bool:
-    """Whether a failure may be recorded without a transaction of its own (see
-    :func:`record_failure`): it deactivates whenever its update matches, nobody receives its
-    signal, no time limit, and no caller's transaction to keep a savepoint in.  (Not with
-    cool-down probes either: the caller checks.)"""
-    return not (
+    """Whether a failure is recorded in a transaction of its own (see :func:`record_failure`)."""
+    return bool(
         timeout
+        or cooldown is not None
         or (threshold > 1 and target.failure_count)
         or signals.object_deactivated.has_listeners(sender)
         or signals.failure_counted.has_listeners(sender)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.testapp.models import Feed
 
-from .worker import ROOT, Meeting, Worker
+from .worker import Meeting, Worker
 
 beat_models = pytest.importorskip("django_celery_beat.models", reason="the [beat] extra")
 
@@ -38,28 +37,15 @@ def test_a_beat_process_follows_the_object_s_state(meeting: Meeting) -> None:
         queue=worker.queue,
     )
     log_path = meeting.folder / "logs" / "beat.log"
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tests.celery_app",
-        "beat",
-        "-S",
-        "django_celery_beat.schedulers:DatabaseScheduler",
-        "--max-interval=1",
-        "--loglevel=INFO",
-        f"--pidfile={meeting.folder / 'beat.pid'}",
-    ]
     with worker, log_path.open("wb") as log:
-        beat = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=meeting.env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        beat = meeting.celery(
+            "beat",
+            "-S",
+            "django_celery_beat.schedulers:DatabaseScheduler",
+            "--max-interval=1",
+            "--loglevel=INFO",
+            f"--pidfile={meeting.folder / 'beat.pid'}",
+            log=log,
         )
         try:
 

@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from celery import Celery
 
@@ -130,6 +130,19 @@ class Meeting:
 
     # -- what the workers left behind -------------------------------------------------------
 
+    def celery(self, *args: str, log: IO[bytes], **extra_env: str) -> subprocess.Popen[bytes]:
+        """Start ``celery -A tests.celery_app <args>`` in this meeting's environment, its output
+        into ``log``, in a process group of its own (stopping it can end its children too)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.celery_app", *args],
+            cwd=ROOT,
+            env=self.env(**extra_env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
     def mails(self) -> list[str]:
         """Every mail the workers wrote (filebased backend), oldest file first."""
         messages: list[str] = []
@@ -192,34 +205,22 @@ class Worker:
         self.stop()
 
     def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.celery_app",
-            "worker",
-            "--pool=prefork",
-            f"--concurrency={self.concurrency}",
-            "--prefetch-multiplier=1",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-n",
-            self.hostname,
-            "-Q",
-            self.queue,
-        ]
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self.meeting.env(**self.extra_env),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stop() can end the children too
+            self.process = self.meeting.celery(
+                "worker",
+                "--pool=prefork",
+                f"--concurrency={self.concurrency}",
+                "--prefetch-multiplier=1",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                self.hostname,
+                "-Q",
+                self.queue,
+                log=log,
+                **self.extra_env,
             )
         self.wait_ready()
 
