@@ -206,6 +206,15 @@ OPTIONS: Mapping[str, Option] = {
             "and below which it ends.",
         ),
         Option(
+            "deactivate_outage_min_runs",
+            100,
+            _positive_int,
+            "Outage guard: finished runs of the task in the window (successes and final "
+            "failures, of every process) below which its failure rate is not judged, so that a "
+            "few failures first in line (a fresh worker, broken objects first in key order) do "
+            "not start an outage.  A task with fewer runs per window never starts one: lower it.",
+        ),
+        Option(
             "deactivate_outage_window",
             300.0,
             _positive_seconds,

@@ -49,30 +49,62 @@ def db() -> str:
 
 
 class Pending:
-    """Finished runs counted in this process, per task name, not yet written."""
+    """Finished runs and final failures counted in this process, per task and slot, not yet
+    written.
+
+    Both are written on the same schedule (every :data:`FLUSH_EVERY` seconds, and when the
+    process exits in order), so the rows of every process lag alike: the rate the guard judges
+    compares like with like, and a process killed before it wrote (SIGKILL, the OOM killer) loses
+    successes and failures alike, which biases the rate neither way.  Each count keeps the second it
+    fell in, so counts that wait (an idle process) still age out of the window.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.runs: dict[str, int] = {}
+        #: Task name -> second (its start) -> [runs, failures].
+        self.counts: dict[str, dict[datetime, list[int]]] = {}
         self.written: dict[str, float] = {}
+        #: Task name -> the task, for the writes when the process exits.
+        self.tasks: dict[str, Any] = {}
 
-    def add(self, name: str) -> bool:
-        """Count one run; whether it is time to write them."""
+    def add(self, task: Any, *, failed: bool) -> bool:
+        """Count one finished run of ``task`` (``failed``: a final failure); whether it is time
+        to write them."""
         now = time.monotonic()
+        second = timezone.now().replace(microsecond=0)
+        name = task.name
         with self.lock:
-            self.runs[name] = self.runs.get(name, 0) + 1
+            counted = self.counts.setdefault(name, {}).setdefault(second, [0, 0])
+            counted[0] += 1
+            counted[1] += int(failed)
+            self.tasks[name] = task
             written = self.written.setdefault(name, now)
         return now - written >= FLUSH_EVERY
 
-    def take(self, name: str) -> int:
+    def peek(self, name: str, since: datetime) -> tuple[int, int]:
+        """``(runs, failures)`` counted and not written, from ``since`` on."""
+        with self.lock:
+            seconds = list(self.counts.get(name, {}).items())
+        recent = [counted for second, counted in seconds if second >= since]
+        return sum(c[0] for c in recent), sum(c[1] for c in recent)
+
+    def take(self, name: str) -> list[tuple[datetime, int, int]]:
+        """``(second, runs, failures)`` counted, to be written now (no longer held here)."""
         with self.lock:
             self.written[name] = time.monotonic()
-            return self.runs.pop(name, 0)
+            seconds = self.counts.pop(name, {})
+        return [(second, runs, failures) for second, (runs, failures) in sorted(seconds.items())]
+
+    def tasks_counted(self) -> list[Any]:
+        """The tasks with counts not written."""
+        with self.lock:
+            return [self.tasks[name] for name in self.counts]
 
     def clear(self) -> None:
         with self.lock:
-            self.runs.clear()
+            self.counts.clear()
             self.written.clear()
+            self.tasks.clear()
 
 
 pending = Pending()
@@ -81,7 +113,7 @@ if hasattr(os, "register_at_fork"):  # a pool child starts with nothing counted
 
 
 def forget() -> None:
-    """Drop the runs this process counted and has not written (tests: the tables were emptied)."""
+    """Drop the counts this process has not written (tests: the tables were emptied)."""
     pending.clear()
 
 
@@ -118,13 +150,24 @@ def read_state(name: str, using: str, *, create: bool) -> State | None:
     return State(None, None, None)
 
 
-def add(name: str, window: float, using: str, *, runs: int, failures: int) -> None:
-    """Add to this process's row of the current slot: one ``UPDATE``, an ``INSERT`` (and the
-    removal of its rows older than two windows) once per slot."""
+def write_pending(name: str, window: float, using: str) -> tuple[int, int]:
+    """Write what this process counted for the task (:class:`Pending`) into its own rows, one per
+    slot; return the ``(runs, failures)`` written."""
+    slots: dict[datetime, list[int]] = {}
+    for second, runs, failures in pending.take(name):
+        counted = slots.setdefault(slot_of(window, second), [0, 0])
+        counted[0] += runs
+        counted[1] += failures
+    for slot, (runs, failures) in slots.items():
+        _add(name, window, slot, using, runs=runs, failures=failures)
+    return sum(c[0] for c in slots.values()), sum(c[1] for c in slots.values())
+
+
+def _add(name: str, window: float, slot: datetime, using: str, *, runs: int, failures: int) -> None:
+    """Add to this process's row of ``slot``: one ``UPDATE``, an ``INSERT`` (and the removal of
+    its rows older than two windows) once per slot."""
     from .models import TaskRuns
 
-    now = timezone.now()
-    slot = slot_of(window, now)
     process = process_key()
     table = TaskRuns.objects.using(using)
     row = table.filter(task=name, slot=slot, process=process)
@@ -136,12 +179,13 @@ def add(name: str, window: float, using: str, *, runs: int, failures: int) -> No
     except IntegrityError:  # another thread of this process created it
         row.update(runs=F("runs") + runs, failures=F("failures") + failures)
         return
-    old = now - timedelta(seconds=2 * window)
+    old = timezone.now() - timedelta(seconds=2 * window)
     table.filter(task=name, process=process, slot__lt=old).delete()
 
 
 def sums(name: str, window: float, using: str, since: datetime) -> tuple[int, int]:
-    """``(runs, failures)`` of the task since ``since``, rounded down to the start of its slot."""
+    """``(runs, failures)`` of the task since ``since`` (rounded down to the start of its slot):
+    what every process wrote, plus what this one counted and has not written yet."""
     from .models import TaskRuns
 
     totals = (
@@ -149,7 +193,8 @@ def sums(name: str, window: float, using: str, since: datetime) -> tuple[int, in
         .filter(task=name, slot__gte=slot_of(window, since))
         .aggregate(runs=Sum("runs"), failures=Sum("failures"))
     )
-    return int(totals["runs"] or 0), int(totals["failures"] or 0)
+    runs, failures = pending.peek(name, slot_of(window, since))
+    return int(totals["runs"] or 0) + runs, int(totals["failures"] or 0) + failures
 
 
 def distinct(name: str, using: str, since: datetime, at_most: int | None) -> int:

@@ -45,8 +45,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from celery.signals import worker_process_shutdown, worker_shutdown
 from django.apps import apps
-from django.db import transaction
+from django.db import connections, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -67,6 +68,7 @@ logger = logging.getLogger("celery_deactivate")
 GUARD_OPTIONS = (
     "deactivate_outage_objects",
     "deactivate_outage_rate",
+    "deactivate_outage_min_runs",
     "deactivate_outage_window",
     "deactivate_notify_window",
     "deactivate_notify",
@@ -81,6 +83,7 @@ class Guard:
 
     objects: int  # 0: the guard is off
     rate: float
+    min_runs: int
     window: float
     notify_window: float
     notify: bool
@@ -119,6 +122,7 @@ def guard_of(task: Any) -> Guard:
     guard = Guard(
         objects=_objects(task),
         rate=resolve(task, "deactivate_outage_rate"),
+        min_runs=resolve(task, "deactivate_outage_min_runs"),
         window=resolve(task, "deactivate_outage_window"),
         notify_window=resolve(task, "deactivate_notify_window"),
         notify=resolve(task, "deactivate_notify"),
@@ -160,19 +164,23 @@ def ran(task: DeactivatingTask) -> None:
     """One finished run of ``task`` whose body succeeded: counted in memory.  Every
     :data:`FLUSH_EVERY` seconds the counts are written (and an open outage checked).  Never
     raises."""
-    if counts.pending.add(task.name):
-        _write_runs(task)
+    if counts.pending.add(task, failed=False):
+        _write_counts(task)
 
 
-def _write_runs(task: DeactivatingTask) -> None:
+def _write_counts(task: DeactivatingTask) -> None:
+    """Write the runs and failures this process counted for ``task``; end its outage if it is
+    over.  Never raises."""
     try:
-        runs = counts.pending.take(task.name)
         guard = guard_of(task)
-        if not guard.on or not runs:
+        if not guard.on:
+            counts.pending.take(task.name)  # nothing to write them for
             return
         using = counts.db()
         with counts.unit(using, None):
-            counts.add(task.name, guard.window, using, runs=runs, failures=0)
+            runs, _ = counts.write_pending(task.name, guard.window, using)
+            if not runs:
+                return
             state = counts.read_state(task.name, using, create=False)
             if state is not None and state.outage_started_at is not None:
                 _end_if_over(task, guard, state.outage_started_at, using)
@@ -185,17 +193,34 @@ def _write_runs(task: DeactivatingTask) -> None:
         )
 
 
+def write_counts_at_exit(**kwargs: Any) -> None:
+    """Write what this process counted before it exits in order (a pool child recycled by
+    ``--max-tasks-per-child``, a warm shutdown): connected to Celery's ``worker_process_shutdown``
+    (sent in each prefork child) and ``worker_shutdown`` (the solo and thread pools)."""
+    tasks = counts.pending.tasks_counted()
+    for task in tasks:
+        _write_counts(task)
+    connection = connections[counts.db()]
+    if tasks and not connection.in_atomic_block:
+        connection.close()  # the process ends: leave no session open
+
+
+worker_process_shutdown.connect(write_counts_at_exit, weak=False, dispatch_uid=__name__)
+worker_shutdown.connect(write_counts_at_exit, weak=False, dispatch_uid=__name__)
+
+
 # -- one failure --------------------------------------------------------------------------------
 
 
 class Failure:
     """The guard's part in recording one final failure of ``task`` on the object ``pk``.
 
-    :meth:`during_outage` runs first: during an outage the failure is counted for the task only.
-    Otherwise the failure is recorded on the object, :meth:`notify_now` decides whether its
-    deactivation is notified now or in the digest, and :meth:`after` counts the failure and
-    checks the guard.  None raises: an error of the guard is logged at ERROR and the failure is
-    recorded (and notified) as without it.
+    :meth:`outage_open` runs first: during an outage the failure is counted for the task
+    only (:meth:`during_outage`), unless it is a cool-down probe's.  Otherwise the failure is
+    recorded on the object, :meth:`notify_now` decides whether its deactivation is notified now
+    or in the digest, and :meth:`after` counts the failure and checks the guard.  None raises:
+    an error of the guard is logged at ERROR and the failure is recorded (and notified) as
+    without it.
     """
 
     def __init__(
@@ -221,32 +246,40 @@ class Failure:
         self.working = self.guard.records
         self.notified = True
 
-    def during_outage(self) -> bool:
-        """Whether an outage of the task is open (then the failure is counted for the task,
-        logged, and not recorded on the object).  Sends a digest that is due."""
+    def outage_open(self) -> bool:
+        """Whether an outage of the task is open.  Reads the task's state first, and sends a
+        digest that is due."""
         if not self.working:
             return False
         try:
             self.using = counts.db()
             with counts.unit(self.using, self.timeout):
-                return self._during_outage()
+                state = counts.read_state(self.name, self.using, create=True)
+                assert state is not None
+                until = state.notify_until
+                if until is not None and until <= timezone.now():
+                    opened = send_digest(self.task, self.guard, until, self.using)
+                    state = state._replace(notify_until=opened)
+                self.state = state
         except Exception as error:
             self._broken(error, "read the task's state")
             return False
+        return self.guard.on and self.state.outage_started_at is not None
 
-    def _during_outage(self) -> bool:
+    def during_outage(self) -> None:
+        """Count the failure during the open outage for the task only (not on the object), and
+        log it.  After :meth:`outage_open`."""
+        try:
+            with counts.unit(self.using, self.timeout):
+                self._during_outage()
+        except Exception as error:
+            self._broken(error, "count the failure")
+
+    def _during_outage(self) -> None:
         guard, using = self.guard, self.using
-        state = counts.read_state(self.name, using, create=True)
-        assert state is not None
-        until = state.notify_until
-        if until is not None and until <= timezone.now():
-            state = state._replace(notify_until=send_digest(self.task, guard, until, using))
-        self.state = state
-        started = state.outage_started_at
-        if not guard.on or started is None:
-            return False
-        runs = counts.pending.take(self.name) + 1
-        counts.add(self.name, guard.window, using, runs=runs, failures=1)
+        started = self.state.outage_started_at
+        assert started is not None
+        due = counts.pending.add(self.task, failed=True)
         logger.info(
             "celery_deactivate: %s[%s] on %s: not deactivated nor counted against the object, "
             "the task has an outage since %s (%s)",
@@ -256,9 +289,10 @@ class Failure:
             started.isoformat(timespec="seconds"),
             services.describe(self.exc),
         )
-        if runs > 1:  # successes of this process counted too: the outage may be over
-            _end_if_over(self.task, guard, started, using)
-        return True
+        if due or self.timeout:  # the crash path writes at once: its process runs no task
+            runs, failures = counts.write_pending(self.name, guard.window, using)
+            if runs > failures:  # successes counted too: the outage may be over
+                _end_if_over(self.task, guard, started, using)
 
     def notify_now(self, outcome: services.FailureOutcome) -> bool:
         """Whether to notify this deactivation now: the first of a quiet period (it opens a
@@ -309,9 +343,12 @@ class Failure:
             TaskState.objects.using(using).filter(task=name, notify_until__isnull=True).update(
                 notify_until=now
             )
-        if guard.on:
-            runs = counts.pending.take(name) + 1
-            counts.add(name, guard.window, using, runs=runs, failures=int(instance is not None))
+        if guard.on and (
+            counts.pending.add(self.task, failed=instance is not None) or self.timeout
+        ):
+            # Written with the process's other counts (the crash path at once: its process runs
+            # no task); until then the guard judges them from memory (counts.sums).
+            counts.write_pending(name, guard.window, using)
         if not guard.on or instance is None:
             return False
         opened = self._trip(now)
@@ -370,7 +407,19 @@ class Failure:
         if counts.distinct(name, using, since, guard.objects) < guard.objects:
             return False
         runs, failures = counts.sums(name, guard.window, using, since)
-        if not runs or failures < guard.rate * runs:
+        if runs < guard.min_runs:
+            logger.info(
+                "celery_deactivate: %s: %d of %d finished runs failed for good since %s, too few "
+                "runs to judge (deactivate_outage_min_runs=%d): failing objects are deactivated "
+                "one by one",
+                name,
+                failures,
+                runs,
+                since.isoformat(timespec="seconds"),
+                guard.min_runs,
+            )
+            return False
+        if failures < guard.rate * runs:
             logger.info(
                 "celery_deactivate: %s: %d of %d finished runs failed for good since %s, below "
                 "the outage rate %.0f%%: failing objects are deactivated one by one",

@@ -286,6 +286,28 @@ def _probe_failed(
     return read_object(target, pk, using)
 
 
+def record_probe_failure(
+    target: Target,
+    pk: Any,
+    exc: BaseException,
+    *,
+    cooldown: tuple[float, float] | None,
+    using: str | None = None,
+    timeout: float | None = None,
+) -> FailureOutcome | None:
+    """Record the failure of the cool-down probe out for this deactivated object (as
+    :func:`record_failure` does for one), and nothing else: ``None`` if no probe was out or
+    probes are off.  For a failure during the task's outage, which changes no active object."""
+    if cooldown is None:
+        return None
+    using = using or db_for(target)
+    with transaction.atomic(using=using), bounded(using, timeout):
+        probed = _probe_failed(target, pk, exc, cooldown[1], using)
+    if probed is None:
+        return None
+    return FailureOutcome(probed, False, target.count_of(probed), probed=True)
+
+
 def target_for(model: type[Model], fields: Mapping[str, str | None] | None = None) -> Target:
     """The :class:`Target` of a model outside any task (admin, command)."""
     return resolve_target(model, tuple(sorted((fields or {}).items())), model._meta.label)

@@ -136,6 +136,8 @@ class DeactivatingTask(_TaskBase):
     deactivate_outage_objects: ClassVar[int | None] = None
     #: Outage guard: failure rate of the finished runs in the window, in (0, 1] (default 0.5).
     deactivate_outage_rate: ClassVar[float | None] = None
+    #: Outage guard: finished runs in the window below which the rate is not judged (default 100).
+    deactivate_outage_min_runs: ClassVar[int | None] = None
     #: Outage guard: seconds over which failures and runs are counted (default 300).
     deactivate_outage_window: ClassVar[float | None] = None
     #: Field names by role (active, error, error_message, deactivated_at, failure_count,
@@ -504,20 +506,28 @@ class DeactivatingTask(_TaskBase):
                 outage.ran(self)  # a finished run, not a failure of the object
                 return None
             guard = outage.Failure(self, target, pk, exc, task_id, timeout=timeout)
-            if guard.during_outage():  # counted for the task only, logged
-                return None
             using = services.db_for(target)
-            outcome = services.record_failure(
-                target,
-                pk,
-                exc,
-                threshold=policy.after,
-                sender=self,
-                task_id=task_id,
-                using=using,
-                timeout=timeout,
-                cooldown=self._probe_policy(target),
-            )
+            cooldown = self._probe_policy(target)
+            outcome: services.FailureOutcome | None
+            if not guard.outage_open():
+                outcome = services.record_failure(
+                    target,
+                    pk,
+                    exc,
+                    threshold=policy.after,
+                    sender=self,
+                    task_id=task_id,
+                    using=using,
+                    timeout=timeout,
+                    cooldown=cooldown,
+                )
+            else:  # a probe's failure is the object's; any other is counted for the task only
+                outcome = services.record_probe_failure(
+                    target, pk, exc, cooldown=cooldown, using=using, timeout=timeout
+                )
+                if outcome is None:
+                    guard.during_outage()
+                    return None
         except Exception as error:
             logger.error(
                 "celery_deactivate: could not record the failure of %s[%s] on %s (%s): %s",

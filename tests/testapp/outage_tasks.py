@@ -29,6 +29,7 @@ GUARD = {
     "deactivate_outage_objects": 5,
     "deactivate_outage_rate": 0.5,
     "deactivate_outage_window": 60,
+    "deactivate_outage_min_runs": 1,  # the rate is judged from the first run
 }
 
 
@@ -37,7 +38,9 @@ def guarded(pk: int) -> Any:
     return work(Feed.objects.get(pk=pk))
 
 
-@app.task(base=DeactivatingTask, model=Feed, deactivate_outage_objects=1)
+@app.task(
+    base=DeactivatingTask, model=Feed, deactivate_outage_objects=1, deactivate_outage_min_runs=1
+)
 def guarded_by_rate(pk: int) -> Any:
     """One failing object is enough: only the rate tells a broken object from an outage."""
     return work(Feed.objects.get(pk=pk))
@@ -52,6 +55,7 @@ def guarded_after3(pk: int) -> Any:
     base=DeactivatingTask,
     model=Feed,
     deactivate_outage_objects=5,
+    deactivate_outage_min_runs=1,
     deactivate_outage_window=3,  # slots of 1 s: failures age out of the window quickly
 )
 def guarded_briefly(pk: int) -> Any:
@@ -78,7 +82,11 @@ def share(pk: int) -> Any:
 
 
 @app.task(
-    base=DeactivatingTask, model=Feed, deactivate_outage_objects=5, deactivate_outage_window=4
+    base=DeactivatingTask,
+    model=Feed,
+    deactivate_outage_objects=5,
+    deactivate_outage_min_runs=1,
+    deactivate_outage_window=4,
 )
 def recovery(pk: int) -> Any:
     return work(Feed.objects.get(pk=pk))
