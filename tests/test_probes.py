@@ -13,7 +13,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from celery_deactivate import probes, services
+from celery_deactivate import counts, outage, probes, services
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.conftest import wait_for
 from tests.testapp import tasks
@@ -232,3 +232,24 @@ def test_a_probe_that_cannot_be_sent_gives_its_claim_back(
     fresh = Feed.objects.get(pk=feed.pk)
     assert fresh.probing_since is None and fresh.active is False
     assert "could not be sent" in caplog.text
+
+
+def test_a_probe_that_fails_during_an_outage_is_recorded_as_the_probes(eager: Celery) -> None:
+    # Given a deactivated object whose probe is out when an outage of its task starts,
+    feed = deactivated_by_a_failure()
+    Feed.objects.filter(pk=feed.pk).update(probing_since=timezone.now())
+    task = tasks.poll_cooldown
+    now = timezone.now()  # (counted from now: the object is not one of the outage's victims)
+    assert outage.start_outage(task, outage.guard_of(task), now, now, None, counts.db())
+    before = outage.counts_now(task)
+
+    # When the probe fails during the outage,
+    tasks.poll_cooldown.delay(feed.pk)
+
+    # Then it is the probe's failure: no probe out any more, the cool-down doubled, the next
+    # probe scheduled that far ahead; and the guard did not count it.
+    feed.refresh_from_db()
+    assert (feed.active, feed.probing_since, feed.cooldown) == (False, None, 120)
+    assert later(119) < feed.next_probe_at < later(121)
+    assert feed.failure_count == 2
+    assert outage.counts_now(task) == before
