@@ -182,6 +182,7 @@ class Worker:
         queue: str = "default",
         concurrency: int = 1,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.meeting = meeting
         self.name = name
@@ -189,6 +190,7 @@ class Worker:
         self.hostname = f"{name}-{meeting.session}@crash"
         self.concurrency = concurrency
         self.extra_env = env or {}
+        self.extra_args = args
         self.log_path = meeting.folder / "logs" / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.log_offset = 0
@@ -219,6 +221,7 @@ class Worker:
                 self.hostname,
                 "-Q",
                 self.queue,
+                *self.extra_args,
                 log=log,
                 **self.extra_env,
             )

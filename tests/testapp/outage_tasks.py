@@ -100,6 +100,25 @@ def storm(pk: int) -> Any:
     return work(Feed.objects.get(pk=pk))
 
 
+# -- the deployment shapes of issue #17 (tests/crash/test_deployments.py): the guard's defaults,
+# with deactivate_outage_objects set because the crash workers turn the guard off worker-wide.
+
+
+@app.task(base=DeactivatingTask, model=Feed, deactivate_outage_objects=10)
+def fresh(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=Feed, deactivate_outage_objects=3)
+def recycled(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=Feed, deactivate_outage_objects=10)
+def killed(pk: int) -> Any:
+    return work(Feed.objects.get(pk=pk))
+
+
 # -- the benchmark's (tests/benchmarks/outage.py) -----------------------------------------------
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -67,6 +69,8 @@ def work(obj: Any) -> Any:
         raise LookupError(f"{obj.title} not found upstream")
     if behaviour == "transient":
         raise Transient(f"{obj.title} timed out")
+    if behaviour == "kill":  # the pool child dies as under the OOM killer
+        os.kill(os.getpid(), signal.SIGKILL)
     return obj.pk
 
 
