@@ -98,6 +98,10 @@ if os.environ.get("PGBOUNCER_URL") and DATABASES["default"]["ENGINE"].endswith("
         "TEST": {"MIRROR": "default"},
     }
 
+# Django's connection pool (PostgreSQL, Django 5.1+), for the crash tests' workers that use it.
+if os.environ.get("DB_POOL") and DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    DATABASES["default"]["OPTIONS"] = {"pool": True}
+
 # A worker subprocess of the crash tests (tests/crash) uses the test database of the pytest run
 # that started it, and writes its mail where that run can read it.
 if os.environ.get("USE_TEST_DATABASE_NAME"):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import django
 import pytest
+from django.db import connection
 from django.db.models import Sum
 
 from celery_deactivate import outage
@@ -14,6 +16,7 @@ from celery_deactivate.models import TaskRuns
 from tests.conftest import wait_for
 from tests.testapp.models import Feed
 
+from .conftest import state
 from .test_outage import TASKS, kinds, logged, send_all
 from .worker import Meeting, Worker
 
@@ -94,3 +97,23 @@ def test_a_child_killed_by_sigkill_biases_the_rate_neither_way(meeting: Meeting)
     else:
         written = runs - 1
         assert failures - 1 == min(written, 10), (runs, failures)
+
+
+@pytest.mark.parametrize("recycle", [(), ("--max-tasks-per-child=1",)], ids=["", "recycled"])
+def test_crashes_are_recorded_through_djangos_connection_pool(
+    meeting: Meeting, recycle: tuple[str, ...]
+) -> None:
+    if connection.vendor != "postgresql" or django.VERSION < (5, 1):
+        pytest.skip("Django's connection pool: PostgreSQL and Django 5.1+")
+    # Given a prefork worker on Django's connection pool, whose main process records each crash
+    # while the pool forks a child in place of the one that died,
+    feeds = Feed.objects.bulk_create(Feed(title=f"crash {n}", behaviour="kill") for n in range(4))
+    env = {"DB_POOL": "1"}
+    with Worker(meeting, "pooled", queue="pooled", concurrency=2, env=env, args=recycle) as worker:
+        # every one of four crashes in a row is recorded (no connection crossed a fork).
+        for feed in feeds:
+            result = worker.send("tests.testapp.crash_tasks.crash", feed.pk)
+            wait_for(result.ready, timeout=60)
+            wait_for(lambda feed=feed: not state(feed)[0], timeout=30)
+        assert worker.error_lines("celery_deactivate") == []
+    assert Feed.objects.filter(active=False).count() == 4
