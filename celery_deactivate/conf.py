@@ -283,13 +283,6 @@ def is_misspelt_option(name: str) -> bool:
     return name.startswith(("deactivate_", "dont_deactivate_")) or closest_option(name) is not None
 
 
-def did_you_mean(name: str, spelt: Callable[[str], str] = repr) -> str:
-    """`` (did you mean 'deactivate_after'?)`` when ``name`` is close to an option, else ``""``;
-    ``spelt`` writes the option as the reader would (``CELERY_DEACTIVATE_AFTER``)."""
-    closest = closest_option(name)
-    return "" if closest is None else f" (did you mean {spelt(closest)}?)"
-
-
 def check_option_names(task_class: type[Any]) -> None:
     """Raise :exc:`DeactivateConfigError` for an attribute of ``task_class`` (an ``@app.task``
     keyword or a class attribute) that looks like an option but is none.
@@ -301,12 +294,14 @@ def check_option_names(task_class: type[Any]) -> None:
     for name, value in vars(task_class).items():
         if name.startswith("_") or _written_in_body(task_class, value):
             continue
-        if is_misspelt_option(name):
-            raise DeactivateConfigError(
-                f"unknown option {name!r}{did_you_mean(name)}; the options are "
-                f"{sorted(KNOWN_OPTIONS)}",
-                task=task_name,
-            )
+        if not is_misspelt_option(name):
+            continue
+        closest = closest_option(name)
+        guess = "" if closest is None else f" (did you mean {closest!r}?)"
+        raise DeactivateConfigError(
+            f"unknown option {name!r}{guess}; the options are {sorted(KNOWN_OPTIONS)}",
+            task=task_name,
+        )
 
 
 def _written_in_body(task_class: type[Any], value: Any) -> bool:
