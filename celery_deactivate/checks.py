@@ -16,6 +16,13 @@ hint.  They are tagged ``celery_deactivate`` (``manage.py check --tag celery_dea
     An option's value is invalid, on the task or as a worker-wide Celery setting
     (``app.conf.deactivate_after``, ``CELERY_DEACTIVATE_AFTER``): see
     :mod:`celery_deactivate.conf`.
+``celery_deactivate.E004``
+    A worker-wide setting looks like an option but is none (a typo: it would be ignored), on
+    the current Celery app (``app.conf.deactivate_outage_object``) or in Django settings under
+    the ``CELERY`` namespace (``CELERY_DEACTIVATE_OUTAGE_OBJECT``, ``CELERY_DEACTIVATION_AFTER``);
+    the message names the closest option's setting.
+
+The settings are checked by ``manage.py check`` (and so ``check --deploy``), tasks or none.
 
 Which tasks are checked:
 
@@ -37,14 +44,15 @@ The current app is Celery's: in a Django project, the app the project package im
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from celery import current_app
 from django.apps import AppConfig
+from django.conf import settings
 from django.core import checks
 
-from .conf import OPTIONS
+from .conf import OPTIONS, closest_option, is_misspelt_option
 from .exceptions import DeactivateConfigError
 from .task import DeactivatingTask
 
@@ -59,6 +67,11 @@ HINTS = {
     "E003": (
         "Correct the option on the task, or the worker-wide Celery setting of the same name; the "
         "options are documented in celery_deactivate.conf."
+    ),
+    "E004": (
+        "Correct or remove it: the settings are CELERY_ + an option's name in capitals in "
+        "Django settings, app.conf.<option> on the Celery app; the options are documented in "
+        "celery_deactivate.conf."
     ),
 }
 
@@ -117,6 +130,39 @@ def check_tasks_on_deploy(
     for problem in _problems(tasks, app_configs):
         found[problem.id, problem.obj, problem.msg] = problem
     return list(found.values())
+
+
+def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """E004 for the worker-wide settings that look like an option but are none: the current
+    Celery app's (``app.conf`` keys) and Django's under the ``CELERY`` namespace."""
+    errors = []
+    for name in sorted({*_current_app().conf, *dir(settings)}):
+        spelling = _setting_spelling(name)
+        if spelling is None:
+            continue
+        option, spelt = spelling
+        if not is_misspelt_option(option):
+            continue
+        message = f"{spelt(option)} is not a setting of celery-deactivate: it is ignored"
+        hint = HINTS["E004"]
+        closest = closest_option(option)
+        if closest is not None:
+            message += f" (did you mean {spelt(closest)}?)"
+            hint = f"Rename it {spelt(closest)}."
+        errors.append(
+            checks.Error(message, hint=hint, obj=spelt(option), id="celery_deactivate.E004")
+        )
+    return errors
+
+
+def _setting_spelling(name: str) -> tuple[str, Callable[[str], str]] | None:
+    """The option a setting's ``name`` would set, and how an option is spelt as such a setting:
+    ``CELERY_DEACTIVATE_AFTER`` in Django settings, ``app.conf.deactivate_after`` on the app."""
+    if name.startswith("CELERY_"):
+        return name.removeprefix("CELERY_").lower(), lambda option: f"CELERY_{option.upper()}"
+    if name.islower():
+        return name, lambda option: f"app.conf.{option}"
+    return None
 
 
 def _problems(

@@ -160,7 +160,7 @@ class DeactivatingTask(_TaskBase):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        check_option_names(str(getattr(cls, "name", None) or cls.__name__), vars(cls))
+        check_option_names(cls)
 
     @classmethod
     def on_bound(cls, app: Any) -> None:

@@ -103,6 +103,60 @@ def test_a_field_named_in_the_django_settings_must_exist(project_app: Celery) ->
     assert "tests.testapp.tasks.sync_renamed" not in codes  # it names its own fields
 
 
+@override_settings(
+    CELERY_DEACTIVATE_OUTAGE_OBJECT=0,
+    CELERY_DEACTIVATION_AFTER=3,
+    CELERY_DEACTIVATE_COLOUR="red",
+)
+def test_an_unknown_django_setting_is_an_error_naming_the_closest_option(
+    project_app: Celery,
+) -> None:
+    found = checks.run_checks(tags=[TAG])
+
+    assert ours(found) == [
+        (
+            "celery_deactivate.E004",
+            "CELERY_DEACTIVATE_COLOUR",
+            "CELERY_DEACTIVATE_COLOUR is not a setting of celery-deactivate: it is ignored",
+        ),
+        (
+            "celery_deactivate.E004",
+            "CELERY_DEACTIVATE_OUTAGE_OBJECT",
+            "CELERY_DEACTIVATE_OUTAGE_OBJECT is not a setting of celery-deactivate: it is "
+            "ignored (did you mean CELERY_DEACTIVATE_OUTAGE_OBJECTS?)",
+        ),
+        (
+            "celery_deactivate.E004",
+            "CELERY_DEACTIVATION_AFTER",
+            "CELERY_DEACTIVATION_AFTER is not a setting of celery-deactivate: it is ignored "
+            "(did you mean CELERY_DEACTIVATE_AFTER?)",
+        ),
+    ]
+    assert found[0].hint.startswith("Correct or remove it: the settings are CELERY_ + ")
+    assert found[1].hint == "Rename it CELERY_DEACTIVATE_OUTAGE_OBJECTS."
+    with pytest.raises(SystemCheckError) as raised:
+        call_command("check", "--deploy", stdout=StringIO(), stderr=StringIO())
+    assert (
+        "CELERY_DEACTIVATE_OUTAGE_OBJECT: (celery_deactivate.E004) CELERY_DEACTIVATE_OUTAGE_OBJECT "
+        "is not a setting"
+    ) in str(raised.value)
+
+
+def test_an_unknown_setting_on_the_app_is_an_error_naming_the_closest_option(
+    project_app: Celery, conf: Callable[..., None]
+) -> None:
+    conf(deactivate_outage_object=0, deactive_after=3, task_acks_late=True)
+
+    found = checks.run_checks(tags=[TAG])
+
+    assert [(code, name) for code, name, _ in ours(found)] == [
+        ("celery_deactivate.E004", "app.conf.deactivate_outage_object"),
+        ("celery_deactivate.E004", "app.conf.deactive_after"),
+    ]
+    assert found[0].msg.endswith("(did you mean app.conf.deactivate_outage_objects?)")
+    assert found[1].hint == "Rename it app.conf.deactivate_after."
+
+
 @pytest.fixture
 def unfinalized(project_app: Celery) -> Iterator[Celery]:
     """A project app as ``manage.py check`` sees it: current, its tasks declared, not finalized

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
+from django.db import connection
 
 from celery_deactivate import DeactivatingTask
 from celery_deactivate.signals import object_reactivated
@@ -350,9 +352,12 @@ def test_a_progress_bar_on_a_terminal_for_long_runs_only() -> None:
     [
         (["testapp.Nope"], "unknown model 'testapp.Nope'"),
         (["Feed"], "unknown model 'Feed': expected app_label.ModelName"),
-        (["testapp.NoActive"], "^testapp.NoActive has no field 'active' \\(the 'active' field\\)$"),
-        (["testapp.WrongActive"], "testapp.WrongActive.active must be a BooleanField"),
-        (["testapp.Feed", "--active-field", "enabled"], "testapp.Feed has no field 'enabled'"),
+        (["testapp.NoActive"], "^testapp.NoActive is neither a DeactivatableModel nor the model"),
+        (["testapp.WrongActive"], "^testapp.WrongActive is neither a DeactivatableModel nor"),
+        (
+            ["testapp.Feed", "--active-field", "enabled"],
+            "^--active-field 'enabled' is not an active flag of testapp.Feed",
+        ),
         (["--reactivate", "1"], "--reactivate needs a model"),
         (["--reactivate-all"], "--reactivate-all needs a model"),
         (["--filter", "error=true"], "--filter needs a model"),
@@ -382,6 +387,53 @@ def test_every_user_mistake_is_a_command_error(args: list[str], message: str) ->
     with pytest.raises(CommandError, match=message):
         run(*args)
     assert Feed.objects.filter(active=False).count() == 1
+
+
+@pytest.mark.parametrize("flag", ["is_superuser", "is_active"])
+def test_a_model_no_deactivating_task_works_on_is_refused(flag: str) -> None:
+    user = User.objects.create(username="ada", is_superuser=False, is_active=False)
+
+    with pytest.raises(CommandError) as raised:
+        run("auth.User", "--active-field", flag, "--reactivate-all")
+
+    assert str(raised.value) == (
+        "auth.User is neither a DeactivatableModel nor the model of a deactivating task: "
+        "the command only changes what celery-deactivate manages"
+    )
+    user.refresh_from_db()
+    assert (user.is_superuser, user.is_active) == (False, False)
+
+
+def test_the_active_field_must_be_an_active_flag_of_the_model(sent: list[Any]) -> None:
+    feed = broken()  # error=True
+
+    with pytest.raises(CommandError) as raised:
+        run("testapp.Feed", "--active-field", "error", "--reactivate-all")
+
+    assert str(raised.value) == (
+        "--active-field 'error' is not an active flag of testapp.Feed; its active flag: 'active'"
+    )
+    feed.refresh_from_db()
+    assert (feed.active, feed.error) == (False, True)
+    assert sent == []
+
+
+@pytest.mark.parametrize("action", [[], ["--reactivate-all"], ["--reactivate-all", "--dry-run"]])
+def test_a_filter_the_database_refuses_is_a_command_error(
+    sent: list[Any], action: list[str]
+) -> None:
+    feed = broken()
+
+    with pytest.raises(CommandError) as raised:
+        run("testapp.Feed", *action, "--filter", "title__regex=(")
+
+    message = str(raised.value)
+    assert message.startswith("--filter 'title__regex=(': the database refused it: ")
+    if connection.vendor == "postgresql":
+        assert "invalid regular expression" in message
+    feed.refresh_from_db()
+    assert not feed.active
+    assert sent == []
 
 
 # -- re-activation by pk: every pk is checked before anything changes (issue #11.7) ----------

@@ -6,27 +6,29 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, Task
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
+from django.utils.functional import cached_property as django_cached_property
 
 from celery_deactivate import DeactivatingTask
-from celery_deactivate.conf import resolve
+from celery_deactivate.conf import is_misspelt_option, resolve
 from celery_deactivate.exceptions import DeactivateConfigError
 from tests.testapp import tasks
 from tests.testapp.models import Feed, NoActive, RecipeObject, SpecialFeed, WrongActive
 
 
-def declare(app: Celery, **options: Any) -> Any:
+def declare(app: Celery, base: type[DeactivatingTask] = DeactivatingTask, **options: Any) -> Any:
     """Declare and bind a task on ``app`` now (not lazily)."""
 
     def body(pk: int) -> None: ...
 
     body.__name__ = f"body_{len(app.tasks)}"
-    return app.task(base=DeactivatingTask, lazy=False, shared=False, **options)(body)
+    return app.task(base=base, lazy=False, shared=False, **options)(body)
 
 
 @pytest.fixture
@@ -79,6 +81,109 @@ def test_typo_in_an_option_name_is_rejected(app: Celery) -> None:
         declare(app, model=Feed, dont_deactivate_for=(KeyError,))
 
 
+def notify_ops(**kwargs: Any) -> None:
+    """A notifier: a function given as an option's value."""
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "closest"),
+    [
+        ("deactivation_after", 3, "deactivate_after"),
+        ("deactive_after", 3, "deactivate_after"),
+        ("activate_after", 3, "deactivate_after"),
+        ("deactivate_outage_object", 0, "deactivate_outage_objects"),
+        ("do_not_deactivate_on", (KeyError,), "dont_deactivate_on"),
+        # a function or a class as the value: still an option's value, not a method
+        ("deactivate_notifer", notify_ops, "deactivate_notifier"),
+        ("deactivate_onn", ValueError, "deactivate_on"),
+    ],
+)
+def test_a_misspelt_option_is_an_error_naming_the_closest_option(
+    app: Celery, name: str, value: Any, closest: str
+) -> None:
+    registered = set(app.tasks)
+
+    with pytest.raises(DeactivateConfigError) as raised:
+        declare(app, model=Feed, **{name: value})
+
+    assert (
+        f".body_{len(registered)}: unknown option {name!r} (did you mean {closest!r}?); "
+        "the options are ["
+    ) in str(raised.value)
+    assert isinstance(raised.value, ImproperlyConfigured)
+    assert set(app.tasks) == registered
+
+
+def test_celerys_own_task_keywords_are_not_options(app: Celery) -> None:
+    celerys = {
+        "name": "tests.config.celerys",
+        "acks_late": True,
+        "autoretry_for": (KeyError,),
+        "max_retries": 2,
+        "default_retry_delay": 0,
+        "retry_backoff": True,
+        "rate_limit": "10/s",
+        "ignore_result": True,
+        "track_started": True,
+        "soft_time_limit": 5,
+        "time_limit": 10,
+        "reject_on_worker_lost": True,
+        "serializer": "json",
+    }
+
+    task = declare(app, model=Feed, bind=True, **celerys)
+
+    assert {name: getattr(task, name) for name in celerys} == celerys
+    public = [name for name in dir(Task) if not name.startswith("_")]
+    assert "acks_late" in public
+    assert [name for name in public if is_misspelt_option(name)] == []
+
+
+class Helpers(DeactivatingTask):
+    """A base class whose helpers have names like options: methods are not options."""
+
+    def deactivate_related(self, pk: int) -> str:
+        return f"related of {pk}"
+
+    @classmethod
+    def deactivate_everything(cls) -> str:
+        return f"everything of {cls.__name__}"
+
+    @staticmethod
+    def deactivation_reason() -> str:
+        return "reason"
+
+    @property
+    def deactivate_state(self) -> str:
+        return "state"
+
+    @cached_property
+    def deactivate_cache(self) -> str:
+        return "cached"
+
+    @django_cached_property
+    def deactivate_django_cache(self) -> str:
+        return "cached by Django"
+
+
+def test_methods_of_a_subclass_are_not_options(app: Celery) -> None:
+    task = declare(app, model=Feed, base=Helpers)
+
+    assert isinstance(task, Helpers)
+    assert task.deactivate_related(4) == "related of 4"
+    assert task.deactivate_everything() == f"everything of {type(task).__name__}"
+    assert (task.deactivation_reason(), task.deactivate_state) == ("reason", "state")
+    assert (task.deactivate_cache, task.deactivate_django_cache) == ("cached", "cached by Django")
+    resolve(task, "deactivate_after")  # the options still resolve
+
+
+def test_an_attribute_of_a_subclass_may_be_a_misspelt_option(app: Celery) -> None:
+    with pytest.raises(DeactivateConfigError, match=r"\(did you mean 'deactivate_after'\?\)"):
+
+        class Misspelt(DeactivatingTask):
+            deactive_after = 3
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -107,7 +212,8 @@ def test_an_option_that_was_removed_is_an_error(app: Celery) -> None:
 
 
 def test_dont_deactivate_on_may_name_any_exception(app: Celery) -> None:
-    declare(app, model=Feed, dont_deactivate_on=(KeyboardInterrupt, ValueError))
+    task = declare(app, model=Feed, dont_deactivate_on=(KeyboardInterrupt, ValueError))
+    assert resolve(task, "dont_deactivate_on") == (KeyboardInterrupt, ValueError)
 
 
 def test_fields_spread_over_two_tables_are_rejected(app: Celery) -> None:

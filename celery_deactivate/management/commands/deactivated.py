@@ -7,11 +7,13 @@
 
 The models are those that subclass :class:`~celery_deactivate.DeactivatableModel` and those a
 deactivating task of the current Celery app works on (the command imports the task modules as a
-worker does, ``app.loader.import_default_modules()``); a model's fields by role are those of its
-task (``deactivate_fields``), else the defaults, ``--active-field`` naming the active flag.
+worker does, ``app.loader.import_default_modules()``); any other model is refused.  A model's
+fields by role are those of its task (``deactivate_fields``), else the defaults;
+``--active-field`` chooses among the active flags its tasks name, and names no other field.
 Every re-activation goes through :func:`celery_deactivate.services.reactivate`, so it writes the
 same fields and sends the same ``object_reactivated`` signal as the admin's action.  Every user
-mistake is a :exc:`~django.core.management.base.CommandError` raised before anything changes.
+mistake (a ``--filter`` the database refuses too) is a
+:exc:`~django.core.management.base.CommandError` raised before anything changes.
 
 An object's state is ``error`` (deactivated by a failure: its error flag is set), ``by hand``
 (its error flag is clear) or ``deactivated`` (the model records no error flag).  ``--json``
@@ -34,7 +36,7 @@ from django.conf import settings
 from django.core.exceptions import FieldDoesNotExist, FieldError, ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import router
+from django.db import DatabaseError, router
 from django.db.models import BooleanField, DateTimeField, Model, QuerySet
 from django.utils import timezone
 
@@ -121,7 +123,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--active-field",
             metavar="NAME",
-            help="MODEL's active flag, if its task does not name it (default: active)",
+            help="which of MODEL's active flags, when its deactivating tasks name several",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -149,7 +151,7 @@ class Command(BaseCommand):
             self.write_rows(groups, None, options)
             return
         target = model_target(label, targets, options["active_field"])
-        deactivated = deactivated_of(target).filter(**lookups(target.model, options["filters"]))
+        deactivated = filtered(target, options["filters"])
         if not reactivating:
             self.write_rows([target_rows(target, deactivated)], target, options)
             return
@@ -324,29 +326,33 @@ def roles(target: Target) -> dict[str, str | None]:
 
 
 def model_target(label: str, task_targets: list[Target], active_field: str | None) -> Target:
-    """The target of the model named ``label``: its task's fields, else the defaults."""
+    """The target of the model named ``label``, a ``DeactivatableModel`` or the model of a
+    deactivating task: its task's fields, else the defaults.  ``active_field`` chooses among
+    the active flags its tasks name."""
     try:
         model = apps.get_model(label)
     except ValueError as exc:
         raise CommandError(f"unknown model {label!r}: expected app_label.ModelName") from exc
     except LookupError as exc:
         raise CommandError(f"unknown model {label!r}: {exc}") from exc
+    label = model._meta.label
     candidates = [target for target in task_targets if target.model is model]
-    try:
-        candidates.append(services.target_for(model, {"active": active_field or "active"}))
-    except DeactivateError as exc:
-        if not candidates or active_field is not None:
-            raise CommandError(message_of(exc)) from exc
-    if active_field is not None:  # a task's fields only if it names the same flag
+    if issubclass(model, DeactivatableModel):
+        candidates.append(services.target_for(model))
+    if not candidates:
+        raise CommandError(
+            f"{label} is neither a DeactivatableModel nor the model of a deactivating task: "
+            "the command only changes what celery-deactivate manages"
+        )
+    if active_field is not None:
+        flags = sorted({target.active for target in candidates})
         candidates = [target for target in candidates if target.active == active_field]
+        if not candidates:
+            raise CommandError(
+                f"--active-field {active_field!r} is not an active flag of {label}; its active "
+                f"{plural(len(flags), 'flag')}: {', '.join(map(repr, flags))}"
+            )
     return max(candidates, key=recorded)
-
-
-def message_of(exc: DeactivateError) -> str:
-    """The error's message without the ``app_label.Model: `` that ``target_for`` puts first."""
-    text = str(exc)
-    task = getattr(exc, "task", None)
-    return text[len(task) + 2 :] if task and text.startswith(f"{task}: ") else text
 
 
 def every_target(task_targets: list[Target]) -> list[Target]:
@@ -433,6 +439,20 @@ def lookups(model: type[Model], filters: Iterable[str]) -> dict[str, Any]:
             raise CommandError(f"--filter {text!r}: {exc}") from exc
         result[key] = converted
     return result
+
+
+def filtered(target: Target, filters: list[str]) -> QuerySet[Any]:
+    """The target's deactivated objects that match ``filters``; a :exc:`CommandError` with the
+    database's message, before anything changes, if the database refuses them (an invalid
+    regular expression)."""
+    deactivated: QuerySet[Any] = deactivated_of(target).filter(**lookups(target.model, filters))
+    if filters:
+        try:
+            deactivated.exists()
+        except DatabaseError as exc:
+            given = ", ".join(map(repr, filters))
+            raise CommandError(f"--filter {given}: the database refused it: {exc}") from exc
+    return deactivated
 
 
 def boolean(text: str, value: str) -> bool:
