@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -22,6 +23,11 @@ from .models import (
     SpecialFeed,
     UuidFeed,
 )
+
+#: Lines of the "huge" behaviour's exception text (15 characters each: about 5 MB).
+HUGE_LINES = 350_000
+#: A file name that is not UTF-8, decoded as Python decodes file names: a lone surrogate in it.
+UNDECODABLE_NAME = os.fsdecode(b"caf\xe9.xml")
 
 
 class Boom(ValueError):
@@ -59,6 +65,10 @@ def work(obj: Any) -> Any:
         raise Unprintable("secret")
     if behaviour == "nul":
         raise Boom("upstream sent a NUL \x00 byte")
+    if behaviour == "surrogate":  # a file name that is not UTF-8, as os.fsdecode gives it
+        raise Boom(f"cannot parse {UNDECODABLE_NAME}")
+    if behaviour == "huge":  # an upstream that answers with megabytes of text
+        raise Boom("the upstream answered:\n" + "<p>garbage</p>\n" * HUGE_LINES)
     if behaviour == "swallow":
         _swallow_a_database_error(obj)
     if behaviour == "set_rollback":
