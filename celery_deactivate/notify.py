@@ -9,10 +9,12 @@ A notifier is any callable taking keyword arguments; set it with the ``deactivat
 
 ``kind`` says what the notice is about (:data:`DEACTIVATED`, :data:`DIGEST`,
 :data:`OUTAGE_STARTED`, :data:`OUTAGE_ENDED`); ``notice`` is a :class:`Notice` with a ready
-``subject`` and ``text`` and the same facts as data.  ``instance``, ``exception`` and ``task_id``
-are the deactivated object, its exception and the failed task's id for :data:`DEACTIVATED`, and
-``None`` for the other kinds.  Accept ``**kwargs``: arguments may be added later.  An exception a
-notifier raises is logged at ERROR and never reaches the task nor undoes the change.
+``subject`` (one line) and ``text`` (each error cut to :data:`NOTICE_ERROR_LENGTH` characters,
+names to :data:`NAME_LENGTH`, text any encoder takes) and the same facts as data.
+``instance``, ``exception`` and ``task_id`` are the deactivated object, its exception and the
+failed task's id for :data:`DEACTIVATED`, and ``None`` for the other kinds.  Accept
+``**kwargs``: arguments may be added later.  An exception a notifier raises is logged at ERROR
+and never reaches the task nor undoes the change.
 
 A Sentry notifier, for example::
 
