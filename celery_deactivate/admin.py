@@ -194,7 +194,7 @@ class DeactivatableAdminMixin(_ModelAdmin):
     still turns every action off.
 
     The columns ``deactivation_state`` (an icon and the state's name) and
-    ``deactivation_message`` (the error's first line, shortened; the whole text on hover) and
+    ``deactivation_message`` (the error's first line, shortened; its head on hover) and
     the :class:`DeactivationStateFilter` can be named in ``list_display`` / ``list_filter``.
     """
 
@@ -203,6 +203,10 @@ class DeactivatableAdminMixin(_ModelAdmin):
 
     #: Characters of the error message the ``deactivation_message`` column shows.
     deactivation_message_length: int = 80
+
+    #: Characters of the error message in the column's tooltip (the change page shows it all):
+    #: a changelist of 100 rows stays small whatever the errors.
+    deactivation_message_title_length: int = 1000
 
     def __init__(self, model: type[Model], admin_site: admin.AdminSite) -> None:
         super().__init__(model, admin_site)
@@ -281,13 +285,15 @@ class DeactivatableAdminMixin(_ModelAdmin):
 
     @admin.display(description=_("error"))
     def deactivation_message(self, obj: Model) -> SafeString | str:
-        """The error message's first line, shortened; the whole message as the tooltip."""
+        """The error message's first line, shortened; its head as the tooltip (at most
+        ``deactivation_message_title_length`` characters)."""
         field = self.deactivation_target.error_message
         text = str(getattr(obj, field) or "").strip() if field else ""
         if not text:
             return ""
-        first = Truncator(text.splitlines()[0]).chars(self.deactivation_message_length)
-        return format_html('<span title="{}">{}</span>', text, first)
+        title = services.cut(text, self.deactivation_message_title_length)
+        first = Truncator(title.splitlines()[0]).chars(self.deactivation_message_length)
+        return format_html('<span title="{}">{}</span>', title, first)
 
 
 class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):

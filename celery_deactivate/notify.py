@@ -9,10 +9,12 @@ A notifier is any callable taking keyword arguments; set it with the ``deactivat
 
 ``kind`` says what the notice is about (:data:`DEACTIVATED`, :data:`DIGEST`,
 :data:`OUTAGE_STARTED`, :data:`OUTAGE_ENDED`); ``notice`` is a :class:`Notice` with a ready
-``subject`` and ``text`` and the same facts as data.  ``instance``, ``exception`` and ``task_id``
-are the deactivated object, its exception and the failed task's id for :data:`DEACTIVATED`, and
-``None`` for the other kinds.  Accept ``**kwargs``: arguments may be added later.  An exception a
-notifier raises is logged at ERROR and never reaches the task nor undoes the change.
+``subject`` (one line) and ``text`` (each error cut to :data:`NOTICE_ERROR_LENGTH` characters,
+names to :data:`NAME_LENGTH`, text any encoder takes) and the same facts as data.
+``instance``, ``exception`` and ``task_id`` are the deactivated object, its exception and the
+failed task's id for :data:`DEACTIVATED`, and ``None`` for the other kinds.  Accept
+``**kwargs``: arguments may be added later.  An exception a notifier raises is logged at ERROR
+and never reaches the task nor undoes the change.
 
 A Sentry notifier, for example::
 
@@ -44,7 +46,7 @@ from django.core import mail
 from django.db.models import Model
 from django.urls import NoReverseMatch, reverse
 
-from .services import describe
+from .services import cut, describe
 
 logger = logging.getLogger("celery_deactivate")
 notice_logger = logging.getLogger("celery_deactivate.notices")
@@ -61,6 +63,13 @@ OUTAGE_ENDED = "outage_ended"
 #: Frames of a traceback kept in notices (the innermost ones: where the body failed).
 TRACEBACK_FRAMES = 3
 
+#: Characters of an error in a notice's text (of each object's, in a digest): the head of the
+#: text recorded (at most :data:`~celery_deactivate.services.ERROR_LENGTH`), ending with "…".
+NOTICE_ERROR_LENGTH = 4096
+
+#: Characters of an object's name (``str(instance)``) in notices, on one line.
+NAME_LENGTH = 200
+
 
 @dataclass(frozen=True)
 class NoticeObject:
@@ -68,8 +77,8 @@ class NoticeObject:
 
     label: str  # "app_label.Model"
     pk: Any
-    name: str  # str(instance)
-    error: str = ""  # "ValueError: the text"
+    name: str  # str(instance), on one line (name_of)
+    error: str = ""  # "ValueError: the text", as recorded (the notice's text cuts it)
     traceback: str = ""  # the innermost frames
     url: str | None = None  # the admin change page, when the admin is installed
     deactivated_at: datetime | None = None
@@ -98,7 +107,7 @@ class Notice:
     #: Over the last ``deactivate_outage_window`` (outage notices): final failures, finished
     #: runs, distinct failing objects.
     counts: Mapping[str, int] = field(default_factory=dict)
-    #: The last failure's exception, described (outage notices).
+    #: The last failure's exception, described (outage notices; the text cuts it).
     error: str = ""
 
 
@@ -181,7 +190,7 @@ def traceback_of(exc: BaseException | None, frames: int = TRACEBACK_FRAMES) -> s
             source = linecache.getline(code.co_filename, lineno, tb.tb_frame.f_globals)
             if source.strip():
                 lines.append(f"    {source.strip()}")
-        return "\n".join(lines)
+        return cut("\n".join(lines), None)  # a file name that is not UTF-8
     except Exception:
         return ""
 
@@ -213,7 +222,7 @@ def deactivation_notice(task: str, item: NoticeObject, window: float = 0) -> Not
         f"The task {task}[{item.task_id}] failed on {item.label} pk={item.pk!r}",
         f"({item.name}), which is now deactivated: it is not scheduled until reactivated.",
         "",
-        item.error,
+        _error(item.error),
         *_details(item, indent=""),
     ]
     if window:
@@ -225,7 +234,7 @@ def deactivation_notice(task: str, item: NoticeObject, window: float = 0) -> Not
     return Notice(
         kind=DEACTIVATED,
         task=task,
-        subject=f"{item.label} {item.name} deactivated after a task failure",
+        subject=one_line(f"{item.label} {item.name} deactivated after a task failure"),
         text="\n".join(lines),
         objects=(item,),
     )
@@ -243,11 +252,11 @@ def digest_notice(
     for item in items:
         when = f" at {item.deactivated_at:%H:%M:%S}" if item.deactivated_at else ""
         lines += ["", f"- {item.identity} ({item.name}){when}, task {item.task_id}"]
-        lines += [f"  {item.error}", *_details(item, indent="  ")]
+        lines += [f"  {_error(item.error)}", *_details(item, indent="  ")]
     return Notice(
         kind=DIGEST,
         task=task,
-        subject=f"{len(items)} {label} objects deactivated by {task}",
+        subject=one_line(f"{len(items)} {label} objects deactivated by {task}"),
         text="\n".join(lines),
         objects=tuple(items),
         started_at=since,
@@ -278,7 +287,7 @@ def outage_started_notice(
         f"The outage ends when the failure rate over the last {window:g} s falls below "
         f"{rate:.0%}; a recovery notice follows.",
         "",
-        f"Last error: {error}",
+        f"Last error: {_error(error)}",
     ]
     if reactivated:
         lines += [
@@ -290,7 +299,9 @@ def outage_started_notice(
     return Notice(
         kind=OUTAGE_STARTED,
         task=task,
-        subject=f"Outage of {task}: {objects} objects failing, no deactivation until it ends",
+        subject=one_line(
+            f"Outage of {task}: {objects} objects failing, no deactivation until it ends"
+        ),
         text="\n".join(lines),
         objects=tuple(reactivated),
         started_at=started_at,
@@ -319,12 +330,16 @@ def outage_ended_notice(
     return Notice(
         kind=OUTAGE_ENDED,
         task=task,
-        subject=f"Outage of {task} over after {lasted}",
+        subject=one_line(f"Outage of {task} over after {lasted}"),
         text="\n".join(lines),
         started_at=started_at,
         ended_at=ended_at,
         counts=dict(counts),
     )
+
+
+def _error(text: str) -> str:
+    return cut(text, NOTICE_ERROR_LENGTH)
 
 
 def _details(item: NoticeObject, indent: str) -> list[str]:
@@ -353,11 +368,19 @@ def _duration(seconds: float) -> str:
 
 
 def name_of(instance: Model) -> str:
-    """``str(instance)``, or a placeholder if it raises."""
+    """``str(instance)`` on one line, at most :data:`NAME_LENGTH` characters (an RSS title holds
+    line breaks), or a placeholder if it raises."""
     try:
-        return str(instance)
+        name = str(instance)
     except Exception as error:
         return f"<str() raised {type(error).__qualname__}>"
+    return one_line(cut(name, NAME_LENGTH))
+
+
+def one_line(text: str) -> str:
+    """``text`` with each line break (``\\n``, ``\\r``, U+2028 and every other
+    :meth:`str.splitlines` knows) made a space: a mail header holds one line."""
+    return " ".join(text.splitlines())
 
 
 # -- the notifiers -----------------------------------------------------------------------------

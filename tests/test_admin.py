@@ -7,6 +7,7 @@ Every test goes through Django's test Client against the real admin views of the
 from __future__ import annotations
 
 import datetime
+import html
 import re
 import uuid
 from collections.abc import Iterator
@@ -318,6 +319,30 @@ def test_a_long_message_is_shortened_in_the_list(admin_client: Client) -> None:
 
     assert "ValueError: " + "x" * 67 + "…</span>" in shown
     assert 'title="ValueError: ' + "x" * 200 + '"' in shown
+
+
+def test_a_changelist_of_megabyte_errors_stays_small(admin_client: Client) -> None:
+    # Given 20 objects whose errors were recorded in full, 1 MB each (before 0.5, or by hand)
+    message = "ValueError: " + "line of text\n" * 80_000
+    for n in range(20):
+        broken_feed(f"verbose {n}", message)
+
+    response = admin_client.get(FEEDS)
+
+    # Then each row shows the first line and a tooltip of the head of the error: the page is
+    # 48 KB, measured (21 MB before)
+    shown = rows(response)
+    assert len(shown) == 20
+    assert (
+        len(response.content) < 20 * DeactivatableAdmin.deactivation_message_title_length + 40_000
+    )
+    found = re.search(r'title="([^"]*)"', shown["verbose 0"])
+    assert found
+    title = html.unescape(found.group(1))
+    assert title.startswith("ValueError: line of text\nline of text\n")
+    assert title.endswith("…")
+    assert len(title) == DeactivatableAdmin.deactivation_message_title_length
+    assert cell(shown["verbose 0"], "deactivation_message") == "ValueError: line of text"
 
 
 @pytest.mark.parametrize(

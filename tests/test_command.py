@@ -104,6 +104,17 @@ def test_lists_one_model_as_an_aligned_table() -> None:
     assert output.splitlines()[-1] == "2 deactivated testapp.Feed objects."
 
 
+def test_a_name_with_line_breaks_takes_one_line_of_the_table() -> None:
+    off = broken("Breaking\r\nnews\u2028today")
+
+    output = run("testapp.Feed")
+
+    assert len(output.splitlines()) == 3  # the header, the object, the count
+    assert [(row["PK"], row["OBJECT"]) for row in table(output)] == [
+        (str(off.pk), "Breaking news today")
+    ]
+
+
 def test_lists_every_model_with_deactivation_fields() -> None:
     feed = broken()
     special = SpecialFeed.objects.create(title="special", active=False)  # a Feed too

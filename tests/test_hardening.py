@@ -12,6 +12,8 @@ from django.core import mail
 from django.db import connection
 from django.db.models.signals import post_save
 
+from celery_deactivate import notify, services
+from celery_deactivate.models import TaskFailure
 from celery_deactivate.signals import object_deactivated
 from tests.conftest import wait_for
 from tests.testapp import tasks
@@ -81,6 +83,60 @@ def test_a_nul_byte_in_the_message_is_stored_cleaned() -> None:
     feed.refresh_from_db()
     assert (feed.active, feed.error) == (False, True)
     assert feed.error_message == "Boom: upstream sent a NUL \ufffd byte"
+
+
+# -- #17.5, 6, 8: odd names and odd error texts still reach the admins, short -------------------
+
+
+@pytest.mark.parametrize("title", ["Breaking\nnews", "Breaking\r\nnews", "Breaking\u2028news"])
+def test_a_name_with_a_line_break_is_mailed_on_a_one_line_subject(title: str) -> None:
+    feed = Feed.objects.create(title=title, behaviour="fail")
+
+    finished(tasks.poll.delay(feed.pk))
+
+    # Then the mail went out (a header with a line break raises BadHeaderError), on one line
+    sent = wait_for(lambda: mail.outbox)
+    assert "Breaking news deactivated" in sent[0].subject
+    assert sent[0].subject.splitlines() == [sent[0].subject]
+
+
+def test_a_lone_surrogate_in_the_error_is_stored_and_mailed_replaced() -> None:
+    # Given a body that fails on a file whose name is not UTF-8 (os.fsdecode: a lone surrogate)
+    feed = Feed.objects.create(title="undecodable", behaviour="surrogate")
+
+    result = finished(tasks.poll.delay(feed.pk))
+
+    assert result.state == states.FAILURE
+    assert tasks.UNDECODABLE_NAME in str(result.result)  # Celery got the exception as it was
+    # Then the mail went out (the raw text raised UnicodeEncodeError), the surrogate replaced
+    sent = wait_for(lambda: mail.outbox)
+    assert "Boom: cannot parse caf\ufffd.xml" in sent[0].body
+    assert "caf\ufffd.xml" in sent[0].message().as_bytes().decode()
+    # And the object holds the same text
+    feed.refresh_from_db()
+    assert (feed.active, feed.error_message) == (False, "Boom: cannot parse caf\ufffd.xml")
+
+
+def test_megabytes_of_error_text_are_recorded_cut_and_mailed_short() -> None:
+    # Given a body whose exception carries 5 MB of text, on 350,000 lines
+    feed = Feed.objects.create(title="verbose", behaviour="huge")
+
+    result = finished(tasks.poll.delay(feed.pk), timeout=60)
+
+    assert len(str(result.result)) > 5_000_000  # Celery got the exception as it was
+    wait_for(lambda: not Feed.objects.get(pk=feed.pk).active)
+    # Then the object and the failure table hold the head of it, at most the documented cap
+    feed.refresh_from_db()
+    assert feed.error_message.startswith("Boom: the upstream answered:\n<p>garbage</p>\n")
+    assert len(feed.error_message) == services.ERROR_LENGTH
+    assert feed.error_message.endswith("…")
+    failure = TaskFailure.objects.get(task=tasks.poll.name, object_pk=str(feed.pk))
+    assert failure.error == feed.error_message
+    # And the mail holds the head of the error: 5.1 KB in all, measured (5.3 MB before)
+    sent = wait_for(lambda: mail.outbox)
+    assert "Boom: the upstream answered:\n<p>garbage</p>\n" in sent[0].body
+    size = len(sent[0].message().as_bytes())
+    assert size < notify.NOTICE_ERROR_LENGTH + 3_000, size
 
 
 # -- 10.5: the body outside the transaction ------------------------------------------------------

@@ -21,7 +21,7 @@ from django.core import mail
 from django.db import transaction
 from django.utils import timezone
 
-from celery_deactivate import notify, outage
+from celery_deactivate import notify, outage, services
 from celery_deactivate.models import TaskFailure, TaskState
 from tests.conftest import wait_for
 from tests.testapp import outage_tasks, tasks
@@ -288,6 +288,111 @@ def test_a_webhook_that_answers_an_error_is_logged(
 
     assert "notifier Webhook('http://127.0.0.1:9/…') failed" in caplog.text
     assert Feed.objects.get(pk=feed.pk).active is False
+
+
+# -- odd names and odd error texts (#17.5, 6, 8) ------------------------------------------------
+
+
+def test_every_subject_is_one_line_whatever_the_names() -> None:
+    # Given a task and an object whose names hold every kind of line break
+    task = "feeds.poll\rnow"
+    item = notify.NoticeObject(label="testapp.Feed", pk=1, name="Breaking\r\nnews\u2028today")
+    now = timezone.now()
+    notices = [
+        notify.deactivation_notice(task, item),
+        notify.digest_notice(task, [item], now, now),
+        notify.outage_started_notice(
+            task,
+            label="testapp.Feed",
+            started_at=now,
+            counts={"runs": 2, "failures": 2, "objects": 2},
+            rate=0.5,
+            window=60,
+            error="Boom: down",
+            reactivated=[item],
+        ),
+        notify.outage_ended_notice(
+            task, started_at=now, ended_at=now, counts={"runs": 2, "failures": 0}, window=60
+        ),
+    ]
+
+    for notice in notices:
+        notify.mail_admins(task=task, notice=notice)
+
+    # Then every notice was mailed (a line break in a header raises BadHeaderError), on one line
+    subjects = [message.subject for message in mail.outbox]
+    assert len(subjects) == 4
+    assert all(subject.splitlines() == [subject] for subject in subjects), subjects
+    assert "Breaking news today deactivated" in subjects[0]
+    assert "feeds.poll now" in subjects[1]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error"),
+    [
+        ("surrogate", "Boom: cannot parse caf\ufffd.xml"),
+        ("huge", "Boom: the upstream answered:\n<p>garbage</p>\n<p>garbage</p>\n"),
+    ],
+)
+def test_the_notices_of_an_outage_of_odd_error_texts_are_mailed_short(
+    behaviour: str, error: str
+) -> None:
+    # Given five objects failing with a text no encoder takes, or with megabytes of it
+    for n in range(5):
+        feed = Feed.objects.create(title=f"odd {n}", behaviour=behaviour)
+        outage_tasks.guarded.apply((feed.pk,))
+
+    # Then the first deactivation and the outage were both mailed, the error cut short
+    assert outage.outage_of(outage_tasks.guarded) is not None
+    assert [message.subject.split(" ")[1] for message in mail.outbox] == ["testapp.Feed", "Outage"]
+    for message in mail.outbox:
+        assert error in message.body
+        size = len(message.message().as_bytes())
+        assert size < notify.NOTICE_ERROR_LENGTH + 3_000, size
+
+
+def test_a_traceback_through_a_file_named_in_no_encoding_is_mailed() -> None:
+    # Given a failure in code loaded from a file whose name is not UTF-8
+    code = compile("raise tasks.Boom('down')", f"/srv/{tasks.UNDECODABLE_NAME}", "exec")
+    with pytest.raises(tasks.Boom) as caught:
+        exec(code, {"tasks": tasks})
+    feed = Feed.objects.create(title="loaded")
+
+    notice = notify.deactivation_notice("poll", notify.object_of(feed, exception=caught.value))
+    notify.mail_admins(task="poll", notice=notice)
+
+    assert 'File "/srv/caf\ufffd.xml", line 1, in <module>' in mail.outbox[0].body
+
+
+def test_every_notice_cuts_the_error_text() -> None:
+    # Given errors as recorded: up to the cap (64 Ki characters)
+    recorded = services.describe(tasks.Boom("x" * 1_000_000))
+    item = notify.NoticeObject(label="testapp.Feed", pk=1, name="verbose", error=recorded)
+    now = timezone.now()
+    counts = {"runs": 2, "failures": 2, "objects": 2}
+
+    deactivated = notify.deactivation_notice("poll", item)
+    digest = notify.digest_notice("poll", [item] * 20, now, now)
+    started = notify.outage_started_notice(
+        "poll",
+        label="testapp.Feed",
+        started_at=now,
+        counts=counts,
+        rate=0.5,
+        window=60,
+        error=recorded,
+        reactivated=[],
+    )
+
+    # Then each object's error takes at most NOTICE_ERROR_LENGTH characters of the text
+    assert len(recorded) == services.ERROR_LENGTH
+    cut = "Boom: " + "x" * (notify.NOTICE_ERROR_LENGTH - 7) + "…"
+    assert cut in deactivated.text
+    assert len(deactivated.text) < notify.NOTICE_ERROR_LENGTH + 1_000
+    assert digest.text.count(cut) == 20
+    assert len(digest.text) < 20 * (notify.NOTICE_ERROR_LENGTH + 200)
+    assert cut in started.text
+    assert len(started.text) < notify.NOTICE_ERROR_LENGTH + 1_000
 
 
 # -- links, options, transactions ---------------------------------------------------------------

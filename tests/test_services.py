@@ -250,7 +250,7 @@ def test_format_error_never_raises_and_fits_the_database() -> None:
         "Unprintable: <str() raised RuntimeError>"
     )
     assert services.format_error(ValueError("a\x00b"), None) == "ValueError: a\ufffdb"
-    assert services.format_error(ValueError("\ud800"), None) == "ValueError: ?"
+    assert services.format_error(ValueError("\ud800"), None) == "ValueError: \ufffd"
     assert services.format_error(ValueError(), None) == "ValueError"
 
 

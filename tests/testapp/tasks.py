@@ -25,6 +25,11 @@ from .models import (
     UuidFeed,
 )
 
+#: Lines of the "huge" behaviour's exception text (15 characters each: about 5 MB).
+HUGE_LINES = 350_000
+#: A file name that is not UTF-8, decoded as Python decodes file names: a lone surrogate in it.
+UNDECODABLE_NAME = os.fsdecode(b"caf\xe9.xml")
+
 
 class Boom(ValueError):
     """The deterministic failure of a broken object."""
@@ -61,6 +66,10 @@ def work(obj: Any) -> Any:
         raise Unprintable("secret")
     if behaviour == "nul":
         raise Boom("upstream sent a NUL \x00 byte")
+    if behaviour == "surrogate":  # a file name that is not UTF-8, as os.fsdecode gives it
+        raise Boom(f"cannot parse {UNDECODABLE_NAME}")
+    if behaviour == "huge":  # an upstream that answers with megabytes of text
+        raise Boom("the upstream answered:\n" + "<p>garbage</p>\n" * HUGE_LINES)
     if behaviour == "swallow":
         _swallow_a_database_error(obj)
     if behaviour == "set_rollback":

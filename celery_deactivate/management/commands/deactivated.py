@@ -45,6 +45,7 @@ from ...checks import deactivating_tasks
 from ...conf import FIELD_DEFAULTS
 from ...exceptions import DeactivateError
 from ...models import DeactivatableModel
+from ...notify import one_line
 from ...target import Target
 
 #: Columns of the table, and how many characters of a cell they show.
@@ -199,7 +200,7 @@ class Command(BaseCommand):
             [
                 row.model,
                 shorten(shown(row.pk), COLUMNS[1][1]),
-                shorten(row.object, COLUMNS[2][1]),
+                shorten(one_line(row.object), COLUMNS[2][1]),
                 row.state,
                 when(row.deactivated_at),
                 shorten(first_line(row.error_message or ""), ERROR_WIDTH),
