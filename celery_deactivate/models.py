@@ -124,6 +124,9 @@ class TaskState(models.Model):
     #: End of the current notice window (``None``: a quiet period, the next deactivation is
     #: notified at once); deactivations within it wait for the digest sent when it ends.
     notify_until = models.DateTimeField(null=True, blank=True)
+    #: Tries of the pending notices that the notifier failed since the last delivered one: the
+    #: next try waits the longer (``outage.retry_delay``).
+    digest_attempts = models.PositiveIntegerField(default=0)
 
     class Meta:
         verbose_name = "task state"

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from celery.signals import worker_process_shutdown, worker_shutdown
 from django.apps import apps
 from django.db import connections, transaction
+from django.db.models import F, Q
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -55,11 +56,11 @@ from . import counts, notify, services, signals
 from .conf import option_inputs, resolve
 from .counts import FLUSH_EVERY, forget
 from .exceptions import DeactivateConfigError
+from .target import Target
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .target import Target
     from .task import DeactivatingTask
 
 logger = logging.getLogger("celery_deactivate")
@@ -379,23 +380,8 @@ class Failure:
 
     def _mark(self, instance: Any, now: datetime, *, deactivated: bool, pending: bool) -> None:
         """Record the failure in ``TaskFailure`` (one row per task and object)."""
-        from .models import TaskFailure
-
-        row = TaskFailure(task=self.name, object_pk=str(instance.pk)[:255], failed_at=now)
-        fields = ["failed_at"]
-        if deactivated:
-            field = self.target.deactivated_at
-            row.deactivated_at = getattr(instance, field) if field else now
-            row.notice_pending = pending
-            row.task_id = self.task_id or ""
-            row.error = services.format_error(self.exc, None)
-            row.traceback = notify.traceback_of(self.exc).replace("\x00", "\ufffd")
-            row.object_repr = notify.name_of(instance)[:200]
-            fields += ["deactivated_at", "notice_pending", "task_id", "error", "traceback"]
-            fields += ["object_repr"]
-        TaskFailure.objects.using(self.using).bulk_create(
-            [row], update_conflicts=True, unique_fields=["task", "object_pk"], update_fields=fields
-        )
+        failed = Deactivation(self.name, self.target, instance, self.exc, self.task_id)
+        _mark(failed, now, self.using, deactivated=deactivated, pending=pending)
 
     def _trip(self, now: datetime) -> bool:
         """Start an outage if the guard's conditions hold; whether this call started it."""
@@ -443,6 +429,41 @@ class Failure:
             services.describe(error),
             exc_info=error,
         )
+
+
+@dataclass(frozen=True)
+class Deactivation:
+    """One object deactivated by a final failure of the task ``name``."""
+
+    name: str
+    target: Target
+    instance: Any
+    exc: BaseException
+    task_id: str | None
+
+
+def _mark(
+    failed: Deactivation, now: datetime, using: str, *, deactivated: bool, pending: bool
+) -> None:
+    """Record a failure in ``TaskFailure`` (one row per task and object, an upsert)."""
+    from .models import TaskFailure
+
+    instance = failed.instance
+    row = TaskFailure(task=failed.name, object_pk=str(instance.pk)[:255], failed_at=now)
+    fields = ["failed_at"]
+    if deactivated:
+        field = failed.target.deactivated_at
+        row.deactivated_at = getattr(instance, field) if field else now
+        row.notice_pending = pending
+        row.task_id = failed.task_id or ""
+        row.error = services.format_error(failed.exc, None)
+        row.traceback = notify.traceback_of(failed.exc).replace("\x00", "\ufffd")
+        row.object_repr = notify.name_of(instance)
+        fields += ["deactivated_at", "notice_pending", "task_id", "error", "traceback"]
+        fields += ["object_repr"]
+    TaskFailure.objects.using(using).bulk_create(
+        [row], update_conflicts=True, unique_fields=["task", "object_pk"], update_fields=fields
+    )
 
 
 def _outage_open(name: str, using: str) -> bool:
@@ -617,15 +638,24 @@ def send_digest(
     task: DeactivatingTask, guard: Guard, until: datetime, using: str
 ) -> datetime | None:
     """Close the notice window that ended at ``until`` and send its digest, if it holds
-    deactivations; then a new window opens (the period was not quiet).  Returns the end of the
-    window now open (``None``: quiet; ``until`` itself when another process closed it first)."""
+    deactivations.  Returns the end of the window now open (``None``: quiet; ``until`` itself
+    when another process closed it first).
+
+    The deactivations stay pending until the notifier has taken the digest (at least once): the
+    window is claimed until a retry time (:func:`retry_delay`), the digest is delivered after
+    commit, and only then are its deactivations marked sent and a new window opened (the period
+    was not quiet).  If the notifier fails, or the process dies meanwhile, the next failure or
+    ``maintain`` run after the retry time sends them again, with what came since.
+    """
     from .models import TaskFailure, TaskState
 
     name = task.name
     now = timezone.now()
     with transaction.atomic(using=using):
         state = TaskState.objects.using(using).filter(task=name)
-        if not state.filter(notify_until=until).update(notify_until=None):
+        attempts = state.values_list("digest_attempts", flat=True).first() or 0
+        retry_at = now + timedelta(seconds=retry_delay(attempts, guard.notify_window))
+        if not state.filter(notify_until=until).update(notify_until=retry_at):
             return until
         pending = TaskFailure.objects.using(using).filter(task=name, notice_pending=True)
         rows = list(
@@ -634,38 +664,145 @@ def send_digest(
             )
         )
         if not rows:
+            state.filter(notify_until=retry_at).update(notify_until=None, digest_attempts=0)
             return None
-        for chunk in counts.chunks([row[0] for row in rows]):
-            TaskFailure.objects.using(using).filter(pk__in=chunk).update(notice_pending=False)
-        new_until = now + timedelta(seconds=guard.notify_window)
-        state.update(notify_until=new_until)
-        if guard.notify:
-            target = task.target
-            key = target.model._meta.pk
-            assert key is not None
-            items = [
-                notify.NoticeObject(
-                    label=target.label,
-                    pk=(pk := key.to_python(text_pk)),
-                    name=text,
-                    error=error,
-                    traceback=tb,
-                    url=notify.admin_url(target.model, pk, guard.site_url),
-                    deactivated_at=when,
-                    task_id=task_id or None,
-                )
-                for _, text_pk, text, error, tb, when, task_id in rows
-            ]
-            since = until - timedelta(seconds=guard.notify_window)
-            notice = notify.digest_notice(name, items, since, now)
-            _notify_on_commit(task, guard, notice, using)
+        keys = [row[0] for row in rows]
+        if not guard.notify:
+            return _digest_sent(name, guard, keys, now, retry_at, using)
+        target = task.target
+        key = target.model._meta.pk
+        assert key is not None
+        items = [
+            notify.NoticeObject(
+                label=target.label,
+                pk=(pk := key.to_python(text_pk)),
+                name=text,
+                error=error,
+                traceback=tb,
+                url=notify.admin_url(target.model, pk, guard.site_url),
+                deactivated_at=when,
+                task_id=task_id or None,
+            )
+            for _, text_pk, text, error, tb, when, task_id in rows
+        ]
+        since = until - timedelta(seconds=guard.notify_window)
+        notice = notify.digest_notice(name, items, since, now)
+        transaction.on_commit(
+            lambda: _deliver_digest(task, guard, notice, keys, now, retry_at, using), using=using
+        )
     logger.info(
         "celery_deactivate: %s: digest of %d deactivation(s) of its notice window ending %s",
         name,
         len(rows),
         until.isoformat(timespec="seconds"),
     )
+    return retry_at
+
+
+#: Seconds before a notice the notifier could not deliver is tried again; doubled after each
+#: failed try, up to the notice window.
+RETRY_FIRST = 10.0
+
+
+def retry_delay(attempts: int, window: float) -> float:
+    """Seconds until the next try of a digest after ``attempts`` failed ones."""
+    delay: float = min(RETRY_FIRST * 2.0 ** min(attempts, 32), max(window, RETRY_FIRST))
+    return delay
+
+
+def _deliver_digest(
+    task: DeactivatingTask,
+    guard: Guard,
+    notice: notify.Notice,
+    keys: list[int],
+    claimed_at: datetime,
+    retry_at: datetime,
+    using: str,
+) -> None:
+    """After commit: deliver the digest, then mark its deactivations sent, or count the failed
+    try (they stay pending: the digest is sent again at ``retry_at``)."""
+    from .models import TaskState
+
+    delivered = notify.deliver(guard.notifier, notice, task=task)
+    try:
+        if delivered:
+            _digest_sent(task.name, guard, keys, claimed_at, retry_at, using)
+            return
+        state = TaskState.objects.using(using).filter(task=task.name, notify_until=retry_at)
+        state.update(digest_attempts=F("digest_attempts") + 1)
+        logger.error(
+            "celery_deactivate: %s: the digest of %d deactivation(s) was not delivered; it is "
+            "sent again from %s (by the next failure or celery_deactivate.maintain): %s",
+            task.name,
+            len(notice.objects),
+            retry_at.isoformat(timespec="seconds"),
+            ", ".join(item.identity for item in notice.objects),
+        )
+    except Exception as error:
+        logger.error(
+            "celery_deactivate: %s: the digest's outcome could not be recorded (%s); its "
+            "deactivations stay pending and are sent again",
+            task.name,
+            services.describe(error),
+            exc_info=error,
+        )
+
+
+def _digest_sent(
+    name: str,
+    guard: Guard,
+    keys: list[int],
+    claimed_at: datetime,
+    retry_at: datetime,
+    using: str,
+) -> datetime:
+    """Mark the digest's deactivations sent (not those deactivated again since it was written)
+    and open a new notice window; return its end."""
+    from .models import TaskFailure, TaskState
+
+    new_until = timezone.now() + timedelta(seconds=guard.notify_window)
+    with transaction.atomic(using=using):
+        for chunk in counts.chunks(keys):
+            sent = TaskFailure.objects.using(using).filter(pk__in=chunk, notice_pending=True)
+            sent.exclude(deactivated_at__gt=claimed_at).update(notice_pending=False)
+        TaskState.objects.using(using).filter(task=name, notify_until=retry_at).update(
+            notify_until=new_until, digest_attempts=0
+        )
     return new_until
+
+
+def defer_undelivered(failed: Deactivation, guard: Guard) -> bool:
+    """A deactivation notice the notifier could not deliver waits for the next digest, tried
+    again within :data:`RETRY_FIRST` seconds.  Whether it could be kept (only with notice
+    windows: ``deactivate_notify_window`` > 0).  Never raises."""
+    from .models import TaskState
+
+    if not guard.digests:
+        return False
+    try:
+        using = counts.db()
+        now = timezone.now()
+        retry_at = now + timedelta(seconds=RETRY_FIRST)
+        with transaction.atomic(using=using):
+            _mark(failed, now, using, deactivated=True, pending=True)
+            state = TaskState.objects.using(using).filter(task=failed.name)
+            state.update(digest_attempts=F("digest_attempts") + 1)
+            later = Q(notify_until__isnull=True) | Q(notify_until__gt=retry_at)
+            state.filter(later).update(notify_until=retry_at)
+    except Exception as error:
+        logger.error(
+            "celery_deactivate: the undelivered notice of %s could not be kept for a retry: %s",
+            failed.target.identity(failed.instance.pk),
+            services.describe(error),
+            exc_info=error,
+        )
+        return False
+    logger.warning(
+        "celery_deactivate: the notice of %s is sent again with the digest from %s",
+        failed.target.identity(failed.instance.pk),
+        retry_at.isoformat(timespec="seconds"),
+    )
+    return True
 
 
 # -- maintenance ---------------------------------------------------------------------------------

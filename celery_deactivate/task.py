@@ -610,9 +610,11 @@ class DeactivatingTask(_TaskBase):
                 exc_info=error,
             )
             return
-        notify.deliver(
+        if not notify.deliver(
             notifier, notice, task=self, instance=instance, exception=exc, task_id=task_id
-        )
+        ):
+            failed = outage.Deactivation(self.name, self.target, instance, exc, task_id)
+            outage.defer_undelivered(failed, guard)
 
 
 def _close_if_unusable(using: str) -> None:
