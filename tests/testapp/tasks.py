@@ -48,6 +48,8 @@ def _swallow_a_database_error(obj: Any) -> None:
 def work(obj: Any) -> Any:
     """Write inside the task's transaction, then behave as the object says."""
     behaviour = getattr(obj, "behaviour", "fail" if obj.title.startswith("bad") else "ok")
+    if behaviour == "deactivated_by_hand":  # an operator deactivates it while the body runs
+        obj.deactivate()
     if behaviour == "fail_fast":  # before any write: the failure's own statements come first
         raise Boom(f"{obj.title} is broken")
     if isinstance(obj, Feed):
