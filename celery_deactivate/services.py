@@ -227,7 +227,7 @@ def _stop_probes(target: Target, pk: Any, using: str) -> Model | None:
         "probes are off",
         target.identity(pk),
     )
-    return read_object(target, pk, using)
+    return _read_changed(target, pk, using)
 
 
 def reactivate(
@@ -256,7 +256,7 @@ def end_probe(target: Target, pk: Any, *, using: str | None = None) -> Model | N
         where = {f"{target.probing_since}__isnull": False, target.active: False}
         if not _rows(target, pk, using, **where).update(**_reactivation(target)):
             return None
-        instance = read_object(target, pk, using)
+        instance = _read_changed(target, pk, using)
         send(signals.object_reactivated, target, target.model, instance)
     return instance
 
@@ -311,7 +311,7 @@ def _probe_failed(
         values[target.failure_count] = F(target.failure_count) + 1
     if not rows.update(**values):
         return None
-    return read_object(target, pk, using)
+    return _read_changed(target, pk, using)
 
 
 def target_for(model: type[Model], fields: Mapping[str, str | None] | None = None) -> Target:
@@ -363,7 +363,18 @@ def _change(
     (:func:`read_object`).  In a transaction, the row stays locked between the two."""
     if not _rows(target, pk, using, **{target.active: active}).update(**values):
         return None
-    return read_object(target, pk, using)
+    return _read_changed(target, pk, using)
+
+
+def _read_changed(target: Target, pk: Any, using: str) -> Model:
+    """The row an ``UPDATE`` through the base manager just changed, as :func:`read_object`
+    returns it, by primary key alone: the change may hide it from a base manager that filters
+    on the library's columns (one that hides inactive rows), and the outcome must not depend on
+    whether the row is read after the change or before it (:func:`_change_alone`)."""
+    if target.plain_rows:
+        return read_object(target, pk, using)
+    found: Model = QuerySet(model=target.model, using=using).get(pk=pk)
+    return found
 
 
 def _field(model: type[Model], name: str) -> Field[Any, Any]:

@@ -128,6 +128,29 @@ class HiddenFeed(DeactivatableModel):
         return self.title
 
 
+class ActiveManager(models.Manager):  # type: ignore[type-arg]
+    """Hides inactive rows, even from related lookups (the model's base manager)."""
+
+    def get_queryset(self) -> Any:
+        return super().get_queryset().filter(active=True)
+
+
+class ActiveOnlyFeed(DeactivatableModel):
+    """A base manager that hides inactive rows: a deactivation hides the row it changed."""
+
+    title = models.CharField(max_length=100)
+    behaviour = models.CharField(max_length=20, default="ok")
+
+    objects = ActiveManager()  # type: ignore[misc]
+    every_row = models.Manager()
+
+    class Meta:
+        base_manager_name = "objects"
+
+    def __str__(self) -> str:
+        return self.title
+
+
 class Article(models.Model):
     """A concrete parent without the deactivation fields."""
 

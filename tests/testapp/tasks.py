@@ -12,6 +12,7 @@ from celery_deactivate import DeactivatingTask
 from tests.celery_app import app
 
 from .models import (
+    ActiveOnlyFeed,
     Entry,
     Feed,
     HiddenFeed,
@@ -193,6 +194,11 @@ def poll_special(pk: Any) -> Any:
 @app.task(base=DeactivatingTask, model=HiddenFeed)
 def poll_hidden(pk: Any) -> Any:
     return work(HiddenFeed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=ActiveOnlyFeed)
+def poll_active_only(pk: Any) -> Any:
+    return work(ActiveOnlyFeed.objects.get(pk=pk))
 
 
 @app.task(base=DeactivatingTask, model=Feed, deactivate_atomic=False)
