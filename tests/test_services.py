@@ -6,12 +6,15 @@ import contextlib
 import threading
 from typing import Any
 
+import django
 import pytest
+from celery import Celery
 from django.core.exceptions import ValidationError
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from celery_deactivate import services
+from celery_deactivate import DeactivatingTask, services
+from celery_deactivate.exceptions import DeactivateConfigError
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.testapp import tasks
 from tests.testapp.models import (
@@ -273,6 +276,27 @@ def test_a_base_manager_hiding_inactive_rows_is_deactivated_with_or_without_a_re
     if receiver:
         [instance] = received
         assert (type(instance), instance.pk, instance.active) == (ActiveOnlyFeed, feed.pk, False)
+
+
+@pytest.mark.skipif(django.VERSION < (5, 2), reason="composite primary keys are new in Django 5.2")
+@pytest.mark.parametrize("model", ["testapp.CompositeFeed", "class"])
+def test_a_composite_primary_key_is_refused_at_declaration(model: str) -> None:
+    from tests.testapp.models import CompositeFeed
+
+    app = Celery("composite", set_as_current=False)
+    app.finalize()
+
+    def body(pk: Any) -> None: ...
+
+    with pytest.raises(DeactivateConfigError, match="testapp.CompositeFeed has a composite"):
+        app.task(
+            base=DeactivatingTask,
+            lazy=False,
+            shared=False,
+            model=CompositeFeed if model == "class" else model,
+        )(body)
+    with pytest.raises(DeactivateConfigError, match="composite primary key"):
+        services.target_for(CompositeFeed)  # the admin, the command
 
 
 def test_format_error_never_raises_and_fits_the_database() -> None:

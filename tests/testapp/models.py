@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import django
 from django.db import models
 
 from celery_deactivate import DeactivatableModel
@@ -165,3 +166,15 @@ class TrackedArticle(Article, DeactivatableModel):
     the parent's columns in another."""
 
     behaviour = models.CharField(max_length=20, default="ok")
+
+
+if django.VERSION >= (5, 2):  # models.CompositePrimaryKey is new in Django 5.2
+
+    class CompositeFeed(models.Model):
+        """A composite primary key: refused by the library, at declaration."""
+
+        pk = models.CompositePrimaryKey("source", "number")
+        source = models.CharField(max_length=40)
+        number = models.IntegerField()
+        active = models.BooleanField(default=True)
+        error = models.BooleanField(default=False)
