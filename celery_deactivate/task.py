@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
+from celery._state import (  # type: ignore[attr-defined]  # not in celery-types' stubs
+    pop_current_task,
+    push_current_task,
+)
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from django.apps import apps
@@ -310,18 +314,30 @@ class DeactivatingTask(_TaskBase):
         failure hook will run, so the failure is recorded here."""
         request = self.request
         try:
-            if request.called_directly:  # push a request for the body, as Task.__call__ does
-                self.push_request(args=args, kwargs=kwargs)
-                try:
-                    return self._run(options, args, kwargs)
-                finally:
-                    self.pop_request()
+            if request.called_directly:
+                return self._run_direct(options, args, kwargs)
             return self._run(options, args, kwargs)
         except CONTROL_FLOW:
             raise
         except Exception as exc:
             self.record_failure(exc, args[0], request.id)
             raise
+
+    def _run_direct(
+        self, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A direct call: what Celery's own ``Task.__call__`` does around the body (the task on
+        Celery's stack, so ``celery.current_task`` is this task; a request with the arguments),
+        around :meth:`_run`.  ``Task.__call__`` itself cannot be used: it calls ``run`` with the
+        arguments it is given, and the read before the body and its transaction come first.
+        Celery's stack is private (``celery._state``, docs/private-apis.md)."""
+        push_current_task(self)
+        self.push_request(args=args, kwargs=kwargs)
+        try:
+            return self._run(options, args, kwargs)
+        finally:
+            self.pop_request()
+            pop_current_task()
 
     def _run(self, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Read the object's state, run the body on an active object, reset a positive count."""

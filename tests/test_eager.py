@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, current_task
 from django.core import mail
 
 from celery_deactivate.signals import failure_counted, object_deactivated
@@ -89,6 +89,20 @@ def test_direct_call_records_the_failure_and_raises_the_same_exception(
     feed.refresh_from_db()
     assert (feed.active, feed.failure_count) == (False, 1)
     assert len(deactivations) == 1
+
+
+@pytest.mark.parametrize("call", ["direct", "eager"])
+def test_the_body_sees_its_task_as_celery_s_current_task(call: str, eager: Celery) -> None:
+    # As Celery's own Task.__call__ does for a direct call, and its tracer for the others
+    feed = Feed.objects.create(title="f")
+
+    if call == "direct":
+        seen = tasks.current(feed.pk)
+    else:
+        seen = tasks.current.apply((feed.pk,), throw=True).get()
+
+    assert seen == (tasks.current.name, [feed.pk])
+    assert not current_task  # and nothing is left on Celery's stack
 
 
 def test_direct_call_of_an_inactive_object_does_nothing() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from celery import current_task
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F
 
@@ -199,6 +200,14 @@ def poll_hidden(pk: Any) -> Any:
 @app.task(base=DeactivatingTask, model=ActiveOnlyFeed)
 def poll_active_only(pk: Any) -> Any:
     return work(ActiveOnlyFeed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=Feed)
+def current(pk: int) -> Any:
+    """What Celery says runs (``celery.current_task``): its name and its request's arguments."""
+    if not current_task:
+        return None
+    return current_task.name, list(current_task.request.args)
 
 
 @app.task(base=DeactivatingTask, model=Feed, deactivate_atomic=False)
