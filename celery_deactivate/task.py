@@ -49,8 +49,9 @@ _eager_propagates: ContextVar[bool] = ContextVar(
 #: ``Request.on_timeout``): the request has recorded that failure already.
 in_main_process_hook: ContextVar[bool] = ContextVar("celery_deactivate_main_hook", default=False)
 
-#: The last exception raised by the library's own statements before the body (the read of the
-#: object): not a failure of the object, so the failure hook does not count it.
+#: The exception the library's own statements before the body (the read of the object) raised
+#: in this run: not a failure of the object, so the failure hook does not count it.  The hook
+#: takes it (:func:`_take_own_error`), so that it and its frames do not outlive the run.
 _own_error: ContextVar[BaseException | None] = ContextVar(
     "celery_deactivate_own_error", default=None
 )
@@ -493,11 +494,12 @@ class DeactivatingTask(_TaskBase):
         else's transaction, only if it commits.
         """
         exc = _original(exc)
+        own_read_failed = _take_own_error() is exc
         identity = f"{self.model} pk={pk!r}"
         try:
             target = self.target
             identity = target.identity(pk)
-            if _own_error.get() is exc:
+            if own_read_failed:
                 logger.info(
                     "celery_deactivate: %s[%s] on %s: the library's own read failed (%s); not "
                     "counted against the object",
@@ -619,6 +621,14 @@ class DeactivatingTask(_TaskBase):
         notify.deliver(
             notifier, notice, task=self, instance=instance, exception=exc, task_id=task_id
         )
+
+
+def _take_own_error() -> BaseException | None:
+    """The error of the library's own read in this run, if any, forgotten as it is taken."""
+    error = _own_error.get()
+    if error is not None:
+        _own_error.set(None)
+    return error
 
 
 def _close_if_unusable(using: str) -> None:

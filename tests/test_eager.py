@@ -6,6 +6,8 @@ traced at all: the task records the failure itself there, once.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -103,6 +105,27 @@ def test_the_body_sees_its_task_as_celery_s_current_task(call: str, eager: Celer
 
     assert seen == (tasks.current.name, [feed.pk])
     assert not current_task  # and nothing is left on Celery's stack
+
+
+@pytest.mark.parametrize("call", ["direct", "eager"])
+def test_the_error_of_the_library_s_own_read_is_not_kept(call: str, eager: Celery) -> None:
+    # Given a run whose read before the body fails (no such object): not the object's failure
+    eager.conf.task_eager_propagates = True
+    try:
+        if call == "direct":
+            tasks.poll(10**9)
+        else:
+            tasks.poll.delay(10**9)
+    except Feed.DoesNotExist as exc:
+        error = weakref.ref(exc)
+    else:  # pragma: no cover - reported below
+        raise AssertionError("the read did not fail")
+    finally:
+        eager.conf.task_eager_propagates = False
+
+    # Then once the run is over nothing keeps the exception (nor its frames) alive
+    gc.collect()
+    assert error() is None
 
 
 def test_direct_call_of_an_inactive_object_does_nothing() -> None:
