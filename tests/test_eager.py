@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from celery import Celery, current_task
 from django.core import mail
+from django.test import override_settings
 
 from celery_deactivate.signals import failure_counted, object_deactivated
 from tests.testapp import tasks
@@ -126,6 +127,33 @@ def test_the_error_of_the_library_s_own_read_is_not_kept(call: str, eager: Celer
     # Then once the run is over nothing keeps the exception (nor its frames) alive
     gc.collect()
     assert error() is None
+
+
+@pytest.mark.parametrize("where", ["app", "django"])
+def test_a_setting_changed_in_place_is_seen_by_the_next_run(
+    where: str, eager: Celery, conf: Any
+) -> None:
+    def count_after_a_success() -> int:
+        feed = Feed.objects.create(title="counted", failure_count=2)
+        tasks.poll.delay(feed.pk)
+        return Feed.objects.get(pk=feed.pk).failure_count
+
+    # Given the fields by role, set worker-wide (the default roles: a success resets the count)
+    fields: dict[str, str | None] = {}
+    with override_settings(CELERY_DEACTIVATE_FIELDS=fields):
+        if where == "app":
+            conf(deactivate_fields=fields)
+        assert count_after_a_success() == 0
+
+        # When the mapping is changed in place: the count is no role any more
+        fields["failure_count"] = None
+
+        # Then the next run reads no count, and leaves it as it is
+        assert count_after_a_success() == 2
+        # and a mapping set anew is seen as well
+        if where == "app":
+            conf(deactivate_fields={})
+            assert count_after_a_success() == 0
 
 
 def test_direct_call_of_an_inactive_object_does_nothing() -> None:
