@@ -239,7 +239,8 @@ class DeactivatableAdminMixin(_ModelAdmin):
         description=_("Deactivate selected %(verbose_name_plural)s"),
     )
     def deactivate_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
-        """Take the selected active objects out of scheduling (deactivated by hand, no error)."""
+        """Take the selected active objects out of scheduling (deactivated by hand, no error),
+        and turn off the probes of those a failure deactivated."""
         self._change_each(request, queryset, services.deactivate, *_DEACTIVATED)
 
     def _change_each(

@@ -8,6 +8,7 @@ Values are read when they are needed, never at import time, so per-test configur
 
 from __future__ import annotations
 
+import copy
 import difflib
 import weakref
 from collections.abc import Callable, Mapping
@@ -388,21 +389,27 @@ _settings_generation = 0
 
 
 def option_inputs(task: Task[Any, Any], names: tuple[str, ...]) -> tuple[Any, ...]:
-    """Everything options ``names`` of ``task`` are resolved from: the per-task values, the app's
-    configuration object, the values set on it and the Django settings' generation.
+    """Everything options ``names`` of ``task`` are resolved from: the app's configuration
+    object, the Django settings' generation, and a snapshot of each value read (per task, and
+    worker-wide through :func:`app_setting`).
 
     Equal inputs resolve to equal values, so a task may keep what it resolved from them (the hot
-    path checks these instead of resolving again; a value set anew is seen, one mutated in place
-    is not).
+    path checks these instead of resolving again).  A value set anew is seen, and so is a
+    mapping or a list changed in place: the snapshot is a copy of it.
     """
     conf = _app_of(task).conf
-    changes = conf.changes
+    values = [getattr(task, name, None) for name in names]
+    values += [app_setting(conf, name) for name in names]
     return (
         conf,
         _settings_generation,
-        *[getattr(task, name, None) for name in names],
-        *[changes.get(name) for name in names],
+        *[copy.copy(value) if isinstance(value, _MUTABLE) else value for value in values],
     )
+
+
+#: Option values that may be changed in place: a snapshot of them is a shallow copy (every
+#: option's is flat: a mapping of role to field name, a list of exception types).
+_MUTABLE = (dict, list, set)
 
 
 def _forget_settings(**kwargs: Any) -> None:

@@ -56,8 +56,11 @@ class DeactivatableModel(models.Model):
     ) -> bool:
         """Take this object out of scheduling, by hand or for an ``error`` (an exception or its
         class, a message, or ``True``): the same service function as the task (targeted update,
-        :data:`~celery_deactivate.signals.object_deactivated`).  Returns whether it changed;
-        an object already inactive is left as it is and nothing is sent."""
+        :data:`~celery_deactivate.signals.object_deactivated`).  Returns whether it changed.
+
+        An object a failure deactivated keeps its error, but its cool-down probes are turned off
+        (a probe scheduled is not sent, one out does not re-activate it): that is a change, and
+        nothing is sent.  Any other inactive object is left as it is."""
         from .services import deactivate
 
         reason: BaseException | str | None

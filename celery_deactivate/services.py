@@ -196,28 +196,56 @@ def deactivate(
     fields: Mapping[str, str | None] | None = None,
     using: str | None = None,
 ) -> Model | None:
-    """Deactivate one active object by hand (admin, command, ``instance.deactivate()``);
-    ``None`` if it was not active.
+    """Deactivate one object by hand (admin, command, ``instance.deactivate()``); ``None`` if
+    nothing changed.
 
-    With an ``exception`` (or a message) it is recorded as deactivated by an error, else as
-    deactivated by hand.  Either way it is never probed (cool-down probes follow failures only).
+    An active object is recorded as deactivated by an error when an ``exception`` (or a message)
+    is given, else as deactivated by hand, and
+    :data:`~celery_deactivate.signals.object_deactivated` is sent.  Either way it is never probed
+    (cool-down probes follow failures only).
+
+    The operator's word wins over a probe: an object a failure deactivated, with a probe
+    scheduled or out, has its probe turned off (no probe is sent, and one out does not
+    re-activate it: :func:`end_probe` needs it to be still out).  Its error and the time of its
+    deactivation stay as the failure recorded them, and no signal is sent: it was deactivated
+    already.  An inactive object without a probe is left alone.
     """
     target = target_for(model, fields)
     using = using or db_for(target)
     values = _deactivation(target, exception, error=exception is not None)
     with transaction.atomic(using=using):
         instance = _change(target, pk, values, True, using)
-        if instance is not None:
-            send(
-                signals.object_deactivated,
-                target,
-                model,
-                instance,
-                exception=exception,
-                task_id=None,
-                failure_count=target.count_of(instance),
-            )
+        if instance is None:
+            return _stop_probes(target, pk, using)
+        send(
+            signals.object_deactivated,
+            target,
+            model,
+            instance,
+            exception=exception,
+            task_id=None,
+            failure_count=target.count_of(instance),
+        )
     return instance
+
+
+def _stop_probes(target: Target, pk: Any, using: str) -> Model | None:
+    """Turn off the probes of a deactivated object (one scheduled or out); ``None`` if it had
+    none."""
+    if not target.probes:
+        return None
+    next_probe_at, probing_since = cast(str, target.next_probe_at), cast(str, target.probing_since)
+    probing = Q(**{f"{next_probe_at}__isnull": False}) | Q(**{f"{probing_since}__isnull": False})
+    rows = _rows(target, pk, using, **{target.active: False}).filter(probing)
+    values = {next_probe_at: None, cast(str, target.cooldown): None, probing_since: None}
+    if not rows.update(**values):
+        return None
+    logger.info(
+        "celery_deactivate: %s was deactivated already; deactivated by hand, its cool-down "
+        "probes are off",
+        target.identity(pk),
+    )
+    return _read_changed(target, pk, using)
 
 
 def reactivate(
@@ -246,7 +274,7 @@ def end_probe(target: Target, pk: Any, *, using: str | None = None) -> Model | N
         where = {f"{target.probing_since}__isnull": False, target.active: False}
         if not _rows(target, pk, using, **where).update(**_reactivation(target)):
             return None
-        instance = read_object(target, pk, using)
+        instance = _read_changed(target, pk, using)
         send(signals.object_reactivated, target, target.model, instance)
     return instance
 
@@ -301,7 +329,7 @@ def _probe_failed(
         values[target.failure_count] = F(target.failure_count) + 1
     if not rows.update(**values):
         return None
-    return read_object(target, pk, using)
+    return _read_changed(target, pk, using)
 
 
 def record_probe_failure(
@@ -375,7 +403,18 @@ def _change(
     (:func:`read_object`).  In a transaction, the row stays locked between the two."""
     if not _rows(target, pk, using, **{target.active: active}).update(**values):
         return None
-    return read_object(target, pk, using)
+    return _read_changed(target, pk, using)
+
+
+def _read_changed(target: Target, pk: Any, using: str) -> Model:
+    """The row an ``UPDATE`` through the base manager just changed, as :func:`read_object`
+    returns it, by primary key alone: the change may hide it from a base manager that filters
+    on the library's columns (one that hides inactive rows), and the outcome must not depend on
+    whether the row is read after the change or before it (:func:`_change_alone`)."""
+    if target.plain_rows:
+        return read_object(target, pk, using)
+    found: Model = QuerySet(model=target.model, using=using).get(pk=pk)
+    return found
 
 
 def _field(model: type[Model], name: str) -> Field[Any, Any]:

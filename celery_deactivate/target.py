@@ -133,6 +133,25 @@ def get_model(model: ModelRef | None, task_name: str) -> type[models.Model]:
     return model
 
 
+def _check_primary_key(model: type[models.Model], task_name: str) -> None:
+    """Refuse a composite primary key (Django 5.2's ``CompositePrimaryKey``): a task's object is
+    given by one key value (its first argument), and that is how the library reads, updates,
+    lists and names objects."""
+    composite = getattr(models, "CompositePrimaryKey", None)  # absent before Django 5.2
+    pk = model._meta.pk
+    if composite is None or not isinstance(pk, composite):
+        return
+    label = model._meta.label
+    columns = ", ".join(getattr(pk, "field_names", ()))
+    raise DeactivateConfigError(
+        f"{label} has a composite primary key ({columns}), which deactivating tasks do not "
+        "support: give it a single-column primary key (a unique constraint can keep those "
+        "columns unique)",
+        task=task_name,
+        model=label,
+    )
+
+
 def _field(
     model: type[models.Model], role: str, name: str, explicit: bool, task_name: str
 ) -> models.Field[Any, Any] | None:
@@ -170,6 +189,7 @@ def resolve_target(
     Raises :exc:`DeactivateConfigError` (an ``ImproperlyConfigured``) naming model and field.
     """
     concrete = get_model(model, task_name)
+    _check_primary_key(concrete, task_name)
     configured = dict(fields)
     found: dict[str, models.Field[Any, Any] | None] = {}
     for role, default in FIELD_DEFAULTS.items():

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Task
+from celery._state import (  # type: ignore[attr-defined]  # not in celery-types' stubs
+    pop_current_task,
+    push_current_task,
+)
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from django.apps import apps
@@ -45,8 +49,9 @@ _eager_propagates: ContextVar[bool] = ContextVar(
 #: ``Request.on_timeout``): the request has recorded that failure already.
 in_main_process_hook: ContextVar[bool] = ContextVar("celery_deactivate_main_hook", default=False)
 
-#: The last exception raised by the library's own statements before the body (the read of the
-#: object): not a failure of the object, so the failure hook does not count it.
+#: The exception the library's own statements before the body (the read of the object) raised
+#: in this run: not a failure of the object, so the failure hook does not count it.  The hook
+#: takes it (:func:`_take_own_error`), so that it and its frames do not outlive the run.
 _own_error: ContextVar[BaseException | None] = ContextVar(
     "celery_deactivate_own_error", default=None
 )
@@ -312,18 +317,30 @@ class DeactivatingTask(_TaskBase):
         failure hook will run, so the failure is recorded here."""
         request = self.request
         try:
-            if request.called_directly:  # push a request for the body, as Task.__call__ does
-                self.push_request(args=args, kwargs=kwargs)
-                try:
-                    return self._run(options, args, kwargs)
-                finally:
-                    self.pop_request()
+            if request.called_directly:
+                return self._run_direct(options, args, kwargs)
             return self._run(options, args, kwargs)
         except CONTROL_FLOW:
             raise
         except Exception as exc:
             self.record_failure(exc, args[0], request.id)
             raise
+
+    def _run_direct(
+        self, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A direct call: what Celery's own ``Task.__call__`` does around the body (the task on
+        Celery's stack, so ``celery.current_task`` is this task; a request with the arguments),
+        around :meth:`_run`.  ``Task.__call__`` itself cannot be used: it calls ``run`` with the
+        arguments it is given, and the read before the body and its transaction come first.
+        Celery's stack is private (``celery._state``, docs/private-apis.md)."""
+        push_current_task(self)
+        self.push_request(args=args, kwargs=kwargs)
+        try:
+            return self._run(options, args, kwargs)
+        finally:
+            self.pop_request()
+            pop_current_task()
 
     def _run(self, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Read the object's state, run the body on an active object, reset a positive count."""
@@ -479,11 +496,12 @@ class DeactivatingTask(_TaskBase):
         else's transaction, only if it commits.
         """
         exc = _original(exc)
+        own_read_failed = _take_own_error() is exc
         identity = f"{self.model} pk={pk!r}"
         try:
             target = self.target
             identity = target.identity(pk)
-            if _own_error.get() is exc:
+            if own_read_failed:
                 logger.info(
                     "celery_deactivate: %s[%s] on %s: the library's own read failed (%s); not "
                     "counted against the object",
@@ -615,6 +633,14 @@ class DeactivatingTask(_TaskBase):
         ):
             failed = outage.Deactivation(self.name, self.target, instance, exc, task_id)
             outage.defer_undelivered(failed, guard)
+
+
+def _take_own_error() -> BaseException | None:
+    """The error of the library's own read in this run, if any, forgotten as it is taken."""
+    error = _own_error.get()
+    if error is not None:
+        _own_error.set(None)
+    return error
 
 
 def _close_if_unusable(using: str) -> None:

@@ -199,6 +199,20 @@ def test_an_action_that_changes_nothing_warns(admin_client: Client, sent: list[A
     assert sent == []
 
 
+def test_deactivating_an_object_waiting_for_its_probe_turns_the_probe_off(
+    admin_client: Client, sent: list[Any]
+) -> None:
+    waiting = broken_feed("waiting")
+    Feed.objects.filter(pk=waiting.pk).update(next_probe_at=timezone.now(), cooldown=60)
+
+    response = run_action(admin_client, FEEDS, "deactivate_selected", [waiting.pk])
+
+    assert sent_messages(response) == [(messages.SUCCESS, "Deactivated 1 feed.")]
+    assert state(waiting) == (False, True, "ConnectionError: refused", 3)
+    assert (waiting.next_probe_at, waiting.cooldown, waiting.probing_since) == (None, None, None)
+    assert sent == []  # deactivated already: no second object_deactivated
+
+
 def test_renamed_fields_and_the_class_own_actions(admin_client: Client, sent: list[Any]) -> None:
     url = "/admin/testapp/renamed/"
     obj = Renamed.objects.create(title="r", failures=2)

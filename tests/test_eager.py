@@ -6,11 +6,14 @@ traced at all: the task records the failure itself there, once.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, current_task
 from django.core import mail
+from django.test import override_settings
 
 from celery_deactivate.signals import failure_counted, object_deactivated
 from tests.testapp import tasks
@@ -89,6 +92,68 @@ def test_direct_call_records_the_failure_and_raises_the_same_exception(
     feed.refresh_from_db()
     assert (feed.active, feed.failure_count) == (False, 1)
     assert len(deactivations) == 1
+
+
+@pytest.mark.parametrize("call", ["direct", "eager"])
+def test_the_body_sees_its_task_as_celery_s_current_task(call: str, eager: Celery) -> None:
+    # As Celery's own Task.__call__ does for a direct call, and its tracer for the others
+    feed = Feed.objects.create(title="f")
+
+    if call == "direct":
+        seen = tasks.current(feed.pk)
+    else:
+        seen = tasks.current.apply((feed.pk,), throw=True).get()
+
+    assert seen == (tasks.current.name, [feed.pk])
+    assert not current_task  # and nothing is left on Celery's stack
+
+
+@pytest.mark.parametrize("call", ["direct", "eager"])
+def test_the_error_of_the_library_s_own_read_is_not_kept(call: str, eager: Celery) -> None:
+    # Given a run whose read before the body fails (no such object): not the object's failure
+    eager.conf.task_eager_propagates = True
+    try:
+        if call == "direct":
+            tasks.poll(10**9)
+        else:
+            tasks.poll.delay(10**9)
+    except Feed.DoesNotExist as exc:
+        error = weakref.ref(exc)
+    else:  # pragma: no cover - reported below
+        raise AssertionError("the read did not fail")
+    finally:
+        eager.conf.task_eager_propagates = False
+
+    # Then once the run is over nothing keeps the exception (nor its frames) alive
+    gc.collect()
+    assert error() is None
+
+
+@pytest.mark.parametrize("where", ["app", "django"])
+def test_a_setting_changed_in_place_is_seen_by_the_next_run(
+    where: str, eager: Celery, conf: Any
+) -> None:
+    def count_after_a_success() -> int:
+        feed = Feed.objects.create(title="counted", failure_count=2)
+        tasks.poll.delay(feed.pk)
+        return Feed.objects.get(pk=feed.pk).failure_count
+
+    # Given the fields by role, set worker-wide (the default roles: a success resets the count)
+    fields: dict[str, str | None] = {}
+    with override_settings(CELERY_DEACTIVATE_FIELDS=fields):
+        if where == "app":
+            conf(deactivate_fields=fields)
+        assert count_after_a_success() == 0
+
+        # When the mapping is changed in place: the count is no role any more
+        fields["failure_count"] = None
+
+        # Then the next run reads no count, and leaves it as it is
+        assert count_after_a_success() == 2
+        # and a mapping set anew is seen as well
+        if where == "app":
+            conf(deactivate_fields={})
+            assert count_after_a_success() == 0
 
 
 def test_direct_call_of_an_inactive_object_does_nothing() -> None:

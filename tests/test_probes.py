@@ -124,6 +124,54 @@ def test_objects_deactivated_by_hand_are_never_probed(eager: Celery) -> None:
     assert (feed.active, feed.error, feed.next_probe_at) == (False, False, None)
 
 
+def test_a_deactivation_by_hand_turns_a_scheduled_probe_off(
+    eager: Celery, sent: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given an object a failure deactivated, its probe scheduled
+    feed = deactivated_by_a_failure()
+    Feed.objects.filter(pk=feed.pk).update(behaviour="ok")  # a probe would succeed
+    sent.clear()
+
+    # When the operator deactivates it by hand
+    caplog.set_level("INFO", logger="celery_deactivate")
+    assert feed.deactivate() is True
+
+    # Then the probe is off, the failure's record stays, nothing is sent a second time
+    assert (feed.next_probe_at, feed.cooldown, feed.probing_since) == (None, None, None)
+    fresh = Feed.objects.get(pk=feed.pk)
+    assert (fresh.active, fresh.error, fresh.error_message) == (
+        False,
+        True,
+        "Boom: flaky is broken",
+    )
+    assert fresh.next_probe_at is None and fresh.deactivated_at == feed.deactivated_at
+    assert sent == []
+    assert "deactivated by hand, its cool-down probes are off" in caplog.text
+    # and no probe is ever sent; a second deactivation changes nothing
+    assert probes.maintain(eager, now=later(10_000)) == 0
+    assert Feed.objects.get(pk=feed.pk).active is False
+    assert feed.deactivate() is False
+
+
+def test_a_probe_out_when_the_operator_deactivates_does_not_reactivate(
+    eager: Celery, sent: list[Any]
+) -> None:
+    # Given an object a failure deactivated, whose probe runs while the operator deactivates it
+    feed = deactivated_by_a_failure()
+    Feed.objects.filter(pk=feed.pk).update(behaviour="deactivated_by_hand")
+    sent.clear()
+
+    # When the probe is sent and its body succeeds
+    assert probes.maintain(eager, now=later(61)) == 1
+
+    # Then the operator's word wins: the probe's success does not re-activate it
+    fresh = Feed.objects.get(pk=feed.pk)
+    assert fresh.polls == 1  # the probe's body ran
+    assert (fresh.active, fresh.next_probe_at, fresh.probing_since) == (False, None, None)
+    assert sent == []
+    assert probes.maintain(eager, now=later(10_000)) == 0
+
+
 @pytest.mark.usefixtures("worker")
 def test_a_probe_goes_through_the_task_s_own_apply_async_to_a_worker(celery_app: Celery) -> None:
     feed = Feed.objects.create(title="f", behaviour="fail")

@@ -6,15 +6,25 @@ import contextlib
 import threading
 from typing import Any
 
+import django
 import pytest
+from celery import Celery
 from django.core.exceptions import ValidationError
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from celery_deactivate import services
+from celery_deactivate import DeactivatingTask, services
+from celery_deactivate.exceptions import DeactivateConfigError
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.testapp import tasks
-from tests.testapp.models import Feed, HiddenFeed, ProxyFeed, SpecialFeed, TrackedArticle
+from tests.testapp.models import (
+    ActiveOnlyFeed,
+    Feed,
+    HiddenFeed,
+    ProxyFeed,
+    SpecialFeed,
+    TrackedArticle,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -239,6 +249,54 @@ def test_a_filtering_base_manager_is_honoured() -> None:
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT active FROM {HiddenFeed._meta.db_table}")
         assert cursor.fetchall() in ([(True,)], [(1,)])
+
+
+@pytest.mark.parametrize("receiver", [True, False], ids=["receiver", "no-receiver"])
+def test_a_base_manager_hiding_inactive_rows_is_deactivated_with_or_without_a_receiver(
+    eager: Any, receiver: bool, no_receiver: None
+) -> None:
+    # Given a model whose base manager hides inactive rows, with or without a receiver
+    received: list[Any] = []
+    if receiver:
+        object_deactivated.connect(
+            lambda instance, **kw: received.append(instance), weak=False, dispatch_uid="hide"
+        )
+    feed = ActiveOnlyFeed.objects.create(title="hidden once off", behaviour="fail")
+    try:
+        # When its task fails
+        result = tasks.poll_active_only.delay(feed.pk)
+    finally:
+        object_deactivated.disconnect(dispatch_uid="hide")
+
+    # Then the task's exception is the body's, and the object is deactivated either way
+    assert isinstance(result.result, tasks.Boom)
+    stored = ActiveOnlyFeed.every_row.get(pk=feed.pk)
+    assert (stored.active, stored.error, stored.failure_count) == (False, True, 1)
+    assert not ActiveOnlyFeed.objects.filter(pk=feed.pk).exists()
+    if receiver:
+        [instance] = received
+        assert (type(instance), instance.pk, instance.active) == (ActiveOnlyFeed, feed.pk, False)
+
+
+@pytest.mark.skipif(django.VERSION < (5, 2), reason="composite primary keys are new in Django 5.2")
+@pytest.mark.parametrize("model", ["testapp.CompositeFeed", "class"])
+def test_a_composite_primary_key_is_refused_at_declaration(model: str) -> None:
+    from tests.testapp.models import CompositeFeed
+
+    app = Celery("composite", set_as_current=False)
+    app.finalize()
+
+    def body(pk: Any) -> None: ...
+
+    with pytest.raises(DeactivateConfigError, match="testapp.CompositeFeed has a composite"):
+        app.task(
+            base=DeactivatingTask,
+            lazy=False,
+            shared=False,
+            model=CompositeFeed if model == "class" else model,
+        )(body)
+    with pytest.raises(DeactivateConfigError, match="composite primary key"):
+        services.target_for(CompositeFeed)  # the admin, the command
 
 
 def test_format_error_never_raises_and_fits_the_database() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import django
 from django.db import models
 
 from celery_deactivate import DeactivatableModel
@@ -128,6 +129,29 @@ class HiddenFeed(DeactivatableModel):
         return self.title
 
 
+class ActiveManager(models.Manager):  # type: ignore[type-arg]
+    """Hides inactive rows, even from related lookups (the model's base manager)."""
+
+    def get_queryset(self) -> Any:
+        return super().get_queryset().filter(active=True)
+
+
+class ActiveOnlyFeed(DeactivatableModel):
+    """A base manager that hides inactive rows: a deactivation hides the row it changed."""
+
+    title = models.CharField(max_length=100)
+    behaviour = models.CharField(max_length=20, default="ok")
+
+    objects = ActiveManager()  # type: ignore[misc]
+    every_row = models.Manager()
+
+    class Meta:
+        base_manager_name = "objects"
+
+    def __str__(self) -> str:
+        return self.title
+
+
 class Article(models.Model):
     """A concrete parent without the deactivation fields."""
 
@@ -142,3 +166,15 @@ class TrackedArticle(Article, DeactivatableModel):
     the parent's columns in another."""
 
     behaviour = models.CharField(max_length=20, default="ok")
+
+
+if django.VERSION >= (5, 2):  # models.CompositePrimaryKey is new in Django 5.2
+
+    class CompositeFeed(models.Model):
+        """A composite primary key: refused by the library, at declaration."""
+
+        pk = models.CompositePrimaryKey("source", "number")
+        source = models.CharField(max_length=40)
+        number = models.IntegerField()
+        active = models.BooleanField(default=True)
+        error = models.BooleanField(default=False)

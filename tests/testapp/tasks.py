@@ -7,6 +7,7 @@ import os
 import signal
 from typing import Any
 
+from celery import current_task
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F
 
@@ -14,6 +15,7 @@ from celery_deactivate import DeactivatingTask
 from tests.celery_app import app
 
 from .models import (
+    ActiveOnlyFeed,
     Entry,
     Feed,
     HiddenFeed,
@@ -55,6 +57,8 @@ def _swallow_a_database_error(obj: Any) -> None:
 def work(obj: Any) -> Any:
     """Write inside the task's transaction, then behave as the object says."""
     behaviour = getattr(obj, "behaviour", "fail" if obj.title.startswith("bad") else "ok")
+    if behaviour == "deactivated_by_hand":  # an operator deactivates it while the body runs
+        obj.deactivate()
     if behaviour == "fail_fast":  # before any write: the failure's own statements come first
         raise Boom(f"{obj.title} is broken")
     if isinstance(obj, Feed):
@@ -204,6 +208,19 @@ def poll_special(pk: Any) -> Any:
 @app.task(base=DeactivatingTask, model=HiddenFeed)
 def poll_hidden(pk: Any) -> Any:
     return work(HiddenFeed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=ActiveOnlyFeed)
+def poll_active_only(pk: Any) -> Any:
+    return work(ActiveOnlyFeed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=Feed)
+def current(pk: int) -> Any:
+    """What Celery says runs (``celery.current_task``): its name and its request's arguments."""
+    if not current_task:
+        return None
+    return current_task.name, list(current_task.request.args)
 
 
 @app.task(base=DeactivatingTask, model=Feed, deactivate_atomic=False)
