@@ -26,14 +26,14 @@ its own rows, so failures never queue on one row) and
 :class:`~celery_deactivate.models.TaskFailure` (one row per task and object: the distinct objects,
 the outage's victims, the pending digest).  Process clocks are assumed in sync (NTP).
 
-Cost.  The success path runs no statement: runs are counted in memory and written by the next run
-at least :data:`FLUSH_EVERY` seconds after the last write (one ``UPDATE`` of the process's own row
-and a read of the task's state), or by the next failure.  Counts of a process that stops
-receiving tasks are written with its next task; there is no background thread.  A failure
-outside an outage adds a read of the task's state, the count, the object's row in
+Cost.  The success path runs no statement: runs and final failures are counted in memory alike
+(:class:`~celery_deactivate.counts.Pending`) and written by the next run at least
+:data:`FLUSH_EVERY` seconds after the last write (one ``UPDATE`` of the process's own row and a
+read of the task's state), and when the process exits in order; there is no background thread.
+A failure outside an outage adds a read of the task's state, the object's row in
 ``TaskFailure``, the distinct objects counted up to the threshold (then the sums of the window),
-and after a deactivation a second read of the state; during an outage a failure costs a read and
-the count, and nothing on the object (less than a deactivation).  The guard off
+and after a deactivation a second read of the state; during an outage a failure costs a read,
+and nothing on the object (less than a deactivation).  The guard off
 (``deactivate_outage_objects=0``) and ``deactivate_notify_window=0`` add nothing at all.
 """
 

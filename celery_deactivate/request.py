@@ -19,7 +19,6 @@ blocked, and the dying child (killed right after this hook returns) releases its
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
 
@@ -28,6 +27,7 @@ from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from django.db import connections
+from django.db.utils import load_backend
 
 from .conf import resolve
 from .task import in_main_process_hook
@@ -154,69 +154,26 @@ class DeactivatingRequest(Request):
 
 
 def _record_in_thread(task: Any, exc: BaseException, pk: Any, task_id: str, timeout: float) -> None:
-    _recordings.begin()
+    _connect_outside_pools()
     try:
         task.record_failure(exc, pk, task_id, timeout=timeout)
     finally:
-        _recordings.end()
+        connections.close_all()  # this thread's connections: it ends here
 
 
-class _Recordings:
-    """The crash recordings running in the worker's main process, so that no database connection
-    crosses a fork.
+def _connect_outside_pools() -> None:
+    """Give this thread, for each database on Django's connection pool (``"OPTIONS": {"pool":
+    True}``, Django 5.1+), a connection outside the pool, closed when the recording ends.
 
-    The pool forks a child to replace the one that died while its crash is being recorded.  A
-    connection open in the main process at that moment would be inherited: Django's connection
-    pool (``"OPTIONS": {"pool": True}``, Django 5.1+) keeps the recording's connection open after
-    it is closed, and Celery's Django fixup closes the inherited pool in the child (Celery 5.5+),
-    which ends the main process's session on the server; older Celery lets both processes use it.
-    So each recording closes its connections and, the last one, the pools; and a fork waits
-    (``os.register_at_fork``) until no recording runs.
-    """
-
-    def __init__(self) -> None:
-        self.done = threading.Condition()
-        self.running = 0
-
-    def begin(self) -> None:
-        with self.done:
-            self.running += 1
-
-    def end(self) -> None:
-        try:
-            connections.close_all()  # this thread's connections: it ends here
-        finally:
-            with self.done:
-                self.running -= 1
-                if not self.running:
-                    _close_pools()
-                    self.done.notify_all()
-
-    def wait(self) -> None:
-        """Before a fork: wait for the recordings (each is bounded by its crash timeout)."""
-        with self.done:
-            self.done.wait_for(lambda: not self.running, timeout=FORK_WAIT)
-
-
-#: Seconds a fork of the worker's main process waits at most for the crash recordings.
-FORK_WAIT = 60.0
-
-_recordings = _Recordings()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_recordings.wait)
-
-
-def _close_pools() -> None:
-    """Close the connection pools of the databases that have one (``DatabaseWrapper.close_pool``,
-    Django 5.1+, as Celery's own Django fixup does for prefork; docs/private-apis.md)."""
+    The pool forks a child in place of the one that died while its crash is being recorded.  A
+    pooled connection is not closed when given back: it would stay open in the main process and
+    cross the next fork, where Celery's Django fixup closes the inherited pool (Celery 5.5+),
+    ending the main process's session on the server, and older Celery lets both processes use it.
+    A connection of this thread's own is never in the pool, never used by a child, and closed by
+    the thread (docs/private-apis.md: ``connections[alias] = wrapper``)."""
     for alias in connections:
-        connection = connections[alias]
-        if connection.settings_dict.get("OPTIONS", {}).get("pool") and hasattr(
-            connection, "close_pool"
-        ):
-            try:
-                connection.close_pool()
-            except Exception as error:
-                logger.warning(
-                    "celery_deactivate: could not close the pool of %s: %s", alias, error
-                )
+        settings = connections.settings[alias]
+        options = settings.get("OPTIONS") or {}
+        if options.get("pool"):
+            alone = {**settings, "OPTIONS": {k: v for k, v in options.items() if k != "pool"}}
+            connections[alias] = load_backend(settings["ENGINE"]).DatabaseWrapper(alone, alias)

@@ -4,17 +4,22 @@ failing notifier changes nothing; notices only after commit."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import logging
 import math
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 from celery import Celery
 from celery.result import ResultSet
 from django.core import mail
@@ -447,3 +452,73 @@ def test_an_outage_started_in_a_transaction_that_rolls_back_notifies_nobody() ->
     assert mail.outbox == []
     assert outage.outage_of(outage_tasks.guarded) is None
     assert not Feed.objects.filter(active=False).exists()
+
+
+# -- a mail server that is down for a while -------------------------------------------------------
+
+
+class Inbox:
+    """A real SMTP server's handler (aiosmtpd): keeps each mail's subject and plain text."""
+
+    def __init__(self) -> None:
+        self.mails: list[str] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        body = message.get_body(("plain",))
+        self.mails.append(f"{message['Subject']}\n{body.get_content() if body else ''}")
+        return "250 OK"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.usefixtures("worker")
+def test_notices_due_while_the_mail_server_is_down_are_delivered_once_it_is_back(
+    settings: Any, celery_app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given mail through SMTP to a server that is down (nothing listens on its port),
+    port = free_port()
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", port, 5
+    task = outage_tasks.unguarded  # the default notice window (300 s)
+    table = failing(3)
+    state = TaskState.objects.filter(task=task.name)
+
+    with caplog.at_level(logging.ERROR, logger="celery_deactivate"):
+        # the first deactivation's notice fails and waits, with the two later ones, for a digest
+        run_all(task, table)
+        wait_for(lambda: pending(task) == 3)
+        # whose try, due (its retry time has come), fails too: nothing is dropped,
+        state.update(notify_until=timezone.now())
+        outage.maintain(celery_app)
+    assert pending(task) == 3
+    (line,) = [
+        r.message for r in caplog.records if "digest of 3 deactivation(s) was not" in r.message
+    ]
+    assert all(f"testapp.Feed pk={feed.pk}" in line for feed in table)  # every object named
+    # and the next try waits longer (10 s, doubled after each failed try).
+    retry = state.get()
+    assert retry.digest_attempts == 2
+    assert retry.notify_until > timezone.now() + timedelta(seconds=15)
+
+    # When the mail server is back and the retry is due,
+    inbox = Inbox()
+    server = Controller(inbox, hostname="127.0.0.1", port=port)
+    server.start()
+    try:
+        state.update(notify_until=timezone.now())
+        outage.maintain(celery_app)
+        wait_for(lambda: inbox.mails)
+    finally:
+        server.stop()
+
+    # Then one digest names the three, and none is pending any more.
+    assert len(inbox.mails) == 1
+    assert "3 testapp.Feed objects deactivated by" in inbox.mails[0].splitlines()[0]
+    assert all(f"testapp.Feed pk={feed.pk}" in inbox.mails[0] for feed in table)
+    assert pending(task) == 0
+    assert state.get().digest_attempts == 0
