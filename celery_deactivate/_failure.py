@@ -54,7 +54,7 @@ def record(
     try:
         target = task.target
         identity = target.identity(pk)
-        policy = task.failure_policy()
+        policy = task._failure_policy(target)
         guard = guard_of(task)
         if not policy.counts(exc):
             logger.info(

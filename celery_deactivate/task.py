@@ -238,10 +238,6 @@ class DeactivatingTask(_TaskBase):
             notifier=resolve(cls, "deactivate_notifier"),
         )
 
-    def failure_policy(self) -> FailurePolicy:
-        """The failure options of this task, resolved (``deactivate_after``...)."""
-        return self._failure_policy(self.target)
-
     def probe_policy(self) -> tuple[float, float] | None:
         """``(cooldown, cooldown_max)`` in seconds when cool-down probes are on, else ``None``."""
         return self._probe_policy(self.target)
