@@ -391,7 +391,7 @@ _settings_generation = 0
 def option_inputs(task: Task[Any, Any], names: tuple[str, ...]) -> tuple[Any, ...]:
     """Everything options ``names`` of ``task`` are resolved from: the app's configuration
     object, the Django settings' generation, and a snapshot of each value read (per task, and
-    worker-wide through :func:`app_setting`).
+    worker-wide through ``app_setting()``).
 
     Equal inputs resolve to equal values, so a task may keep what it resolved from them (the hot
     path checks these instead of resolving again).  A value set anew is seen, and so is a

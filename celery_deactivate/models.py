@@ -112,8 +112,8 @@ class PausedSchedule(models.Model):
 
 # -- the library's own tables: the outage guard and the notice windows (issue #12) -------------
 #
-# Shared by every worker process on every machine through the database.  Written by
-# :mod:`celery_deactivate.outage`; read them, never write them by hand.
+# Shared by every worker process on every machine through the database.  Written by the
+# library's private ``_guard`` and ``_notices`` modules; read them, never write them by hand.
 
 
 class TaskState(models.Model):
@@ -128,7 +128,7 @@ class TaskState(models.Model):
     #: notified at once); deactivations within it wait for the digest sent when it ends.
     notify_until = models.DateTimeField(null=True, blank=True)
     #: Tries of the pending notices that the notifier failed since the last delivered one: the
-    #: next try waits the longer (``outage.retry_delay``).
+    #: next try waits the longer (``celery_deactivate._notices.retry_delay``).
     digest_attempts = models.PositiveIntegerField(default=0)
 
     class Meta:

@@ -379,7 +379,7 @@ def name_of(instance: Model) -> str:
 
 def one_line(text: str) -> str:
     """``text`` with each line break (``\\n``, ``\\r``, U+2028 and every other
-    :meth:`str.splitlines` knows) made a space: a mail header holds one line."""
+    ``str.splitlines()`` knows) made a space: a mail header holds one line."""
     return " ".join(text.splitlines())
 
 

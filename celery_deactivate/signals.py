@@ -36,8 +36,8 @@ object_reactivated = Signal()
 #: failure_count: the consecutive failure count after the change.
 failure_counted = Signal()
 
-#: Sent once when an outage of a task starts (:mod:`celery_deactivate.outage`): in the
-#: transaction that opens it, after its victims were re-activated.
+#: Sent once when an outage of a task starts (the outage guard): in the transaction that opens
+#: it, after its victims were re-activated.
 #:
 #: sender: the task.
 #: started_at: when it started.

@@ -25,7 +25,7 @@ from django.apps import apps
 from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Model
 
-from . import dispatch, notify, outage, services
+from . import _failure, _guard, _options, dispatch, services
 from .conf import (
     PROBE_ROLES,
     ExceptionTypes,
@@ -185,7 +185,7 @@ class DeactivatingTask(_TaskBase):
         resolve(cls, "deactivate_crash_timeout")
         resolve(cls, "deactivate_atomic")
         cls._probe_policy(cls._target())
-        outage.check(cls)
+        _options.check(cls)
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -244,7 +244,7 @@ class DeactivatingTask(_TaskBase):
 
     def outage_open(self) -> bool:
         """Whether an outage of this task is open (no probe is sent meanwhile)."""
-        return outage.outage_of(self) is not None
+        return _guard.outage_of(self) is not None
 
     @classmethod
     def _probe_policy(cls, target: Target) -> tuple[float, float] | None:
@@ -445,7 +445,7 @@ class DeactivatingTask(_TaskBase):
             )
             return
         if state.active:
-            outage.ran(self)  # the outage guard: one finished run, counted in memory
+            _guard.ran(self)  # the outage guard: one finished run, counted in memory
             if not state.failures:
                 return
         try:
@@ -490,149 +490,20 @@ class DeactivatingTask(_TaskBase):
         *,
         timeout: float | None = None,
     ) -> services.FailureOutcome | None:
-        """Count a final failure and deactivate at the threshold.  Never raises: logs at ERROR.
-
-        The notifier runs after the change commits (``transaction.on_commit``): inside someone
-        else's transaction, only if it commits.
-        """
+        """Record a final failure of this task on the object ``pk``: what happens to it is
+        ``celery_deactivate._failure.record``.  Never raises: logs at ERROR."""
         exc = _original(exc)
-        own_read_failed = _take_own_error() is exc
-        identity = f"{self.model} pk={pk!r}"
-        try:
-            target = self.target
-            identity = target.identity(pk)
-            if own_read_failed:
-                logger.info(
-                    "celery_deactivate: %s[%s] on %s: the library's own read failed (%s); not "
-                    "counted against the object",
-                    self.name,
-                    task_id,
-                    identity,
-                    services.describe(exc),
-                )
-                return None
-            policy = self._failure_policy(target)
-            if not policy.counts(exc):
-                logger.info(
-                    "celery_deactivate: %s[%s] on %s: %s is not counted (deactivate_on / "
-                    "dont_deactivate_on)",
-                    self.name,
-                    task_id,
-                    identity,
-                    type(exc).__qualname__,
-                )
-                outage.ran(self)  # a finished run, not a failure of the object
-                return None
-            guard = outage.Failure(self, target, pk, exc, task_id, timeout=timeout)
-            using = services.db_for(target)
-            cooldown = self._probe_policy(target)
-            outcome: services.FailureOutcome | None
-            if not guard.outage_open():
-                outcome = services.record_failure(
-                    target,
-                    pk,
-                    exc,
-                    threshold=policy.after,
-                    sender=self,
-                    task_id=task_id,
-                    using=using,
-                    timeout=timeout,
-                    cooldown=cooldown,
-                )
-            else:  # a probe's failure is the object's; any other is counted for the task only
-                outcome = services.record_probe_failure(
-                    target, pk, exc, cooldown=cooldown, using=using, timeout=timeout
-                )
-                if outcome is None:
-                    guard.during_outage()
-                    return None
-        except Exception as error:
-            logger.error(
-                "celery_deactivate: could not record the failure of %s[%s] on %s (%s): %s",
+        if _take_own_error() is exc:  # the target was resolved before that read
+            logger.info(
+                "celery_deactivate: %s[%s] on %s: the library's own read failed (%s); not "
+                "counted against the object",
                 self.name,
                 task_id,
-                identity,
+                self.target.identity(pk),
                 services.describe(exc),
-                services.describe(error),
-                exc_info=error,
             )
             return None
-        if outcome.deactivated:
-            logger.warning(
-                "celery_deactivate: %s deactivated after %s failure(s) of %s[%s]: %s",
-                identity,
-                outcome.failure_count or 1,
-                self.name,
-                task_id,
-                services.describe(exc),
-            )
-            if policy.notify:
-                guard.notify_now(outcome)  # the first of a quiet period, else the digest's
-        elif outcome.probed:
-            logger.warning(
-                "celery_deactivate: %s stays deactivated: its probe %s[%s] failed (%s); next "
-                "probe in %ss",
-                identity,
-                self.name,
-                task_id,
-                services.describe(exc),
-                getattr(outcome.instance, target.cooldown or "", None),
-            )
-        elif outcome.instance is not None:
-            logger.info(
-                "celery_deactivate: %s failure %s of %s counted (%s[%s]: %s)",
-                identity,
-                outcome.failure_count,
-                policy.after,
-                self.name,
-                task_id,
-                services.describe(exc),
-            )
-        # The outage guard: count the failure, check, keep a deferred notice; never raises.  It
-        # says whether this deactivation is to be notified now (not when the outage it started
-        # re-activated the object at once; yes when the notice could not be deferred).
-        notify_now = guard.after(outcome)
-        if outcome.deactivated and policy.notify and notify_now:
-            instance = outcome.instance
-            transaction.on_commit(
-                lambda: self._notify(policy.notifier, instance, exc, task_id, identity),
-                using=using,
-            )
-        return outcome
-
-    def _notify(
-        self,
-        notifier: Notifier,
-        instance: Model | None,
-        exc: BaseException,
-        task_id: str | None,
-        identity: str,
-    ) -> None:
-        """The deactivation notice (after commit); a notifier that raises is logged at ERROR."""
-        try:
-            assert instance is not None
-            guard = outage.guard_of(self)
-            item = notify.object_of(
-                instance, exception=exc, task_id=task_id, site_url=guard.site_url
-            )
-            window = guard.notify_window if guard.digests else 0
-            notice = notify.deactivation_notice(self.name, item, window)
-        except Exception as error:
-            logger.error(
-                "celery_deactivate: the notice of %s (deactivated by %s[%s]) could not be "
-                "written: %s",
-                identity,
-                self.name,
-                task_id,
-                services.describe(error),
-                exc_info=error,
-            )
-            return
-        if not notify.deliver(
-            notifier, notice, task=self, instance=instance, exception=exc, task_id=task_id
-        ):
-            failed = outage.Deactivation(self.name, self.target, instance, exc, task_id)
-            outage.defer_undelivered(failed, guard)
+        return _failure.record(self, exc, pk, task_id, timeout=timeout)
 
 
 def _take_own_error() -> BaseException | None:

@@ -8,11 +8,14 @@ and the periodic ``celery_deactivate.maintain``.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
+from django.utils import timezone
 
-from . import dispatch
+from . import _guard, _notices, _store, dispatch, services
+from ._options import Guard, guard_of
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -58,17 +61,70 @@ def maintain(self: Any) -> None:
     fails is logged without stopping the others.
 
     * the outage guard and the notice windows: end the outages that are over, send the digests
-      whose window ended, delete counts no window needs (:func:`celery_deactivate.outage.maintain`);
+      whose window ended, delete counts no window needs (:func:`maintain_guard`);
     * cool-down probes: claim and send the probes that are due, except for a task whose outage is
       open (:func:`celery_deactivate.probes.maintain`).
     """
-    from . import outage, probes
+    from . import probes
 
-    for concern, work in (("the outage guard", outage.maintain), ("probes", probes.maintain)):
+    for concern, work in (("the outage guard", maintain_guard), ("probes", probes.maintain)):
         try:
             work(self.app)
         except Exception:
             logger.exception("celery_deactivate.maintain: %s failed", concern)
+
+
+def maintain_guard(app: Any) -> dict[str, int]:
+    """For every task with a state row: end its outage if it is over, send its digest if due,
+    delete counts no window needs any more.  What ``celery_deactivate.maintain`` runs."""
+    from .models import TaskState
+    from .task import DeactivatingTask
+
+    using = _store.db()
+    done = {"tasks": 0, "outages_ended": 0, "digests": 0}
+    rows = TaskState.objects.using(using).values_list("task", "outage_started_at", "notify_until")
+    for name, started, until in list(rows):
+        task = app.tasks.get(name)
+        if not isinstance(task, DeactivatingTask):
+            logger.info(
+                "celery_deactivate.maintain: %s is not a deactivating task of this app; skipped",
+                name,
+            )
+            continue
+        done["tasks"] += 1
+        try:
+            guard = guard_of(task)
+            if started is not None and _guard.end_if_over(task, guard, started, using):
+                done["outages_ended"] += 1
+            if until is not None and until <= timezone.now():
+                opened = _notices.send_digest(task, guard, until, using)
+                done["digests"] += int(opened is not None and opened != until)
+            _prune(name, guard, using)
+        except Exception as error:
+            logger.error(
+                "celery_deactivate.maintain: %s failed: %s",
+                name,
+                services.describe(error),
+                exc_info=error,
+            )
+    logger.info(
+        "celery_deactivate.maintain: %(tasks)d task(s), %(outages_ended)d outage(s) ended, "
+        "%(digests)d digest(s) sent",
+        done,
+    )
+    return done
+
+
+def _prune(name: str, guard: Guard, using: str) -> None:
+    """Delete the counts and failure rows no window needs any more."""
+    from .models import TaskFailure, TaskRuns
+
+    now = timezone.now()
+    horizon = timedelta(seconds=2 * max(guard.window, guard.notify_window))
+    TaskRuns.objects.using(using).filter(task=name, slot__lt=now - horizon).delete()
+    TaskFailure.objects.using(using).filter(
+        task=name, failed_at__lt=now - horizon, notice_pending=False
+    ).delete()
 
 
 def maintain_entry(every: float = 60.0, **entry_options: Any) -> dict[str, Any]:

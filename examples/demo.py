@@ -469,7 +469,6 @@ def main() -> int:
     from feeds.tasks import poll
     from feeds_project.celery import app
 
-    from celery_deactivate.outage import outage_of
     from celery_deactivate.tasks import maintain
 
     print(f"celery-deactivate demo: {backends()}")
@@ -507,19 +506,19 @@ def main() -> int:
             print("\nAFTER THE POLL DURING THE OUTAGE", feed_table(feeds), sep="\n")
             show_mails("MAIL TO THE ADMINS", after_2.mails[len(after_1.mails) :])
             problems += check_outage(
-                feeds, rounds["upstream down"], after_1, after_2, outage_of(poll) is not None
+                feeds, rounds["upstream down"], after_1, after_2, poll.outage_open()
             )
 
             # The upstream is back: poll on (and run maintain, as beat would) until it ends.
             settings.UPSTREAM_DOWN_FLAG.unlink()
             print("\n*** the upstream is back ***")
             recovery_rounds = 0
-            while outage_of(poll) is not None and time.monotonic() < deadline:
+            while poll.outage_open() and time.monotonic() < deadline:
                 maintain.delay()
                 poll_round(feeds, worker, deadline)
                 recovery_rounds += 1
                 time.sleep(ROUND_INTERVAL)
-            ended = outage_of(poll) is None
+            ended = not poll.outage_open()
             print(f"(the outage ended after {recovery_rounds} polling round(s))")
             rounds["after recovery"] = poll_round(feeds, worker, deadline)
             settle(lambda: len(mails()) == 3)

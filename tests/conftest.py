@@ -14,7 +14,7 @@ from celery.signals import task_postrun
 from celery.utils import uuid
 from django.core import mail
 
-from celery_deactivate import outage
+from celery_deactivate import _store
 from tests.celery_app import app as project_app
 
 
@@ -104,7 +104,7 @@ def _no_pending_runs() -> None:
     """Runs the outage guard counted in memory in this process (the in-thread worker's too) and
     did not write yet belong to earlier tests, whose tables were emptied: forget them, and restart
     the clock of their next write."""
-    outage.forget()
+    _store.forget()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:

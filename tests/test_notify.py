@@ -26,8 +26,9 @@ from django.core import mail
 from django.db import transaction
 from django.utils import timezone
 
-from celery_deactivate import notify, outage, services
+from celery_deactivate import _guard, notify, services
 from celery_deactivate.models import TaskFailure, TaskState
+from celery_deactivate.tasks import maintain_guard
 from tests.conftest import wait_for
 from tests.testapp import outage_tasks, tasks
 from tests.testapp.models import Entry, Feed
@@ -91,7 +92,7 @@ def test_first_at_once_the_rest_in_one_digest_naming_every_object(
     first = mail.outbox[0]
     assert "deactivated after a task failure" in first.subject
     # when the window ends, maintain sends one digest listing each of them,
-    wait_for(lambda: outage.maintain(celery_app)["digests"], timeout=10)
+    wait_for(lambda: maintain_guard(celery_app)["digests"], timeout=10)
     wait_for(lambda: len(mail.outbox) == 2)
     digest = mail.outbox[1]
     assert (
@@ -106,7 +107,7 @@ def test_first_at_once_the_rest_in_one_digest_naming_every_object(
     assert digest.body.count('raise Boom(f"{obj.title} is broken")') == 5  # traceback lines
     assert pending(outage_tasks.unguarded) == 0
     # and once only.
-    assert outage.maintain(celery_app)["digests"] == 0
+    assert maintain_guard(celery_app)["digests"] == 0
     assert len(mail.outbox) == 2
 
 
@@ -153,7 +154,7 @@ def test_a_burst_sends_a_bounded_number_of_mails(window: float, celery_app: Cele
     wait_for(lambda: Feed.objects.filter(active=False).count() == 60)
 
     def all_sent() -> bool:
-        outage.maintain(celery_app)
+        maintain_guard(celery_app)
         return pending(outage_tasks.unguarded) == 0
 
     wait_for(all_sent, timeout=10)
@@ -197,7 +198,7 @@ def test_a_failing_notifier_does_not_stop_the_guard(
         run_all(outage_tasks.guarded, failing(10))
         wait_for(lambda: "failed on the outage_started notice" in caplog.text)
 
-    assert outage.outage_of(outage_tasks.guarded) is not None
+    assert _guard.outage_of(outage_tasks.guarded) is not None
     assert not Feed.objects.filter(active=False).exists()
 
 
@@ -211,7 +212,7 @@ def test_every_kind_reaches_the_notifier_with_what_it_is(
 
     run_all(outage_tasks.guarded_briefly, table)
     Feed.objects.update(behaviour="ok")
-    wait_for(lambda: outage.maintain(celery_app)["outages_ended"], timeout=30)
+    wait_for(lambda: maintain_guard(celery_app)["outages_ended"], timeout=30)
 
     wait_for(lambda: "outage_ended" in recorder.kinds())
     assert recorder.kinds() == ["deactivated", "outage_started", "outage_ended"]
@@ -348,7 +349,7 @@ def test_the_notices_of_an_outage_of_odd_error_texts_are_mailed_short(
         outage_tasks.guarded.apply((feed.pk,))
 
     # Then the first deactivation and the outage were both mailed, the error cut short
-    assert outage.outage_of(outage_tasks.guarded) is not None
+    assert _guard.outage_of(outage_tasks.guarded) is not None
     assert [message.subject.split(" ")[1] for message in mail.outbox] == ["testapp.Feed", "Outage"]
     for message in mail.outbox:
         assert error in message.body
@@ -426,7 +427,7 @@ def test_deactivate_notify_false_silences_every_kind(conf: Callable[..., None]) 
     for feed in failing(6):
         outage_tasks.guarded.apply((feed.pk,))
 
-    assert outage.outage_of(outage_tasks.guarded) is not None
+    assert _guard.outage_of(outage_tasks.guarded) is not None
     assert mail.outbox == []
 
 
@@ -442,7 +443,7 @@ def test_an_outage_started_in_a_transaction_that_rolls_back_notifies_nobody() ->
             for feed in table:
                 with pytest.raises(tasks.Boom):
                     outage_tasks.guarded(feed.pk)
-            assert outage.outage_of(outage_tasks.guarded) is not None  # in the transaction
+            assert _guard.outage_of(outage_tasks.guarded) is not None  # in the transaction
             assert mail.outbox == []
             raise Rollback
 
@@ -450,7 +451,7 @@ def test_an_outage_started_in_a_transaction_that_rolls_back_notifies_nobody() ->
         caller()
 
     assert mail.outbox == []
-    assert outage.outage_of(outage_tasks.guarded) is None
+    assert _guard.outage_of(outage_tasks.guarded) is None
     assert not Feed.objects.filter(active=False).exists()
 
 
@@ -494,7 +495,7 @@ def test_notices_due_while_the_mail_server_is_down_are_delivered_once_it_is_back
         wait_for(lambda: pending(task) == 3)
         # whose try, due (its retry time has come), fails too: nothing is dropped,
         state.update(notify_until=timezone.now())
-        outage.maintain(celery_app)
+        maintain_guard(celery_app)
     assert pending(task) == 3
     (line,) = [
         r.message for r in caplog.records if "digest of 3 deactivation(s) was not" in r.message
@@ -511,7 +512,7 @@ def test_notices_due_while_the_mail_server_is_down_are_delivered_once_it_is_back
     server.start()
     try:
         state.update(notify_until=timezone.now())
-        outage.maintain(celery_app)
+        maintain_guard(celery_app)
         wait_for(lambda: inbox.mails)
     finally:
         server.stop()

@@ -17,11 +17,11 @@ from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
-from celery_deactivate import DeactivatingTask, outage
+from celery_deactivate import DeactivatingTask, _guard, _options, _store
 from celery_deactivate.exceptions import DeactivateConfigError
 from celery_deactivate.models import TaskFailure, TaskRuns, TaskState
 from celery_deactivate.signals import object_reactivated, outage_ended, outage_started
-from celery_deactivate.tasks import maintain, maintain_entry
+from celery_deactivate.tasks import maintain, maintain_entry, maintain_guard
 from tests.conftest import run_to_end, wait_for
 from tests.testapp import outage_tasks, tasks
 from tests.testapp.models import Feed
@@ -86,7 +86,7 @@ def kinds(messages: list[Any]) -> list[str]:
 
 
 def test_the_guard_is_on_by_default() -> None:
-    guard = outage.guard_of(tasks.poll)
+    guard = _options.guard_of(tasks.poll)
     assert (guard.objects, guard.rate, guard.window) == (10, 0.5, 300.0)
     assert guard.on and guard.notify_window == 300.0
 
@@ -94,14 +94,14 @@ def test_the_guard_is_on_by_default() -> None:
 def test_zero_turns_it_off_for_a_task_and_zero_or_none_worker_wide(
     conf: Callable[..., None],
 ) -> None:
-    assert not outage.guard_of(outage_tasks.unguarded).on
+    assert not _options.guard_of(outage_tasks.unguarded).on
     conf(deactivate_outage_objects=None)
-    assert not outage.guard_of(tasks.poll).on
+    assert not _options.guard_of(tasks.poll).on
     conf(deactivate_outage_objects=0)
-    assert not outage.guard_of(tasks.poll).on
-    assert outage.guard_of(outage_tasks.guarded).objects == 5  # its own setting wins
+    assert not _options.guard_of(tasks.poll).on
+    assert _options.guard_of(outage_tasks.guarded).objects == 5  # its own setting wins
     conf(deactivate_outage_objects=3)
-    assert outage.guard_of(tasks.poll).objects == 3
+    assert _options.guard_of(tasks.poll).objects == 3
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_a_burst_trips_the_guard_and_leaves_every_object_active(
     assert kinds(mail.outbox).count("outage_started") == 1
     assert kinds(mail.outbox).count("deactivated") <= 1  # the first of a quiet period
     assert len(mail.outbox) <= 2
-    assert outage.outage_of(outage_tasks.guarded) is not None
+    assert _guard.outage_of(outage_tasks.guarded) is not None
 
 
 @pytest.mark.usefixtures("worker")
@@ -199,7 +199,7 @@ def test_during_an_outage_failures_neither_deactivate_nor_count(
     received: Callable[[Any], Received], caplog: pytest.LogCaptureFixture
 ) -> None:
     run_all(outage_tasks.guarded_after3, feeds(10, "fail"))
-    assert outage.outage_of(outage_tasks.guarded_after3) is not None
+    assert _guard.outage_of(outage_tasks.guarded_after3) is not None
     broken = Feed.objects.create(title="broken meanwhile", behaviour="fail", failure_count=1)
 
     with caplog.at_level(logging.INFO, logger="celery_deactivate"):
@@ -227,7 +227,7 @@ def test_one_broken_object_among_healthy_ones_is_deactivated(
 
     wait_for(lambda: not Feed.objects.get(pk=broken.pk).active)
     assert started.calls == []
-    counts = outage.counts_now(outage_tasks.guarded_by_rate)
+    counts = _guard.counts_now(outage_tasks.guarded_by_rate)
     assert counts == {"runs": 21, "failures": 1, "objects": 1}  # the successes were written too
     assert Feed.objects.filter(active=True).count() == 20
 
@@ -248,7 +248,7 @@ def test_a_broken_tenth_of_a_healthy_table_is_deactivated_one_by_one(
     broken = {feed.pk for feed in table if feed.behaviour == "fail"}
     wait_for(lambda: set(Feed.objects.filter(active=False).values_list("pk", flat=True)) == broken)
     assert started.calls == []
-    assert outage.outage_of(outage_tasks.guarded) is None
+    assert _guard.outage_of(outage_tasks.guarded) is None
 
 
 @pytest.mark.usefixtures("worker")
@@ -258,16 +258,16 @@ def test_recovery_noticed_by_maintain_sends_one_outage_ended(
     ended = received(outage_ended)
     table = feeds(10, "fail")
     run_all(outage_tasks.guarded_briefly, table)
-    assert outage.outage_of(outage_tasks.guarded_briefly) is not None
-    assert outage.maintain(celery_app)["outages_ended"] == 0  # still failing: it stays open
+    assert _guard.outage_of(outage_tasks.guarded_briefly) is not None
+    assert maintain_guard(celery_app)["outages_ended"] == 0  # still failing: it stays open
 
     # The upstream is back; the task is idle: its failures leave the 3 s window.
     Feed.objects.update(behaviour="ok")
     wait_for(lambda: maintain.apply().successful() and ended.calls, timeout=30)
 
     assert len(ended.calls) == 1
-    assert outage.outage_of(outage_tasks.guarded_briefly) is None
-    assert outage.maintain(celery_app)["outages_ended"] == 0
+    assert _guard.outage_of(outage_tasks.guarded_briefly) is None
+    assert maintain_guard(celery_app)["outages_ended"] == 0
     assert len(ended.calls) == 1
     wait_for(lambda: "outage_ended" in kinds(mail.outbox))
     assert kinds(mail.outbox).count("outage_ended") == 1
@@ -283,7 +283,7 @@ def test_recovery_noticed_by_the_tasks_own_runs(received: Callable[[Any], Receiv
     ended = received(outage_ended)
     table = feeds(10, "fail")
     run_all(outage_tasks.guarded, table)
-    assert outage.outage_of(outage_tasks.guarded) is not None
+    assert _guard.outage_of(outage_tasks.guarded) is not None
 
     # The upstream is back: successes dilute the failures of the window (10 of 10 runs), and a
     # run at least FLUSH_EVERY seconds after the last write writes them and checks the outage.
@@ -298,7 +298,7 @@ def test_recovery_noticed_by_the_tasks_own_runs(received: Callable[[Any], Receiv
     assert len(ended.calls) == 1
     counts = ended.calls[0]["counts"]
     assert counts["failures"] < 0.5 * counts["runs"]
-    assert outage.outage_of(outage_tasks.guarded) is None
+    assert _guard.outage_of(outage_tasks.guarded) is None
 
 
 @pytest.mark.usefixtures("worker")
@@ -307,7 +307,7 @@ def test_after_an_outage_only_new_failures_count(received: Callable[[Any], Recei
     table = feeds(10, "fail")
     run_all(outage_tasks.guarded_briefly, table)
     Feed.objects.update(behaviour="ok")
-    wait_for(lambda: outage.maintain(outage_tasks.guarded_briefly.app)["outages_ended"])
+    wait_for(lambda: maintain_guard(outage_tasks.guarded_briefly.app)["outages_ended"])
 
     # One failure after the end: the 10 failures before it are not counted again.
     Feed.objects.filter(pk=table[0].pk).update(behaviour="fail")
@@ -336,7 +336,7 @@ def test_the_success_path_runs_no_extra_statement(conf: Callable[..., None]) -> 
     conf(deactivate_outage_objects=0)
     without = [statements(lambda: apply(tasks.poll, feed.pk)) for _ in range(5)]
     conf(deactivate_outage_objects=10)
-    outage.forget()
+    _store.forget()
     guarded = [statements(lambda: apply(tasks.poll, feed.pk)) for _ in range(5)]
 
     assert guarded == without
@@ -353,7 +353,7 @@ def test_runs_are_written_every_few_seconds_not_per_run() -> None:
             written.append(sql)
         return bool(written)
 
-    wait_for(poll_until_written, timeout=outage.FLUSH_EVERY + 20, interval=0.01)
+    wait_for(poll_until_written, timeout=_store.FLUSH_EVERY + 20, interval=0.01)
 
     runs = TaskRuns.objects.get(task=tasks.poll.name)
     assert runs.runs > 1 and runs.failures == 0  # every run so far, in one write
@@ -399,7 +399,7 @@ def test_during_an_outage_a_failure_costs_less_than_a_deactivation() -> None:
     table = feeds(6, "fail")
     for feed in table[:5]:
         apply(outage_tasks.guarded, feed.pk)
-    assert outage.outage_of(outage_tasks.guarded) is not None
+    assert _guard.outage_of(outage_tasks.guarded) is not None
 
     sql = statements(lambda: apply(outage_tasks.guarded, table[5].pk))
 
@@ -419,5 +419,5 @@ def test_the_tables_hold_the_shared_state() -> None:
     assert all(row.deactivated_at is None and not row.notice_pending for row in failures)
     runs = TaskRuns.objects.filter(task=outage_tasks.guarded.name)
     assert not runs.exists()  # counted in memory: written every FLUSH_EVERY s, and at exit
-    outage.write_counts_at_exit()
+    _guard.write_counts_at_exit()
     assert sum(row.runs for row in runs) == sum(row.failures for row in runs) == 5

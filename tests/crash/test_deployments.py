@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 from django.db.models import Sum
 
-from celery_deactivate import outage
+from celery_deactivate import _store
 from celery_deactivate.models import TaskRuns
 from tests.conftest import wait_for
 from tests.testapp.models import Feed
@@ -92,7 +92,7 @@ def test_a_child_killed_by_sigkill_biases_the_rate_neither_way(meeting: Meeting)
     # in the order they ran (failures first), never the failures without the successes after.
     runs, failures = counted("killed")
     ran_for = (results[-2].date_done - results[0].date_done).total_seconds()
-    if ran_for < outage.FLUSH_EVERY:  # no write was due before the kill: only the crash
+    if ran_for < _store.FLUSH_EVERY:  # no write was due before the kill: only the crash
         assert (runs, failures) == (1, 1)
     else:
         written = runs - 1

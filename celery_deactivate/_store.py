@@ -1,5 +1,5 @@
-"""The outage guard's shared state: the library's tables, read and written, and the runs each
-process counts in memory before writing them (see :mod:`celery_deactivate.outage`).
+"""The library's tables, read and written, and the runs each process counts in memory before
+writing them: the state the outage guard and the notice windows share between processes.
 
 * ``TaskState``: one row per task, read by every failure, written only on transitions.
 * ``TaskRuns``: finished runs and final failures per task, per slot (a tenth of the window, at
@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -24,7 +25,8 @@ from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
-from . import services
+from . import notify, services
+from .target import Target
 
 #: Seconds between two writes of the runs a process counted in memory, per task.
 FLUSH_EVERY = 2.0
@@ -229,3 +231,38 @@ def unit(using: str, timeout: float | None) -> Iterator[None]:
 def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), CHUNK):
         yield items[start : start + CHUNK]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A final failure of the task ``name`` on an object (``instance``, as the change left it)."""
+
+    name: str
+    target: Target
+    instance: Any
+    exc: BaseException
+    task_id: str | None
+
+
+def mark_failure(
+    failed: Failure, now: datetime, using: str, *, deactivated: bool, pending: bool
+) -> None:
+    """Record a failure in ``TaskFailure`` (one row per task and object, an upsert)."""
+    from .models import TaskFailure
+
+    instance = failed.instance
+    row = TaskFailure(task=failed.name, object_pk=str(instance.pk)[:255], failed_at=now)
+    fields = ["failed_at"]
+    if deactivated:
+        field = failed.target.deactivated_at
+        row.deactivated_at = getattr(instance, field) if field else now
+        row.notice_pending = pending
+        row.task_id = failed.task_id or ""
+        row.error = services.format_error(failed.exc, None)
+        row.traceback = notify.traceback_of(failed.exc).replace("\x00", "\ufffd")
+        row.object_repr = notify.name_of(instance)
+        fields += ["deactivated_at", "notice_pending", "task_id", "error", "traceback"]
+        fields += ["object_repr"]
+    TaskFailure.objects.using(using).bulk_create(
+        [row], update_conflicts=True, unique_fields=["task", "object_pk"], update_fields=fields
+    )

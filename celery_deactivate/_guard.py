@@ -1,0 +1,457 @@
+"""The outage guard: no deactivation while most of a task's runs fail.
+
+Deactivating on failure is right when one object is broken and wrong when the cause is shared
+(the upstream is down, a credential expired, a deploy broke the parser).  Like Envoy's outlier
+detection, the guard lets failures deactivate objects one by one, but not when most of the task's
+runs fail: then an *outage* of the task starts.
+
+* **Start.** Within ``deactivate_outage_window`` seconds, at least ``deactivate_outage_objects``
+  distinct objects had a final failure of the task, and the task's final failures are at least
+  ``deactivate_outage_rate`` of its finished runs, of which there were at least
+  ``deactivate_outage_min_runs``.  Then, once: ``outage_started``, one notice,
+  a WARNING, and the objects this task deactivated within the window are re-activated (through
+  :func:`~celery_deactivate.services.reactivate`: ``object_reactivated``).
+* **During it** no failure of the task deactivates an object, nor counts toward
+  ``deactivate_after`` (each is logged at INFO): the outage adds nothing to an object's count
+  (the failures before it started did count).  The exception reaches Celery unchanged.
+* **End.** The task's failure rate over the last window falls below the rate, or the window had
+  no failure: ``outage_ended``, one recovery notice.  Checked by the task's own runs (when a
+  process writes its counts) and by the periodic task ``celery_deactivate.maintain``.  After an
+  end, the next start counts only failures and runs since it (hysteresis).
+
+State is shared by every process on every machine through three tables of the library
+(``celery_deactivate.models``): :class:`~celery_deactivate.models.TaskState` (one row per
+task: the outage, the notice window), :class:`~celery_deactivate.models.TaskRuns` (finished runs
+and final failures per task, per tenth of the window and per process: each process updates only
+its own rows, so failures never queue on one row) and
+:class:`~celery_deactivate.models.TaskFailure` (one row per task and object: the distinct objects,
+the outage's victims, the pending digest).  Process clocks are assumed in sync (NTP).
+
+Cost.  The success path runs no statement: runs and final failures are counted in memory alike
+(:class:`~celery_deactivate._store.Pending`) and written by the next run at least
+:data:`FLUSH_EVERY` seconds after the last write (one ``UPDATE`` of the process's own row and a
+read of the task's state), and when the process exits in order; there is no background thread.
+A failure outside an outage adds a read of the task's state, the object's row in
+``TaskFailure``, the distinct objects counted up to the threshold (then the sums of the window),
+and after a deactivation a second read of the state; during an outage a failure costs a read,
+and nothing on the object (less than a deactivation).  The guard off
+(``deactivate_outage_objects=0``) and ``deactivate_notify_window=0`` add nothing at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import worker_process_shutdown, worker_shutdown
+from django.db import connections, transaction
+from django.dispatch import Signal
+from django.utils import timezone
+
+from . import _notices, _store, notify, services, signals
+from ._options import Guard, guard_of
+from ._store import Failure
+from .conf import resolve
+
+if TYPE_CHECKING:
+    from .target import Target
+    from .task import DeactivatingTask
+
+logger = logging.getLogger("celery_deactivate")
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+def ran(task: DeactivatingTask) -> None:
+    """One finished run of ``task`` whose body succeeded: counted in memory.  Every
+    :data:`FLUSH_EVERY` seconds the counts are written (and an open outage checked).  Never
+    raises."""
+    if _store.pending.add(task, failed=False):
+        _write_counts(task)
+
+
+def _write_counts(task: DeactivatingTask) -> None:
+    """Write the runs and failures this process counted for ``task``; end its outage if it is
+    over.  Never raises."""
+    try:
+        guard = guard_of(task)
+        if not guard.on:
+            _store.pending.take(task.name)  # nothing to write them for
+            return
+        using = _store.db()
+        with _store.unit(using, None):
+            runs, _ = _store.write_pending(task.name, guard.window, using)
+            if not runs:
+                return
+            state = _store.read_state(task.name, using, create=False)
+            if state is not None and state.outage_started_at is not None:
+                end_if_over(task, guard, state.outage_started_at, using)
+    except Exception as error:
+        logger.error(
+            "celery_deactivate: %s: the outage guard could not write its run counts: %s",
+            task.name,
+            services.describe(error),
+            exc_info=error,
+        )
+
+
+def write_counts_at_exit(**kwargs: Any) -> None:
+    """Write what this process counted before it exits in order (a pool child recycled by
+    ``--max-tasks-per-child``, a warm shutdown): connected to Celery's ``worker_process_shutdown``
+    (sent in each prefork child) and ``worker_shutdown`` (the solo and thread pools)."""
+    tasks = _store.pending.tasks_counted()
+    for task in tasks:
+        _write_counts(task)
+    connection = connections[_store.db()]
+    if tasks and not connection.in_atomic_block:
+        connection.close()  # the process ends: leave no session open
+
+
+worker_process_shutdown.connect(write_counts_at_exit, weak=False, dispatch_uid=__name__)
+worker_shutdown.connect(write_counts_at_exit, weak=False, dispatch_uid=__name__)
+
+
+# -- one failure (called by celery_deactivate._failure, in this order) ---------------------------
+
+
+def task_state(task: DeactivatingTask, guard: Guard, timeout: float | None) -> _store.State | None:
+    """The task's state row (created at its first failure), after sending a digest that is due;
+    ``None`` when neither the guard nor the notice window is on, or the row could not be read
+    (then the failure is recorded as without them, logged at ERROR).  Never raises."""
+    if not guard.records:
+        return None
+    try:
+        using = _store.db()
+        with _store.unit(using, timeout):
+            state = _store.read_state(task.name, using, create=True)
+            assert state is not None
+            until = state.notify_until
+            if until is not None and until <= timezone.now():
+                opened = _notices.send_digest(task, guard, until, using)
+                state = state._replace(notify_until=opened)
+    except Exception as error:
+        _broken(task, error, "read the task's state")
+        return None
+    return state
+
+
+def outage_open(guard: Guard, state: _store.State | None) -> bool:
+    return guard.on and state is not None and state.outage_started_at is not None
+
+
+def count_during_outage(
+    task: DeactivatingTask, guard: Guard, state: _store.State, timeout: float | None
+) -> None:
+    """A failure during the task's outage: counted for the task only, not on the object.  Never
+    raises."""
+    started = state.outage_started_at
+    assert started is not None
+    try:
+        using = _store.db()
+        with _store.unit(using, timeout):
+            if _store.pending.add(task, failed=True) or timeout:  # the crash path writes at once
+                runs, failures = _store.write_pending(task.name, guard.window, using)
+                if runs > failures:  # successes counted too: the outage may be over
+                    end_if_over(task, guard, started, using)
+    except Exception as error:
+        _broken(task, error, "count a failure")
+
+
+def account(
+    task: DeactivatingTask,
+    guard: Guard,
+    state: _store.State,
+    failed: Failure | None,
+    *,
+    deactivated: bool,
+    deferred: bool,
+    timeout: float | None,
+) -> bool | None:
+    """After the failure changed the object (``failed``; ``None``: it changed nothing): record
+    it on the task's failure row (the distinct objects, the outage's victims, the notice
+    ``deferred`` to the digest), count it, and start an outage if the guard's conditions hold.
+
+    Returns whether the object was re-activated at once (it was deactivated while an outage
+    started), or ``None`` if the guard's statements failed (logged at ERROR; a deferred notice
+    went with them).
+    """
+    try:
+        using = _store.db()
+        with _store.unit(using, timeout):
+            return _account(task, guard, state, failed, deactivated, deferred, timeout, using)
+    except Exception as error:
+        _broken(task, error, "count a failure")
+        return None
+
+
+def _account(
+    task: DeactivatingTask,
+    guard: Guard,
+    state: _store.State,
+    failed: Failure | None,
+    deactivated: bool,
+    deferred: bool,
+    timeout: float | None,
+    using: str,
+) -> bool:
+    from .models import TaskState
+
+    now = timezone.now()
+    if failed is not None and (guard.on or deferred):
+        _store.mark_failure(failed, now, using, deactivated=deactivated, pending=deferred)
+    if deferred:
+        # A window is open for the deferred notice, or one is made due now: whoever closed the
+        # window this failure saw open (maintain, another process) before the row above was
+        # written has not sent it; the next maintain run or failure will.
+        rows = TaskState.objects.using(using).filter(task=task.name, notify_until__isnull=True)
+        rows.update(notify_until=now)
+    if not guard.on:
+        return False
+    if _store.pending.add(task, failed=failed is not None) or timeout:
+        # Written with the process's other counts (the crash path at once: its process runs no
+        # task); until then the guard judges them from memory (_store.sums).
+        _store.write_pending(task.name, guard.window, using)
+    if failed is None:
+        return False
+    opened = _trip(task, guard, state, failed.exc, now, using)
+    if not deactivated or not (opened or outage_of(task) is not None):
+        return False
+    # Deactivated while an outage started: one of its victims.  The process that opened it may
+    # not have seen this row yet; re-activating twice changes the row once.
+    _reactivate(task, failed.target, guard, [(str(failed.instance.pk), None)], using)
+    return True
+
+
+def _trip(
+    task: DeactivatingTask,
+    guard: Guard,
+    state: _store.State,
+    exc: BaseException,
+    now: datetime,
+    using: str,
+) -> bool:
+    """Start an outage if the guard's conditions hold; whether this call started it."""
+    name = task.name
+    since = now - timedelta(seconds=guard.window)
+    ended = state.outage_ended_at
+    if ended is not None and ended > since:
+        since = ended  # after an outage, count afresh
+    if _store.distinct(name, using, since, guard.objects) < guard.objects:
+        return False
+    runs, failures = _store.sums(name, guard.window, using, since)
+    if runs < guard.min_runs or failures < guard.rate * runs:
+        logger.info(
+            "celery_deactivate: %s: %d of %d finished runs failed for good since %s, %s: failing "
+            "objects are deactivated one by one",
+            name,
+            failures,
+            runs,
+            since.isoformat(timespec="seconds"),
+            f"too few runs to judge (deactivate_outage_min_runs={guard.min_runs})"
+            if runs < guard.min_runs
+            else f"below the outage rate {guard.rate:.0%}",
+        )
+        return False
+    return start_outage(task, guard, now, since, exc, using)
+
+
+def _broken(task: DeactivatingTask, error: Exception, doing: str) -> None:
+    logger.error(
+        "celery_deactivate: the outage guard of %s could not %s (%s); the failure is recorded as "
+        "without the guard",
+        task.name,
+        doing,
+        services.describe(error),
+        exc_info=error,
+    )
+
+
+# -- starting and ending an outage ------------------------------------------------------------
+
+
+def start_outage(
+    task: DeactivatingTask,
+    guard: Guard,
+    now: datetime,
+    since: datetime,
+    exc: BaseException | None,
+    using: str,
+) -> bool:
+    """Open the task's outage unless one is open: ``outage_started`` (in the transaction), the
+    victims re-activated, a WARNING, one notice after commit.  Whether this call opened it."""
+    from .models import TaskState
+
+    name, target = task.name, task.target
+    runs, failures = _store.sums(name, guard.window, using, since)
+    totals = {
+        "runs": runs,
+        "failures": failures,
+        "objects": _store.distinct(name, using, since, None),
+    }
+    with transaction.atomic(using=using):
+        rows = TaskState.objects.using(using).filter(task=name, outage_started_at__isnull=True)
+        if not rows.update(outage_started_at=now):
+            return False
+        victims = _victims(name, since, using)
+        reactivated = _reactivate(task, target, guard, victims, using)
+        _send(
+            signals.outage_started,
+            task,
+            started_at=now,
+            counts=totals,
+            exception=exc,
+            reactivated=[instance for instance, _ in reactivated],
+        )
+    error = services.describe(exc)
+    logger.warning(
+        "celery_deactivate: outage of %s started: %d of %d finished runs failed for good since "
+        "%s (%s), on %d distinct objects of %s (thresholds: %d objects, %.0f%%); no failure "
+        "deactivates an object until it ends; %d object(s) it deactivated re-activated; last "
+        "error: %s",
+        name,
+        failures,
+        runs,
+        since.isoformat(timespec="seconds"),
+        f"{failures / runs:.0%}" if runs else "-",
+        totals["objects"],
+        target.label,
+        guard.objects,
+        guard.rate * 100,
+        len(reactivated),
+        error,
+    )
+    if guard.notify:
+        notice = notify.outage_started_notice(
+            name,
+            label=target.label,
+            started_at=now,
+            counts=totals,
+            rate=guard.rate,
+            window=guard.window,
+            error=error,
+            reactivated=[item for _, item in reactivated],
+        )
+        _notices.notify_on_commit(task, guard, notice, using)
+    return True
+
+
+def end_if_over(task: DeactivatingTask, guard: Guard, started: datetime, using: str) -> bool:
+    """End the outage that started at ``started`` if the failure rate over the last window is
+    below the rate (or the window had no failure); whether this call ended it."""
+    from .models import TaskState
+
+    name = task.name
+    now = timezone.now()
+    runs, failures = _store.sums(name, guard.window, using, now - timedelta(seconds=guard.window))
+    if failures and failures >= guard.rate * runs:
+        return False
+    totals = {"runs": runs, "failures": failures}
+    with transaction.atomic(using=using):
+        rows = TaskState.objects.using(using).filter(task=name, outage_started_at=started)
+        if not rows.update(outage_started_at=None, outage_ended_at=now):
+            return False  # ended by another process
+        _send(signals.outage_ended, task, started_at=started, ended_at=now, counts=totals)
+    logger.warning(
+        "celery_deactivate: outage of %s ended after %s: %d of %d finished runs failed for good "
+        "in the last %g s, below %.0f%%; failures deactivate objects again",
+        name,
+        now - started,
+        failures,
+        runs,
+        guard.window,
+        guard.rate * 100,
+    )
+    if guard.notify:
+        notice = notify.outage_ended_notice(
+            name, started_at=started, ended_at=now, counts=totals, window=guard.window
+        )
+        _notices.notify_on_commit(task, guard, notice, using)
+    return True
+
+
+def _victims(name: str, since: datetime, using: str) -> list[tuple[str, datetime | None]]:
+    """``(pk as text, deactivated_at)`` of the objects the task deactivated since ``since``."""
+    from .models import TaskFailure
+
+    rows = TaskFailure.objects.using(using).filter(task=name, deactivated_at__gt=since)
+    return list(rows.values_list("object_pk", "deactivated_at"))
+
+
+def _reactivate(
+    task: DeactivatingTask,
+    target: Target,
+    guard: Guard,
+    victims: Sequence[tuple[str, datetime | None]],
+    using: str,
+) -> list[tuple[Any, notify.NoticeObject]]:
+    """Re-activate the objects still off as this task left them (``deactivated_at`` unchanged;
+    without that field: any inactive one), through :func:`services.reactivate`."""
+    from .models import TaskFailure
+
+    if not victims:
+        return []
+    model = target.model
+    meta_pk = model._meta.pk
+    assert meta_pk is not None
+    fields = resolve(task, "deactivate_fields")
+    model_db = services.db_for(target)
+    wanted = {meta_pk.to_python(text): when for text, when in victims}
+    reactivated = []
+    for chunk in _store.chunks(list(wanted)):
+        rows = model._base_manager.db_manager(model_db).filter(pk__in=chunk)
+        rows = rows.filter(**{target.active: False})
+        stamp = target.deactivated_at
+        for pk, current in rows.values_list("pk", stamp or "pk"):
+            when = wanted[pk]
+            if stamp and when is not None and current != when:
+                logger.info(
+                    "celery_deactivate: %s stays deactivated: deactivated again since %s did",
+                    target.identity(pk),
+                    task.name,
+                )
+                continue
+            instance = services.reactivate(model, pk, fields=fields, using=model_db)
+            if instance is None:
+                continue
+            logger.warning(
+                "celery_deactivate: %s re-activated: deactivated by %s, a victim of its outage",
+                target.identity(pk),
+                task.name,
+            )
+            reactivated.append((instance, notify.object_of(instance, site_url=guard.site_url)))
+    for chunk in _store.chunks([text for text, _ in victims]):
+        TaskFailure.objects.using(using).filter(task=task.name, object_pk__in=chunk).update(
+            deactivated_at=None, notice_pending=False
+        )
+    return reactivated
+
+
+# -- signals, and what operators read ----------------------------------------------------------
+
+
+def _send(signal: Signal, task: DeactivatingTask, **kwargs: Any) -> None:
+    """Send an outage signal in the caller's transaction, as the object signals are."""
+    services.send_in_savepoint(signal, task, _store.db(), task.name, **kwargs)
+
+
+def counts_now(task: DeactivatingTask) -> Mapping[str, int]:
+    """The guard's counts of ``task`` over its last window, as the tables hold them (for
+    operators and tests): ``runs``, ``failures``, ``objects``."""
+    guard = guard_of(task)
+    using = _store.db()
+    since = timezone.now() - timedelta(seconds=guard.window)
+    runs, failures = _store.sums(task.name, guard.window, using, since)
+    return {
+        "runs": runs,
+        "failures": failures,
+        "objects": _store.distinct(task.name, using, since, None),
+    }
+
+
+def outage_of(task: DeactivatingTask) -> datetime | None:
+    """When the task's open outage started; ``None`` without one."""
+    state = _store.read_state(task.name, _store.db(), create=False)
+    return state.outage_started_at if state is not None else None

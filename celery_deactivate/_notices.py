@@ -1,0 +1,280 @@
+"""Notices of deactivations: at once for the first of a quiet period, in one digest for the
+later ones of its notice window (``deactivate_notify_window``), delivered at least once.
+
+The notice window is the ``notify_until`` of the task's state row: a deactivation that finds no
+window open claims one and is notified now (:func:`claim_window`); one that finds it open waits,
+its ``TaskFailure`` row marked pending, for the digest sent when the window ends
+(:func:`send_digest`, by the task's next failure or ``celery_deactivate.maintain``).  The
+pending rows are marked sent only once the notifier has taken the digest; a notifier that fails
+is tried again with a backoff (:func:`retry_delay`), and a deactivation notice it failed joins the
+next digest (:func:`defer_undelivered`).  Every notice goes out after the change commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from . import _store, notify, services
+from ._options import Guard, guard_of
+from ._store import Failure
+
+if TYPE_CHECKING:
+    from .task import DeactivatingTask
+
+logger = logging.getLogger("celery_deactivate")
+
+
+def notify_on_commit(task: Any, guard: Guard, notice: notify.Notice, using: str) -> None:
+    """Deliver ``notice`` to the task's notifier once the transaction on ``using`` commits."""
+    notifier = guard.notifier
+    transaction.on_commit(lambda: notify.deliver(notifier, notice, task=task), using=using)
+
+
+# -- one deactivation ---------------------------------------------------------------------------
+
+
+def claim_window(failed: Failure, guard: Guard, state: _store.State, timeout: float | None) -> bool:
+    """Whether to notify this deactivation now: it is the first of a quiet period and opens a
+    notice window (or the window could not be read: logged at ERROR).  Otherwise it waits for
+    the digest of the window open."""
+    from .models import TaskState
+
+    try:
+        using = _store.db()
+        with _store.unit(using, timeout):
+            if state.notify_until is None:
+                window = timedelta(seconds=guard.notify_window)
+                rows = TaskState.objects.using(using).filter(task=failed.name)
+                if rows.filter(notify_until__isnull=True).update(
+                    notify_until=timezone.now() + window
+                ):
+                    return True
+    except Exception as error:
+        logger.error(
+            "celery_deactivate: %s could not open a notice window (%s); notified at once",
+            failed.name,
+            services.describe(error),
+            exc_info=error,
+        )
+        return True
+    logger.info(
+        "celery_deactivate: %s deactivated by %s[%s]: notice deferred to the digest of the "
+        "notice window",
+        failed.target.identity(failed.instance.pk),
+        failed.name,
+        failed.task_id,
+    )
+    return False
+
+
+def notify_deactivation(task: Any, failed: Failure) -> None:
+    """The deactivation notice (after commit).  One the notifier could not take joins the next
+    digest; an error writing it is logged at ERROR."""
+    guard = guard_of(task)
+    identity = failed.target.identity(failed.instance.pk)
+    try:
+        item = notify.object_of(
+            failed.instance, exception=failed.exc, task_id=failed.task_id, site_url=guard.site_url
+        )
+        window = guard.notify_window if guard.digests else 0
+        notice = notify.deactivation_notice(failed.name, item, window)
+    except Exception as error:
+        logger.error(
+            "celery_deactivate: the notice of %s (deactivated by %s[%s]) could not be written: %s",
+            identity,
+            failed.name,
+            failed.task_id,
+            services.describe(error),
+            exc_info=error,
+        )
+        return
+    delivered = notify.deliver(
+        guard.notifier,
+        notice,
+        task=task,
+        instance=failed.instance,
+        exception=failed.exc,
+        task_id=failed.task_id,
+    )
+    if not delivered:
+        defer_undelivered(failed, guard)
+
+
+# -- digests --------------------------------------------------------------------------------------
+
+
+def send_digest(
+    task: DeactivatingTask, guard: Guard, until: datetime, using: str
+) -> datetime | None:
+    """Close the notice window that ended at ``until`` and send its digest, if it holds
+    deactivations.  Returns the end of the window now open (``None``: quiet; ``until`` itself
+    when another process closed it first).
+
+    The deactivations stay pending until the notifier has taken the digest (at least once): the
+    window is claimed until a retry time (:func:`retry_delay`), the digest is delivered after
+    commit, and only then are its deactivations marked sent and a new window opened (the period
+    was not quiet).  If the notifier fails, or the process dies meanwhile, the next failure or
+    ``maintain`` run after the retry time sends them again, with what came since.
+    """
+    from .models import TaskFailure, TaskState
+
+    name = task.name
+    now = timezone.now()
+    with transaction.atomic(using=using):
+        state = TaskState.objects.using(using).filter(task=name)
+        attempts = state.values_list("digest_attempts", flat=True).first() or 0
+        retry_at = now + timedelta(seconds=retry_delay(attempts, guard.notify_window))
+        if not state.filter(notify_until=until).update(notify_until=retry_at):
+            return until
+        pending = TaskFailure.objects.using(using).filter(task=name, notice_pending=True)
+        rows = list(
+            pending.order_by("deactivated_at", "pk").values_list(
+                "pk", "object_pk", "object_repr", "error", "traceback", "deactivated_at", "task_id"
+            )
+        )
+        if not rows:
+            state.filter(notify_until=retry_at).update(notify_until=None, digest_attempts=0)
+            return None
+        keys = [row[0] for row in rows]
+        if not guard.notify:
+            return _digest_sent(name, guard, keys, now, retry_at, using)
+        target = task.target
+        key = target.model._meta.pk
+        assert key is not None
+        items = [
+            notify.NoticeObject(
+                label=target.label,
+                pk=(pk := key.to_python(text_pk)),
+                name=text,
+                error=error,
+                traceback=tb,
+                url=notify.admin_url(target.model, pk, guard.site_url),
+                deactivated_at=when,
+                task_id=task_id or None,
+            )
+            for _, text_pk, text, error, tb, when, task_id in rows
+        ]
+        since = until - timedelta(seconds=guard.notify_window)
+        notice = notify.digest_notice(name, items, since, now)
+        transaction.on_commit(
+            lambda: _deliver_digest(task, guard, notice, keys, now, retry_at, using), using=using
+        )
+    logger.info(
+        "celery_deactivate: %s: digest of %d deactivation(s) of its notice window ending %s",
+        name,
+        len(rows),
+        until.isoformat(timespec="seconds"),
+    )
+    return retry_at
+
+
+#: Seconds before a notice the notifier could not deliver is tried again; doubled after each
+#: failed try, up to the notice window.
+RETRY_FIRST = 10.0
+
+
+def retry_delay(attempts: int, window: float) -> float:
+    """Seconds until the next try of a digest after ``attempts`` failed ones."""
+    delay: float = min(RETRY_FIRST * 2.0 ** min(attempts, 32), max(window, RETRY_FIRST))
+    return delay
+
+
+def _deliver_digest(
+    task: DeactivatingTask,
+    guard: Guard,
+    notice: notify.Notice,
+    keys: list[int],
+    claimed_at: datetime,
+    retry_at: datetime,
+    using: str,
+) -> None:
+    """After commit: deliver the digest, then mark its deactivations sent, or count the failed
+    try (they stay pending: the digest is sent again at ``retry_at``)."""
+    from .models import TaskState
+
+    delivered = notify.deliver(guard.notifier, notice, task=task)
+    try:
+        if delivered:
+            _digest_sent(task.name, guard, keys, claimed_at, retry_at, using)
+            return
+        state = TaskState.objects.using(using).filter(task=task.name, notify_until=retry_at)
+        state.update(digest_attempts=F("digest_attempts") + 1)
+        logger.error(
+            "celery_deactivate: %s: the digest of %d deactivation(s) was not delivered; it is "
+            "sent again from %s (by the next failure or celery_deactivate.maintain): %s",
+            task.name,
+            len(notice.objects),
+            retry_at.isoformat(timespec="seconds"),
+            ", ".join(item.identity for item in notice.objects),
+        )
+    except Exception as error:
+        logger.error(
+            "celery_deactivate: %s: the digest's outcome could not be recorded (%s); its "
+            "deactivations stay pending and are sent again",
+            task.name,
+            services.describe(error),
+            exc_info=error,
+        )
+
+
+def _digest_sent(
+    name: str,
+    guard: Guard,
+    keys: list[int],
+    claimed_at: datetime,
+    retry_at: datetime,
+    using: str,
+) -> datetime:
+    """Mark the digest's deactivations sent (not those deactivated again since it was written)
+    and open a new notice window; return its end."""
+    from .models import TaskFailure, TaskState
+
+    new_until = timezone.now() + timedelta(seconds=guard.notify_window)
+    with transaction.atomic(using=using):
+        for chunk in _store.chunks(keys):
+            sent = TaskFailure.objects.using(using).filter(pk__in=chunk, notice_pending=True)
+            sent.exclude(deactivated_at__gt=claimed_at).update(notice_pending=False)
+        TaskState.objects.using(using).filter(task=name, notify_until=retry_at).update(
+            notify_until=new_until, digest_attempts=0
+        )
+    return new_until
+
+
+def defer_undelivered(failed: Failure, guard: Guard) -> bool:
+    """A deactivation notice the notifier could not deliver waits for the next digest, tried
+    again within :data:`RETRY_FIRST` seconds.  Whether it could be kept (only with notice
+    windows: ``deactivate_notify_window`` > 0).  Never raises."""
+    from .models import TaskState
+
+    if not guard.digests:
+        return False
+    try:
+        using = _store.db()
+        now = timezone.now()
+        retry_at = now + timedelta(seconds=RETRY_FIRST)
+        with transaction.atomic(using=using):
+            _store.mark_failure(failed, now, using, deactivated=True, pending=True)
+            state = TaskState.objects.using(using).filter(task=failed.name)
+            state.update(digest_attempts=F("digest_attempts") + 1)
+            later = Q(notify_until__isnull=True) | Q(notify_until__gt=retry_at)
+            state.filter(later).update(notify_until=retry_at)
+    except Exception as error:
+        logger.error(
+            "celery_deactivate: the undelivered notice of %s could not be kept for a retry: %s",
+            failed.target.identity(failed.instance.pk),
+            services.describe(error),
+            exc_info=error,
+        )
+        return False
+    logger.warning(
+        "celery_deactivate: the notice of %s is sent again with the digest from %s",
+        failed.target.identity(failed.instance.pk),
+        retry_at.isoformat(timespec="seconds"),
+    )
+    return True
