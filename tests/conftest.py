@@ -13,6 +13,8 @@ from celery.contrib.testing.worker import TestWorkController
 from celery.signals import task_postrun
 from celery.utils import uuid
 from django.core import mail
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from celery_deactivate import _store
 from tests.celery_app import app as project_app
@@ -159,3 +161,26 @@ def no_receiver() -> Iterator[None]:
     finally:
         if connected:
             beat.connect()
+
+
+#: Transaction control: not a statement of the task's (savepoints included).
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVEPOINT")
+
+
+def statements(run: Callable[[], Any]) -> list[str]:
+    """The data statements ``run`` sends on the default database, in order (transaction control
+    left out).  An exception of ``run`` propagates."""
+    with CaptureQueriesContext(connection) as captured:
+        run()
+    sql = [query["sql"].strip() for query in captured.captured_queries]
+    return [s for s in sql if not s.upper().startswith(TRANSACTION_CONTROL)]
+
+
+def mail_kind(subject: str) -> str:
+    """What a notice mailed by ``mail_admins`` is, from its subject: ``deactivated``, ``digest``,
+    ``outage_started`` or ``outage_ended``."""
+    if "Outage of" in subject:
+        return "outage_ended" if "over after" in subject else "outage_started"
+    if "objects deactivated by" in subject:
+        return "digest"
+    return "deactivated"

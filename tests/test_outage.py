@@ -13,22 +13,18 @@ from celery import Celery
 from celery.result import AsyncResult, ResultSet
 from django.conf import settings
 from django.core import mail
-from django.db import connection
 from django.test import override_settings
-from django.test.utils import CaptureQueriesContext
 
 from celery_deactivate import DeactivatingTask, _guard, _options, _store
 from celery_deactivate.exceptions import DeactivateConfigError
 from celery_deactivate.models import TaskFailure, TaskRuns, TaskState
 from celery_deactivate.signals import object_reactivated, outage_ended, outage_started
 from celery_deactivate.tasks import maintain, maintain_entry, maintain_guard
-from tests.conftest import run_to_end, wait_for
+from tests.conftest import mail_kind, run_to_end, statements, wait_for
 from tests.testapp import outage_tasks, tasks
 from tests.testapp.models import Feed
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVEPOINT")
 
 
 def feeds(count: int, behaviour: str = "ok", prefix: str = "feed") -> list[Feed]:
@@ -69,17 +65,7 @@ def received() -> Iterator[Callable[[Any], Received]]:
 
 def kinds(messages: list[Any]) -> list[str]:
     """What each mail is, from its subject."""
-    found = []
-    for message in messages:
-        if message.subject.startswith("[Django] Outage of") and "over after" in message.subject:
-            found.append("outage_ended")
-        elif message.subject.startswith("[Django] Outage of"):
-            found.append("outage_started")
-        elif "deactivated by" in message.subject:
-            found.append("digest")
-        else:
-            found.append("deactivated")
-    return found
+    return [mail_kind(message.subject) for message in messages]
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -318,13 +304,6 @@ def test_after_an_outage_only_new_failures_count(received: Callable[[Any], Recei
 
 
 # -- what it costs ------------------------------------------------------------------------------
-
-
-def statements(run: Callable[[], Any]) -> list[str]:
-    with CaptureQueriesContext(connection) as captured:
-        run()
-    sql = [query["sql"].strip() for query in captured.captured_queries]
-    return [s for s in sql if not s.upper().startswith(TRANSACTION_CONTROL)]
 
 
 def apply(task: Any, pk: int) -> AsyncResult:

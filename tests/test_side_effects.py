@@ -91,7 +91,7 @@ def hooked() -> Iterator[list[str]]:
     uninstall()
 
 
-def statements(run: Any, seen: list[str]) -> tuple[list[str], list[str]]:
+def logged_and_hooked(run: Any, seen: list[str]) -> tuple[list[str], list[str]]:
     """What Django's query log recorded while ``run`` ran, and what the hook saw."""
     seen.clear()
     with CaptureQueriesContext(connection) as captured:
@@ -106,7 +106,7 @@ def test_every_statement_of_a_task_goes_through_django_s_cursor(
 ) -> None:
     feed = Feed.objects.create(title="f", behaviour=behaviour, failure_count=1)
 
-    logged, seen = statements(lambda: getattr(tasks, task).delay(feed.pk), hooked)
+    logged, seen = logged_and_hooked(lambda: getattr(tasks, task).delay(feed.pk), hooked)
 
     # Django's query log records every statement run through its cursor (with the parameters
     # interpolated); the hook saw each of them, in the same order, and nothing else.  Transaction

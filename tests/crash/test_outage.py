@@ -12,7 +12,7 @@ import pytest
 from celery.result import ResultSet
 
 from celery_deactivate.models import TaskFailure, TaskRuns
-from tests.conftest import wait_for
+from tests.conftest import mail_kind, wait_for
 from tests.testapp.models import Feed, SignalLog
 
 from .worker import Meeting, Worker
@@ -55,16 +55,8 @@ def logged(signal: str) -> list[SignalLog]:
 
 
 def kinds(mails: list[str]) -> list[str]:
-    found = []
-    for message in mails:
-        subject = message.splitlines()[0]
-        if "Outage of" in subject:
-            found.append("outage_ended" if "over after" in subject else "outage_started")
-        elif "objects deactivated by" in subject:
-            found.append("digest")
-        else:
-            found.append("deactivated")
-    return found
+    """What each mail (as :meth:`Meeting.mails` gives it) is, from its subject."""
+    return [mail_kind(message.splitlines()[0]) for message in mails]
 
 
 def processes(restart: list[Worker]) -> set[str]:
