@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument(
-        "--path", action="append", choices=list(PATHS), help="only these paths (ok, fail, io)"
+        "--path", action="append", choices=list(PATHS), help="only these paths (ok, fail, io, mix)"
     )
     parser.add_argument("--fanout-n", type=int, default=10000, help="fan-out size on Redis")
     parser.add_argument(

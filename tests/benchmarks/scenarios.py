@@ -17,12 +17,18 @@ KINDS = {
     "object": "DeactivatingTask, pass-object",
 }
 
-#: The paths, in the order the table shows them: ``ok`` and ``io`` succeed, ``fail`` raises.
+#: The paths, in the order the table shows them: ``ok`` and ``io`` succeed, ``fail`` raises,
+#: ``mix`` raises on one object in :data:`MIX_EVERY` (for good: the same ones every round) and
+#: succeeds on the others.
 PATHS = {
     "ok": "success",
     "fail": "failure",
     "io": "success, 5 ms body",
+    "mix": "5 % failing for good",
 }
+
+#: On the ``mix`` path, the objects whose position in the table is a multiple of this fail.
+MIX_EVERY = 20
 
 #: The order a round runs each path's scenarios in (reversed every other round): every pair of
 #: :data:`COMPARISONS` runs back to back but the recipe and the plain task (one scenario between).
@@ -48,6 +54,14 @@ class Scenario:
     @property
     def fails(self) -> bool:
         return self.path == "fail"
+
+    def failing(self, pks: list[int]) -> set[int]:
+        """The objects of ``pks`` whose task fails on this path."""
+        if self.path == "fail":
+            return set(pks)
+        if self.path == "mix":
+            return set(pks[::MIX_EVERY])
+        return set()
 
 
 #: Every scenario, in the table's order.
@@ -80,4 +94,8 @@ COMPARISONS = [
     Comparison("io", "deactivating", "recipe", "5 ms body: the drop-in vs the recipe"),
     Comparison("io", "deactivating", "peer", "5 ms body: the drop-in vs the peer"),
     Comparison("io", "object", "recipe", "5 ms body: pass-object vs the recipe"),
+    Comparison(
+        "mix", "deactivating", "recipe", "the defaults, 5 % failing: the drop-in vs the recipe"
+    ),
+    Comparison("mix", "object", "recipe", "the defaults, 5 % failing: pass-object vs the recipe"),
 ]

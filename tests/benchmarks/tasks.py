@@ -1,8 +1,9 @@
 """The tasks measured, all on ``testapp.Feed`` with the same body: get, (wait), increment, save.
 
-Three paths (see :mod:`tests.benchmarks.scenarios`): ``ok`` succeeds, ``fail`` raises after the
+Four paths (see :mod:`tests.benchmarks.scenarios`): ``ok`` succeeds, ``fail`` raises after the
 save, ``io`` succeeds after sleeping 5 ms between the read and the save, as a body that calls
-another service would.  Five kinds:
+another service would, and ``mix`` raises on the feeds marked broken (one in twenty) and succeeds
+on the others.  Five kinds:
 
 - ``plain``: a Celery task, no guarantee.
 - ``recipe``: ``/work/shared/recipe.txt`` ported to Python 3: an atomic inner function,
@@ -42,6 +43,7 @@ class Boom(ValueError):
 
 
 def body(feed: Feed, fail: bool = False, wait: float = 0.0) -> int:
+    fail = fail or feed.behaviour == "fail"  # the mix path's broken feeds
     if wait:
         time.sleep(wait)
     feed.polls += 1
@@ -67,6 +69,11 @@ def plain_fail(pk: int) -> int:
 @app.task(name="bench.plain_io")
 def plain_io(pk: int) -> int:
     return body(Feed.objects.get(pk=pk), wait=IO_SECONDS)
+
+
+@app.task(name="bench.plain_mix")
+def plain_mix(pk: int) -> int:
+    return body(Feed.objects.get(pk=pk))
 
 
 # -- the recipe, and the recipe with the drop-in's guarantee written by hand ------------------
@@ -136,6 +143,16 @@ def peer_io(pk: int) -> int | None:
     return _recipe(_manage_active_object, pk, wait=IO_SECONDS)
 
 
+@app.task(name="bench.recipe_mix")
+def recipe_mix(pk: int) -> int | None:
+    return _recipe(_manage_object, pk)
+
+
+@app.task(name="bench.peer_mix")
+def peer_mix(pk: int) -> int | None:
+    return _recipe(_manage_active_object, pk)
+
+
 # -- DeactivatingTask -------------------------------------------------------------------------
 
 
@@ -144,10 +161,11 @@ def deactivating_ok(pk: int) -> int:
     return body(Feed.objects.get(pk=pk))
 
 
-#: The failure scenarios compare per-object deactivation with the recipe: no outage guard (it
-#: would stop deactivating after 10 failing objects) and one mail per deactivation, as the recipe.
-#: The guard's own figures: ``python -m tests.benchmarks.outage``.
-PER_OBJECT = {"deactivate_outage_objects": 0, "deactivate_notify_window": 0}
+#: The failure path (every object fails) compares per-object deactivation with the recipe: no
+#: outage guard (it would stop deactivating), the notice window at its default as users run it.
+#: The guard's own figures: ``python -m tests.benchmarks.outage``; the defaults with the guard on:
+#: the ``mix`` path.
+PER_OBJECT = {"deactivate_outage_objects": 0}
 
 
 @app.task(name="bench.deactivating_fail", base=DeactivatingTask, model=Feed, **PER_OBJECT)
@@ -179,6 +197,19 @@ def object_fail(feed: Feed) -> int:
 @app.task(name="bench.object_io", base=DeactivatingTask, model=Feed, deactivate_pass_object=True)
 def object_io(feed: Feed) -> int:
     return body(feed, wait=IO_SECONDS)
+
+
+# The library's defaults (the guard and the notice window on) on a table 5 % of which is broken.
+
+
+@app.task(name="bench.deactivating_mix", base=DeactivatingTask, model=Feed)
+def deactivating_mix(pk: int) -> int:
+    return body(Feed.objects.get(pk=pk))
+
+
+@app.task(name="bench.object_mix", base=DeactivatingTask, model=Feed, deactivate_pass_object=True)
+def object_mix(feed: Feed) -> int:
+    return body(feed)
 
 
 # -- harness ----------------------------------------------------------------------------------
