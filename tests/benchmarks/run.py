@@ -143,6 +143,20 @@ def table(backend_name: str, data: dict[str, Any]) -> list[str]:
                 f"{median(fan['floor']):,.0f} msg/s (**{ceiling:.1f}×** the loop): no fan-out "
                 "that sends through `apply_async` can go faster here.",
             ]
+    stored = data.get("fanout_results")
+    if stored and stored["delay"]:
+        speedup = median([f / d for f, d in zip(stored["dispatch"], stored["delay"], strict=True)])
+        ceiling = median([f / d for f, d in zip(stored["floor"], stored["delay"], strict=True)])
+        lines += [
+            "",
+            "The same fan-out with a Redis result backend (results stored; outside a worker "
+            "Celery subscribes to each sent task's result channel, and unsubscribes): a "
+            f"`.delay()` loop {median(stored['delay']):,.0f} msg/s, `task.dispatch_active()` "
+            f"{median(stored['dispatch']):,.0f} msg/s (**{speedup:.1f}×**), Celery's floor "
+            f"{median(stored['floor']):,.0f} msg/s ({ceiling:.1f}×). Take `shards=` (the fan-out "
+            "runs in workers, where Celery does not subscribe) or `ignore_result=True` on the "
+            "task.",
+        ]
     mem = data.get("memory")
     if mem:
         lines += [

@@ -36,8 +36,10 @@ else:
 EMAIL_BACKEND = "tests.benchmarks.mail.RenderingBackend"
 
 CELERY_BROKER_URL = os.environ.get("BENCH_BROKER_URL", "filesystem://")
-CELERY_RESULT_BACKEND = None
-CELERY_TASK_IGNORE_RESULT = True
+# Results ignored, as the recipe's; the fan-out is measured a second time with a Redis result
+# backend (``BENCH_RESULT_BACKEND``, tests.benchmarks.worker_run --fanout-only).
+CELERY_RESULT_BACKEND = os.environ.get("BENCH_RESULT_BACKEND") or None
+CELERY_TASK_IGNORE_RESULT = CELERY_RESULT_BACKEND is None
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):

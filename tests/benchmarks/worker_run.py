@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from tests.benchmarks.app import app
 
@@ -212,6 +213,44 @@ def fanout(n: int) -> tuple[float, float, float]:
     return delay, fast, floor
 
 
+def fanout_rounds(n: int, rounds: int) -> dict[str, Any]:
+    """:func:`fanout` over ``n`` active objects, ``rounds`` times."""
+    fan: dict[str, Any] = {"n": n, "delay": [], "dispatch": [], "floor": []}
+    for round_ in range(1, rounds + 1):
+        reset_rows(n)
+        delay, fast, floor = fanout(n)
+        fan["delay"].append(delay)
+        fan["dispatch"].append(fast)
+        fan["floor"].append(floor)
+        log(
+            f"round {round_} fan-out: delay {delay:.0f}/s dispatch_active {fast:.0f}/s "
+            f"Celery's floor {floor:.0f}/s"
+        )
+    with app.producer_or_acquire() as producer:
+        fan["batch_publish"] = bool(getattr(producer, "supports_batch_publish", False))
+    return fan
+
+
+def fanout_with_results(broker: str, n: int, rounds: int) -> dict[str, Any]:
+    """:func:`fanout_rounds` in a process whose app stores results in Redis (the broker's server,
+    the next database): outside a worker, Celery subscribes to each sent task's result channel."""
+    parts = urlsplit(broker)
+    backend = urlunsplit(parts._replace(path=f"/{int(parts.path.strip('/') or 0) + 1}"))
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "tests.benchmarks.worker_run", "--fanout-only"),
+            *("--fanout-n", str(n), "--rounds", str(rounds)),
+        ],
+        env=dict(os.environ, BENCH_RESULT_BACKEND=backend),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    sys.stderr.write(proc.stderr)
+    found: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return found
+
+
 def celery_floor(target: Any, pks: list[int]) -> None:
     """The fastest a fan-out through ``apply_async`` can be: Celery's own ``apply_async`` alone,
     keys already in memory, over one producer, a page per ``Producer.batch()``, each page's later
@@ -310,9 +349,13 @@ def main() -> int:
     parser.add_argument("--workdir", default=".")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--dispatch-rss", action="store_true")
+    parser.add_argument("--fanout-only", action="store_true")
     args = parser.parse_args()
     if args.dispatch_rss:
         dispatch_rss()
+        return 0
+    if args.fanout_only:
+        print(json.dumps(fanout_rounds(args.fanout_n, args.rounds)))
         return 0
     load = [os.getloadavg()[0]]
     call_command("migrate", run_syncdb=True, verbosity=0)
@@ -339,19 +382,7 @@ def main() -> int:
                 log(f"round {round_} {scenario.task}: {result['rate']:.0f}/s")
     finally:
         worker.stop()
-    fan: dict[str, Any] = {"n": args.fanout_n, "delay": [], "dispatch": [], "floor": []}
-    for round_ in range(1, args.rounds + 1):
-        reset_rows(args.fanout_n)
-        delay, fast, floor = fanout(args.fanout_n)
-        fan["delay"].append(delay)
-        fan["dispatch"].append(fast)
-        fan["floor"].append(floor)
-        log(
-            f"round {round_} fan-out: delay {delay:.0f}/s dispatch_active {fast:.0f}/s "
-            f"Celery's floor {floor:.0f}/s"
-        )
-    with app.producer_or_acquire() as producer:
-        fan["batch_publish"] = bool(getattr(producer, "supports_batch_publish", False))
+    fan = fanout_rounds(args.fanout_n, args.rounds)
     data: dict[str, Any] = {
         "rounds": args.rounds,
         "sizes": sizes,
@@ -360,6 +391,9 @@ def main() -> int:
         "fanout": fan,
         "servers": servers(),
     }
+    broker = os.environ.get("BENCH_BROKER_URL", "")
+    if broker.startswith("redis://"):
+        data["fanout_results"] = fanout_with_results(broker, args.fanout_n, args.rounds)
     if args.memory:
         data["memory"] = memory([100_000, 1_000_000])
     data["load"] = [*load, os.getloadavg()[0]]
