@@ -56,19 +56,31 @@ TEMPLATES = [
 
 
 def database_from_url(url: str) -> dict[str, object]:
-    """``postgresql://user:password@host:port/name`` as a Django DATABASES entry."""
+    """``postgresql://`` or ``mysql://user:password@host:port/name`` (MySQL or MariaDB, through
+    mysqlclient) as a Django DATABASES entry."""
     parts = urlsplit(url)
-    if parts.scheme not in {"postgres", "postgresql"}:
-        raise ValueError(f"DATABASE_URL: only postgresql:// is supported, got {url!r}")
-    return {
-        "ENGINE": "django.db.backends.postgresql",
+    common = {
         "NAME": unquote(parts.path.lstrip("/")),
         "USER": unquote(parts.username or ""),
         "PASSWORD": unquote(parts.password or ""),
         "HOST": parts.hostname or "",
         "PORT": str(parts.port or ""),
-        "TEST": {"NAME": os.environ.get("TEST_DATABASE_NAME") or None},
     }
+    test_name = os.environ.get("TEST_DATABASE_NAME") or None
+    if parts.scheme in {"postgres", "postgresql"}:
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            **common,
+            "TEST": {"NAME": test_name},
+        }
+    if parts.scheme in {"mysql", "mariadb"}:
+        return {
+            "ENGINE": "django.db.backends.mysql",
+            **common,
+            "OPTIONS": {"charset": "utf8mb4"},
+            "TEST": {"NAME": test_name, "CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
+        }
+    raise ValueError(f"DATABASE_URL: postgresql:// or mysql:// only, got {url!r}")
 
 
 _SQLITE_DIR = Path(os.environ.get("SQLITE_DIR") or tempfile.gettempdir())
