@@ -20,7 +20,7 @@ from django.core.signals import setting_changed
 from kombu.utils.imports import symbol_by_name
 
 from .exceptions import DeactivateConfigError
-from .target import ROLES
+from .target import PROBE_ROLES, ROLES
 
 if TYPE_CHECKING:
     from celery import Task
@@ -237,7 +237,7 @@ OPTIONS: Mapping[str, Option] = {
             "Seconds after a deactivation by a failure before celery_deactivate.maintain sends "
             "one probe (the task, with the pk): a probe that succeeds re-activates the object, "
             "one that fails doubles the cool-down up to deactivate_cooldown_max.  None: off.  "
-            "Needs the next_probe_at, cooldown and probing_since fields (DeactivatableModel).",
+            f"Needs the {', '.join(PROBE_ROLES)} fields (DeactivatableModel).",
         ),
         Option(
             "deactivate_cooldown_max",
