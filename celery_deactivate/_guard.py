@@ -50,7 +50,7 @@ from django.db import connections, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import _notices, _store, notify, services, signals
+from . import _notices, _store, _transaction, notify, services, signals
 from ._options import Guard, guard_of
 from ._store import Failure
 from .conf import resolve
@@ -434,7 +434,7 @@ def _reactivate(
 
 def _send(signal: Signal, task: DeactivatingTask, **kwargs: Any) -> None:
     """Send an outage signal in the caller's transaction, as the object signals are."""
-    services.send_in_savepoint(signal, task, _store.db(), task.name, **kwargs)
+    _transaction.send_in_savepoint(signal, task, _store.db(), task.name, **kwargs)
 
 
 def counts_now(task: DeactivatingTask) -> Mapping[str, int]:

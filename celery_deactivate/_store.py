@@ -25,7 +25,7 @@ from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
-from . import notify, services
+from . import _transaction, notify, services
 from .target import Target
 
 #: Seconds between two writes of the runs a process counted in memory, per task.
@@ -221,7 +221,7 @@ def unit(using: str, timeout: float | None) -> Iterator[None]:
     savepoint inside someone else's transaction, or, bounded by ``timeout`` (the crash path of
     the worker's main process), in a transaction of their own."""
     if timeout:
-        with transaction.atomic(using=using), services.bounded(using, timeout):
+        with transaction.atomic(using=using), _transaction.bounded(using, timeout):
             yield
     else:
         with savepoint(using):

@@ -119,10 +119,7 @@ def states(target: Target) -> tuple[State, ...]:
             State(BY_HAND, _("Deactivated by hand"), "icon-alert.svg", by_hand),
         )
     # Deactivated by a failure, with a cool-down probe scheduled or out: on its way back.
-    probing = inactive & (
-        Q(**{f"{target.next_probe_at}__isnull": False})
-        | Q(**{f"{target.probing_since}__isnull": False})
-    )
+    probing = inactive & target.probe_pending()
     return (
         State(ACTIVE, _("Active"), "icon-yes.svg", active),
         State(PROBING, _("Probing (cool-down)"), "icon-clock.svg", probing),
@@ -335,7 +332,7 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
     ) -> tuple[str, ...]:
         """The class's ``readonly_fields``, the library's fields and the ``deactivation_state``."""
         fields = tuple(super().get_readonly_fields(request, obj))
-        ours = ("deactivation_state", *_recorded(self.deactivation_target))
+        ours = ("deactivation_state", *self.deactivation_target.recorded())
         return fields + tuple(name for name in ours if name not in fields)
 
     def get_fieldsets(
@@ -346,7 +343,7 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
         if self.fieldsets:
             return tuple(super().get_fieldsets(request, obj))
         target = self.deactivation_target
-        ours = {"deactivation_state", *_recorded(target)}
+        ours = {"deactivation_state", *target.recorded()}
         own = {"fields": tuple(f for f in _flat(self.get_fields(request, obj)) if f not in ours)}
         if obj is None:
             return ((None, own),)
@@ -356,21 +353,6 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
             *([target.error_message] if target.error_message else []),
         )
         return ((None, own), (_("Deactivation"), {"fields": shown}))
-
-
-def _recorded(target: Target) -> list[str]:
-    """The names of the fields the library writes."""
-    roles = (
-        target.active,
-        target.error,
-        target.error_message,
-        target.deactivated_at,
-        target.failure_count,
-        target.next_probe_at,
-        target.cooldown,
-        target.probing_since,
-    )
-    return [name for name in roles if name]
 
 
 def _flat(fields: Sequence[Any]) -> list[str]:

@@ -20,26 +20,14 @@ from django.core.signals import setting_changed
 from kombu.utils.imports import symbol_by_name
 
 from .exceptions import DeactivateConfigError
+from .target import PROBE_ROLES, ROLES
 
 if TYPE_CHECKING:
     from celery import Task
 
-#: The roles a model field can play, and the field name used when none is configured.
-FIELD_DEFAULTS: Mapping[str, str] = {
-    "active": "active",
-    "error": "error",
-    "error_message": "error_message",
-    "deactivated_at": "deactivated_at",
-    "failure_count": "failure_count",
-    # Cool-down probes (``deactivate_cooldown``): when the next probe is due, the current
-    # cool-down in seconds, and since when a probe is out.
-    "next_probe_at": "next_probe_at",
-    "cooldown": "cooldown",
-    "probing_since": "probing_since",
-}
-
-#: The roles cool-down probes need (``deactivate_cooldown``).
-PROBE_ROLES = ("next_probe_at", "cooldown", "probing_since")
+#: The roles a model field can play, and the field name used when none is configured (the
+#: roles are declared in :data:`celery_deactivate.target.ROLES`).
+FIELD_DEFAULTS: Mapping[str, str] = {role.name: role.default for role in ROLES.values()}
 
 ExceptionTypes = tuple[type[BaseException], ...]
 Notifier = Callable[..., None]
@@ -129,9 +117,9 @@ def _callable(value: Any) -> Notifier:
 def _fields(value: Any) -> Mapping[str, str | None]:
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping of role to field name, got {value!r}")
-    unknown = sorted(set(value) - set(FIELD_DEFAULTS))
+    unknown = sorted(set(value) - set(ROLES))
     if unknown:
-        raise ValueError(f"unknown role(s) {unknown}; the roles are {sorted(FIELD_DEFAULTS)}")
+        raise ValueError(f"unknown role(s) {unknown}; the roles are {sorted(ROLES)}")
     if value.get("active", "active") is None:
         raise ValueError("the 'active' role cannot be switched off")
     return dict(value)
@@ -226,8 +214,7 @@ OPTIONS: Mapping[str, Option] = {
             "deactivate_fields",
             {},
             _fields,
-            "Field names by role: active, error, error_message, deactivated_at, failure_count, "
-            "next_probe_at, cooldown, probing_since. "
+            f"Field names by role: {', '.join(ROLES)}. "
             "A role mapped to None is not written; a default name missing on the model is skipped.",
         ),
         Option(
@@ -250,7 +237,7 @@ OPTIONS: Mapping[str, Option] = {
             "Seconds after a deactivation by a failure before celery_deactivate.maintain sends "
             "one probe (the task, with the pk): a probe that succeeds re-activates the object, "
             "one that fails doubles the cool-down up to deactivate_cooldown_max.  None: off.  "
-            "Needs the next_probe_at, cooldown and probing_since fields (DeactivatableModel).",
+            f"Needs the {', '.join(PROBE_ROLES)} fields (DeactivatableModel).",
         ),
         Option(
             "deactivate_cooldown_max",

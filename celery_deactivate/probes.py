@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, cast
 
+from django.db.models import Q
 from django.utils import timezone
 
-from . import services
+from . import _reads, services
+from .target import Target
 from .task import DeactivatingTask
 
 logger = logging.getLogger("celery_deactivate")
@@ -66,20 +68,20 @@ def send_due_probes(
     using = services.db_for(target)
     candidates = (
         target.model._base_manager.db_manager(using)
-        .filter(services.probe_due(target, now, stale_before))
+        .filter(probe_due(target, now, stale_before))
         .order_by(cast(str, target.next_probe_at))
         .values_list("pk", flat=True)[:batch_size]
     )
     sent = 0
     for pk in list(candidates):
-        if not services.claim_probe(target, pk, now, stale_before, using=using):
+        if not claim_probe(target, pk, now, stale_before, using=using):
             continue  # someone else claimed it meanwhile
         try:
             task.apply_async((pk,))
         except Exception:
             # Not sent (the broker is down; an eager probe that propagates its failure): give the
             # claim back, so that the next maintain run tries again.
-            services.release_probe(target, pk, now, using=using)
+            release_probe(target, pk, now, using=using)
             logger.exception(
                 "celery_deactivate: %s: the probe of %s could not be sent",
                 task.name,
@@ -89,3 +91,28 @@ def send_due_probes(
         logger.info("celery_deactivate: %s: probe sent for %s", task.name, target.identity(pk))
         sent += 1
     return sent
+
+
+def claim_probe(target: Target, pk: Any, now: Any, stale_before: Any, *, using: str) -> bool:
+    """Mark a probe of this deactivated object as out, if one is due and none is out (or the
+    one out is older than ``stale_before``: lost).  One conditioned ``UPDATE``: however many
+    callers try at once, one wins."""
+    rows = _reads.object_row(target, pk, using).filter(probe_due(target, now, stale_before))
+    return bool(rows.update(**{cast(str, target.probing_since): now}))
+
+
+def release_probe(target: Target, pk: Any, claimed_at: Any, *, using: str) -> bool:
+    """Give back the claim :func:`claim_probe` made at ``claimed_at`` (its probe was not sent)."""
+    probing = cast(str, target.probing_since)
+    rows = _reads.object_row(target, pk, using).filter(**{probing: claimed_at})
+    return bool(rows.update(**{probing: None}))
+
+
+def probe_due(target: Target, now: Any, stale_before: Any) -> Q:
+    """Deactivated objects whose probe is due and not out, or out since before
+    ``stale_before`` (lost)."""
+    assert target.next_probe_at
+    assert target.probing_since
+    due = Q(**{f"{target.next_probe_at}__lte": now, f"{target.probing_since}__isnull": True})
+    lost = Q(**{f"{target.probing_since}__lt": stale_before})
+    return (due | lost) & Q(**{target.active: False})

@@ -11,20 +11,47 @@ from django.apps import apps
 from django.core.exceptions import FieldDoesNotExist
 from django.db import models
 
-from .conf import FIELD_DEFAULTS
 from .exceptions import DeactivateConfigError
 
-#: The field classes accepted for each role.
-FIELD_TYPES: Mapping[str, tuple[type[models.Field[Any, Any]], ...]] = {
-    "active": (models.BooleanField,),
-    "error": (models.BooleanField,),
-    "error_message": (models.CharField, models.TextField),
-    "deactivated_at": (models.DateTimeField,),
-    "failure_count": (models.IntegerField,),
-    "next_probe_at": (models.DateTimeField,),
-    "cooldown": (models.IntegerField, models.FloatField),
-    "probing_since": (models.DateTimeField,),
+
+@dataclass(frozen=True)
+class Role:
+    """A field the library writes: its role, the field name used when none is configured, the
+    field classes accepted, whether cool-down probes need it, and what a re-activation writes."""
+
+    name: str
+    types: tuple[type[models.Field[Any, Any]], ...]
+    #: Cool-down probes (``deactivate_cooldown``) need the field.
+    probes: bool = False
+    #: The value a re-activation writes.
+    reactivated: Any = None
+
+    @property
+    def default(self) -> str:
+        """The field name used when ``deactivate_fields`` names none: the role's own."""
+        return self.name
+
+
+#: Every role, declared once: the options, the checks, the services, the admin and the command
+#: look the roles up here.
+ROLES: Mapping[str, Role] = {
+    role.name: role
+    for role in (
+        Role("active", (models.BooleanField,), reactivated=True),
+        Role("error", (models.BooleanField,), reactivated=False),
+        Role("error_message", (models.CharField, models.TextField), reactivated=""),
+        Role("deactivated_at", (models.DateTimeField,)),
+        Role("failure_count", (models.IntegerField,), reactivated=0),
+        # Cool-down probes: when the next probe is due, the current cool-down in seconds, and
+        # since when a probe is out.
+        Role("next_probe_at", (models.DateTimeField,), probes=True),
+        Role("cooldown", (models.IntegerField, models.FloatField), probes=True),
+        Role("probing_since", (models.DateTimeField,), probes=True),
+    )
 }
+
+#: The roles cool-down probes need (``deactivate_cooldown``).
+PROBE_ROLES = tuple(role.name for role in ROLES.values() if role.probes)
 
 ModelRef = type[models.Model] | str
 
@@ -65,7 +92,21 @@ class Target:
     @property
     def probes(self) -> bool:
         """The model has every field cool-down probes need."""
-        return bool(self.next_probe_at and self.cooldown and self.probing_since)
+        return all(getattr(self, role) for role in PROBE_ROLES)
+
+    def probe_pending(self) -> models.Q:
+        """Rows with a cool-down probe scheduled or out (for a target with :attr:`probes`)."""
+        scheduled = models.Q(**{f"{self.next_probe_at}__isnull": False})
+        return scheduled | models.Q(**{f"{self.probing_since}__isnull": False})
+
+    def fields(self) -> dict[str, str | None]:
+        """The field names by role, every role (``None``: not recorded), as
+        ``services.reactivate(fields=...)`` takes them."""
+        return {role: getattr(self, role) for role in ROLES}
+
+    def recorded(self) -> list[str]:
+        """The names of the fields the library writes, in the order of :data:`ROLES`."""
+        return [name for name in self.fields().values() if name]
 
     @property
     def inherited(self) -> bool:
@@ -167,7 +208,7 @@ def _field(
                 field=name,
             ) from None
         return None
-    wanted = FIELD_TYPES[role]
+    wanted = ROLES[role].types
     if not isinstance(field, wanted) or not field.concrete:
         kinds = " or ".join(kind.__name__ for kind in wanted)
         raise DeactivateConfigError(
@@ -192,8 +233,8 @@ def resolve_target(
     _check_primary_key(concrete, task_name)
     configured = dict(fields)
     found: dict[str, models.Field[Any, Any] | None] = {}
-    for role, default in FIELD_DEFAULTS.items():
-        name = configured.get(role, default)
+    for role in ROLES:
+        name = configured.get(role, ROLES[role].default)
         found[role] = (
             None if name is None else _field(concrete, role, name, role in configured, task_name)
         )
@@ -217,19 +258,12 @@ def resolve_target(
             model=concrete._meta.label,
         )
     (owner,) = owners
-    active = name_of("active")
-    assert active is not None
+    optional = {role: name_of(role) for role in ROLES if role != "active"}
     return Target(
         model=concrete,
-        active=active,
-        error=name_of("error"),
-        error_message=name_of("error_message"),
+        active=cast(str, name_of("active")),  # never None: a missing active field raised
         error_message_max_length=message_field.max_length if message_field else None,
-        deactivated_at=name_of("deactivated_at"),
-        failure_count=name_of("failure_count"),
-        next_probe_at=name_of("next_probe_at"),
-        cooldown=name_of("cooldown"),
-        probing_since=name_of("probing_since"),
+        **optional,
         owner=owner,
         # One table holds every column (no multi-table parent, whichever table has the library's
         # fields), read through Django's own base manager (not a subclass, which may filter).

@@ -25,9 +25,8 @@ from django.apps import apps
 from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Model
 
-from . import _failure, _guard, _options, dispatch, services
+from . import _failure, _guard, _options, _reads, dispatch, services
 from .conf import (
-    PROBE_ROLES,
     ExceptionTypes,
     Notifier,
     check_option_names,
@@ -35,7 +34,7 @@ from .conf import (
     resolve,
 )
 from .exceptions import DeactivateConfigError
-from .target import ModelRef, State, Target, resolve_target
+from .target import PROBE_ROLES, ModelRef, State, Target, resolve_target
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -145,8 +144,8 @@ class DeactivatingTask(_TaskBase):
     deactivate_outage_min_runs: ClassVar[int | None] = None
     #: Outage guard: seconds over which failures and runs are counted (default 300).
     deactivate_outage_window: ClassVar[float | None] = None
-    #: Field names by role (active, error, error_message, deactivated_at, failure_count,
-    #: next_probe_at, cooldown, probing_since).
+    #: Field names by role (the roles of :data:`celery_deactivate.target.ROLES`: active, error,
+    #: error_message, deactivated_at, failure_count, next_probe_at, cooldown, probing_since).
     deactivate_fields: ClassVar[dict[str, str | None] | None] = None
     #: Call the body with the loaded instance instead of the primary key (default ``False``).
     deactivate_pass_object: ClassVar[bool | None] = None
@@ -278,7 +277,7 @@ class DeactivatingTask(_TaskBase):
     def _load(self, target: Target, pk: Any, using: str) -> Model:
         """The instance for ``deactivate_pass_object``."""
         if type(self).get_queryset is DeactivatingTask.get_queryset:
-            return services.read_object(target, pk, using)
+            return _reads.read_object(target, pk, using)
         instance: Model = self.get_queryset(using).get(pk=pk)
         return instance
 
@@ -368,7 +367,7 @@ class DeactivatingTask(_TaskBase):
         """
         target = options.target
         if not options.pass_object:
-            state = target.state_of(self._read(services.read_state, target, pk, using))
+            state = target.state_of(self._read(_reads.read_state, target, pk, using))
             if not self._may_run(state, options, pk):
                 return None
             ran.state = state

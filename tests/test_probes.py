@@ -13,7 +13,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from celery_deactivate import _guard, _options, _store, probes, services
+from celery_deactivate import _guard, _options, _store, probes
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.conftest import wait_for
 from tests.testapp import tasks
@@ -109,8 +109,8 @@ def test_never_two_probes_for_one_object(eager: Celery) -> None:
     now = later(61)
     stale_before = now - timedelta(seconds=300)
     # One claim wins; the next finds the probe out
-    assert services.claim_probe(target, feed.pk, now, stale_before, using="default") is True
-    assert services.claim_probe(target, feed.pk, now, stale_before, using="default") is False
+    assert probes.claim_probe(target, feed.pk, now, stale_before, using="default") is True
+    assert probes.claim_probe(target, feed.pk, now, stale_before, using="default") is False
     assert probes.maintain(eager, now=now) == 0
     # A probe out for longer than the maximum cool-down was lost: it is sent again
     assert probes.maintain(eager, now=now + timedelta(seconds=301)) == 1

@@ -13,7 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from celery_deactivate import DeactivatingTask, services
+from celery_deactivate import DeactivatingTask, _reads, services
 from celery_deactivate.exceptions import DeactivateConfigError
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.testapp import tasks
@@ -128,7 +128,7 @@ def test_read_object_is_the_orm_s_instance(in_transaction: bool) -> None:
     fresh = Feed._base_manager.get(pk=feed.pk)
 
     with transaction.atomic() if in_transaction else contextlib.nullcontext():
-        instance = services.read_object(target(), feed.pk, "default")
+        instance = _reads.read_object(target(), feed.pk, "default")
 
     assert type(instance) is Feed
     for field in Feed._meta.concrete_fields:
@@ -136,22 +136,22 @@ def test_read_object_is_the_orm_s_instance(in_transaction: bool) -> None:
     assert instance.deactivated_at is not None and instance.error_message
     assert instance._state.adding is False and instance._state.db == "default"
     with pytest.raises(Feed.DoesNotExist, match="Feed matching query does not exist"):
-        services.read_object(target(), -1, "default")
+        _reads.read_object(target(), -1, "default")
 
 
 def test_a_key_given_as_text_is_prepared_by_the_field() -> None:
     # The key goes through the field's preparation: text is converted, nonsense is refused.
     feed = Feed.objects.create(title="f", failure_count=3)
-    assert services.read_state(target(), feed.pk, "default") == (True, 3, None)
-    assert services.read_state(target(), str(feed.pk), "default") == (True, 3, None)
-    assert services.read_object(target(), str(feed.pk), "default").pk == feed.pk
+    assert _reads.read_state(target(), feed.pk, "default") == (True, 3, None)
+    assert _reads.read_state(target(), str(feed.pk), "default") == (True, 3, None)
+    assert _reads.read_object(target(), str(feed.pk), "default").pk == feed.pk
     with pytest.raises(ValidationError, match="must be an integer"):
-        services.read_state(target(), "not a key", "default")
+        _reads.read_state(target(), "not a key", "default")
 
 
 def test_read_object_of_a_multi_table_child_goes_through_the_orm() -> None:
     child = SpecialFeed.objects.create(title="child", kind="mti")
-    instance = services.read_object(services.target_for(SpecialFeed), child.pk, "default")
+    instance = _reads.read_object(services.target_for(SpecialFeed), child.pk, "default")
     assert type(instance) is SpecialFeed and instance.kind == "mti"
 
 
@@ -169,9 +169,9 @@ def test_a_multi_table_child_with_the_fields_in_its_own_table() -> None:
     assert (tracked.plain_rows, tracked.inherited, tracked.owner) == (False, False, TrackedArticle)
     article = TrackedArticle.objects.create(title="read me")
 
-    loaded = services.read_object(tracked, article.pk, "default")
+    loaded = _reads.read_object(tracked, article.pk, "default")
     assert (type(loaded), loaded.title) == (TrackedArticle, "read me")
-    assert services.read_state(tracked, article.pk, "default") == (True, 0, None)
+    assert _reads.read_state(tracked, article.pk, "default") == (True, 0, None)
 
 
 @pytest.mark.parametrize("receiver", [True, False], ids=["in-a-transaction", "read-first"])
@@ -218,7 +218,7 @@ def test_multi_table_child() -> None:
     assert outcome.deactivated is True and isinstance(outcome.instance, SpecialFeed)
     child.refresh_from_db()
     assert (child.active, child.failure_count, child.kind) == (False, 1, "mti")
-    assert services.read_state(target, child.pk, "default") == (False, 1, None)
+    assert _reads.read_state(target, child.pk, "default") == (False, 1, None)
 
 
 def test_a_parent_row_without_the_child_is_not_the_child_s() -> None:
@@ -238,7 +238,7 @@ def test_a_filtering_base_manager_is_honoured() -> None:
     target = services.target_for(HiddenFeed)
 
     with pytest.raises(HiddenFeed.DoesNotExist):
-        services.read_state(target, archived.pk, "default")
+        _reads.read_state(target, archived.pk, "default")
     outcome = services.record_failure(
         target, archived.pk, ValueError("x"), threshold=1, sender=None
     )

@@ -42,7 +42,6 @@ from django.utils import timezone
 
 from ... import services
 from ...checks import deactivating_tasks
-from ...conf import FIELD_DEFAULTS
 from ...exceptions import DeactivateError
 from ...models import DeactivatableModel
 from ...notify import one_line
@@ -251,7 +250,7 @@ class Command(BaseCommand):
             )
             return
         todo = pks if pks is not None else list(selected.values_list("pk", flat=True))
-        fields = roles(target)
+        fields = target.fields()
         using = selected.db
         done: list[Any] = []
         unchanged = []
@@ -315,17 +314,6 @@ class ProgressBar:
 # -- models and their fields -------------------------------------------------------------------
 
 
-def recorded(target: Target) -> int:
-    """How many roles the target records (a target recording more is preferred)."""
-    return sum(name is not None for name in roles(target).values())
-
-
-def roles(target: Target) -> dict[str, str | None]:
-    """The target's fields by role (every role), as ``services.reactivate(fields=...)`` takes
-    them."""
-    return {role: getattr(target, role) for role in FIELD_DEFAULTS}
-
-
 def model_target(label: str, task_targets: list[Target], active_field: str | None) -> Target:
     """The target of the model named ``label``, a ``DeactivatableModel`` or the model of a
     deactivating task: its task's fields, else the defaults.  ``active_field`` chooses among
@@ -353,7 +341,7 @@ def model_target(label: str, task_targets: list[Target], active_field: str | Non
                 f"--active-field {active_field!r} is not an active flag of {label}; its active "
                 f"{plural(len(flags), 'flag')}: {', '.join(map(repr, flags))}"
             )
-    return max(candidates, key=recorded)
+    return max(candidates, key=lambda target: len(target.recorded()))
 
 
 def every_target(task_targets: list[Target]) -> list[Target]:
@@ -371,7 +359,7 @@ def every_target(task_targets: list[Target]) -> list[Target]:
         assert owner is not None
         groups.setdefault((owner._meta.concrete_model or owner, target.active), []).append(target)
     chosen = [
-        max(group, key=lambda target: (target.model is owner, recorded(target)))
+        max(group, key=lambda target: (target.model is owner, len(target.recorded())))
         for (owner, _), group in groups.items()
     ]
     return sorted(chosen, key=lambda target: (target.label, target.active))

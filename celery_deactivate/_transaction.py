@@ -1,0 +1,94 @@
+"""What runs in the transaction of a state change: the bound on how long its statements may
+wait (:func:`bounded`), and the signals sent in it, in a savepoint (:func:`send_in_savepoint`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.db import connections, router, transaction
+from django.db.models import Model
+from django.dispatch import Signal
+
+from . import signals
+from ._errors import describe
+from .target import Target
+
+logger = logging.getLogger("celery_deactivate")
+
+
+@contextmanager
+def bounded(using: str, seconds: float | None) -> Iterator[None]:
+    """Bound how long the statements inside may wait for locks and run (called in a
+    transaction).
+
+    PostgreSQL: ``lock_timeout`` and ``statement_timeout`` for this transaction.  SQLite: the
+    connection's busy timeout (the worker's crash handler runs on a connection of its own, closed
+    when it is done).  Other backends: unbounded.
+    """
+    connection = connections[using]
+    if not seconds or connection.vendor not in ("postgresql", "sqlite"):
+        yield
+        return
+    millis = max(int(seconds * 1000), 1)
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            cursor.execute(f"PRAGMA busy_timeout = {millis}")
+        else:
+            cursor.execute(f"SET LOCAL lock_timeout = {millis}")
+            cursor.execute(f"SET LOCAL statement_timeout = {millis}")
+    yield
+
+
+class _ReceiversFailed(Exception):
+    """Rolls back what the receivers of one signal wrote when one of them raised."""
+
+    def __init__(self, failures: list[tuple[Any, BaseException]]) -> None:
+        super().__init__(failures)
+        self.failures = failures
+
+
+def send(signal: Signal, target: Target, sender: Any, instance: Model, **kwargs: Any) -> None:
+    """Send an object's ``signal`` synchronously, in the caller's transaction, like Django's
+    model signals (:func:`send_in_savepoint`)."""
+    using = instance._state.db or router.db_for_write(target.model)
+    about = target.identity(instance.pk)
+    send_in_savepoint(signal, sender, using, about, instance=instance, **kwargs)
+
+
+def send_in_savepoint(signal: Signal, sender: Any, using: str, about: str, **kwargs: Any) -> None:
+    """Send ``signal`` in the caller's transaction on ``using``.
+
+    Every receiver runs.  Their writes are in a savepoint: if one raises, the savepoint is rolled
+    back (what the receivers wrote goes, the change that sent it stays) and each error is logged
+    at ERROR with ``about`` (what the signal is about), never raised.
+    """
+    if not signal.has_listeners(sender):
+        return
+    try:
+        with transaction.atomic(using=using):
+            results = signal.send_robust(sender=sender, **kwargs)
+            failures = [(r, e) for r, e in results if isinstance(e, BaseException)]
+            if failures:
+                raise _ReceiversFailed(failures)
+    except _ReceiversFailed as failed:
+        for receiver, error in failed.failures:
+            logger.error(
+                "celery_deactivate: receiver %r of %s raised for %s: %s",
+                receiver,
+                SIGNAL_NAMES.get(signal, repr(signal)),
+                about,
+                describe(error),
+                exc_info=error,
+            )
+
+
+SIGNAL_NAMES = {
+    signals.object_deactivated: "object_deactivated",
+    signals.object_reactivated: "object_reactivated",
+    signals.failure_counted: "failure_counted",
+    signals.outage_started: "outage_started",
+    signals.outage_ended: "outage_ended",
+}

@@ -1,0 +1,73 @@
+"""The package's shape: no module imports one that imports it back (docs/internals.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import celery_deactivate
+
+PACKAGE = Path(celery_deactivate.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_at_load(path: Path) -> set[str]:
+    """The package's modules ``path`` imports when it is loaded: its relative imports outside
+    functions and ``if TYPE_CHECKING:`` blocks (a function's imports run later)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path.parent)
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            if isinstance(child, ast.ImportFrom) and child.level:
+                base = package.split(".")[: len(package.split(".")) - child.level + 1]
+                if child.module:
+                    found.add(".".join([*base, child.module]))
+                else:
+                    found.update(".".join([*base, alias.name]) for alias in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return found
+
+
+def import_circles() -> list[list[str]]:
+    graph = {module_name(path): imported_at_load(path) for path in PACKAGE.rglob("*.py")}
+    graph = {
+        name: {dep for dep in deps if dep in graph and dep != name} for name, deps in graph.items()
+    }
+    circles: list[list[str]] = []
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def walk(name: str) -> None:
+        visiting.append(name)
+        for dep in sorted(graph[name]):
+            if dep in visiting:
+                circles.append([*visiting[visiting.index(dep) :], dep])
+            elif dep not in done:
+                walk(dep)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        if name not in done:
+            walk(name)
+    return circles
+
+
+def test_imported_at_load_sees_the_package_s_imports() -> None:
+    services = imported_at_load(PACKAGE / "services.py")
+    assert {"celery_deactivate.target", "celery_deactivate._reads"} <= services
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    assert import_circles() == []
