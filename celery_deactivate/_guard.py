@@ -19,6 +19,9 @@ runs fail: then an *outage* of the task starts.
   process writes its counts) and by the periodic task ``celery_deactivate.maintain``.  After an
   end, the next start counts only failures and runs since it (hysteresis).
 
+The start and the end themselves (the state row, the signals, the victims, the notices) are in
+``celery_deactivate._outage``.
+
 State is shared by every process on every machine through three tables of the library
 (``celery_deactivate.models``): :class:`~celery_deactivate.models.TaskState` (one row per
 task: the outage, the notice window), :class:`~celery_deactivate.models.TaskRuns` (finished runs
@@ -41,22 +44,19 @@ and nothing on the object (less than a deactivation).  The guard off
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_process_shutdown, worker_shutdown
-from django.db import connections, transaction
-from django.dispatch import Signal
+from django.db import connections
 from django.utils import timezone
 
-from . import _notices, _store, _transaction, notify, services, signals
+from . import _notices, _outage, _store, services
 from ._options import Guard, guard_of
 from ._store import Failure
-from .conf import resolve
 
 if TYPE_CHECKING:
-    from .target import Target
     from .task import DeactivatingTask
 
 logger = logging.getLogger("celery_deactivate")
@@ -88,7 +88,7 @@ def _write_counts(task: DeactivatingTask) -> None:
                 return
             state = _store.read_state(task.name, using, create=False)
             if state is not None and state.outage_started_at is not None:
-                end_if_over(task, guard, state.outage_started_at, using)
+                _outage.end_if_over(task, guard, state.outage_started_at, using)
     except Exception as error:
         logger.error(
             "celery_deactivate: %s: the outage guard could not write its run counts: %s",
@@ -155,7 +155,7 @@ def count_during_outage(
             if _store.pending.add(task, failed=True) or timeout:  # the crash path writes at once
                 runs, failures = _store.write_pending(task.name, guard.window, using)
                 if runs > failures:  # successes counted too: the outage may be over
-                    end_if_over(task, guard, started, using)
+                    _outage.end_if_over(task, guard, started, using)
     except Exception as error:
         _broken(task, error, "count a failure")
 
@@ -221,7 +221,7 @@ def _account(
         return False
     # Deactivated while an outage started: one of its victims.  The process that opened it may
     # not have seen this row yet; re-activating twice changes the row once.
-    _reactivate(task, failed.target, guard, [(str(failed.instance.pk), None)], using)
+    _outage.reactivate_victims(task, failed.target, guard, [(str(failed.instance.pk), None)], using)
     return True
 
 
@@ -255,7 +255,7 @@ def _trip(
             else f"below the outage rate {guard.rate:.0%}",
         )
         return False
-    return start_outage(task, guard, now, since, exc, using)
+    return _outage.start_outage(task, guard, now, since, exc, using)
 
 
 def _broken(task: DeactivatingTask, error: Exception, doing: str) -> None:
@@ -269,172 +269,7 @@ def _broken(task: DeactivatingTask, error: Exception, doing: str) -> None:
     )
 
 
-# -- starting and ending an outage ------------------------------------------------------------
-
-
-def start_outage(
-    task: DeactivatingTask,
-    guard: Guard,
-    now: datetime,
-    since: datetime,
-    exc: BaseException | None,
-    using: str,
-) -> bool:
-    """Open the task's outage unless one is open: ``outage_started`` (in the transaction), the
-    victims re-activated, a WARNING, one notice after commit.  Whether this call opened it."""
-    from .models import TaskState
-
-    name, target = task.name, task.target
-    runs, failures = _store.sums(name, guard.window, using, since)
-    totals = {
-        "runs": runs,
-        "failures": failures,
-        "objects": _store.distinct(name, using, since, None),
-    }
-    with transaction.atomic(using=using):
-        rows = TaskState.objects.using(using).filter(task=name, outage_started_at__isnull=True)
-        if not rows.update(outage_started_at=now):
-            return False
-        victims = _victims(name, since, using)
-        reactivated = _reactivate(task, target, guard, victims, using)
-        _send(
-            signals.outage_started,
-            task,
-            started_at=now,
-            counts=totals,
-            exception=exc,
-            reactivated=[instance for instance, _ in reactivated],
-        )
-    error = services.describe(exc)
-    logger.warning(
-        "celery_deactivate: outage of %s started: %d of %d finished runs failed for good since "
-        "%s (%s), on %d distinct objects of %s (thresholds: %d objects, %.0f%%); no failure "
-        "deactivates an object until it ends; %d object(s) it deactivated re-activated; last "
-        "error: %s",
-        name,
-        failures,
-        runs,
-        since.isoformat(timespec="seconds"),
-        f"{failures / runs:.0%}" if runs else "-",
-        totals["objects"],
-        target.label,
-        guard.objects,
-        guard.rate * 100,
-        len(reactivated),
-        error,
-    )
-    if guard.notify:
-        notice = notify.outage_started_notice(
-            name,
-            label=target.label,
-            started_at=now,
-            counts=totals,
-            rate=guard.rate,
-            window=guard.window,
-            error=error,
-            reactivated=[item for _, item in reactivated],
-        )
-        _notices.notify_on_commit(task, guard, notice, using)
-    return True
-
-
-def end_if_over(task: DeactivatingTask, guard: Guard, started: datetime, using: str) -> bool:
-    """End the outage that started at ``started`` if the failure rate over the last window is
-    below the rate (or the window had no failure); whether this call ended it."""
-    from .models import TaskState
-
-    name = task.name
-    now = timezone.now()
-    runs, failures = _store.sums(name, guard.window, using, now - timedelta(seconds=guard.window))
-    if failures and failures >= guard.rate * runs:
-        return False
-    totals = {"runs": runs, "failures": failures}
-    with transaction.atomic(using=using):
-        rows = TaskState.objects.using(using).filter(task=name, outage_started_at=started)
-        if not rows.update(outage_started_at=None, outage_ended_at=now):
-            return False  # ended by another process
-        _send(signals.outage_ended, task, started_at=started, ended_at=now, counts=totals)
-    logger.warning(
-        "celery_deactivate: outage of %s ended after %s: %d of %d finished runs failed for good "
-        "in the last %g s, below %.0f%%; failures deactivate objects again",
-        name,
-        now - started,
-        failures,
-        runs,
-        guard.window,
-        guard.rate * 100,
-    )
-    if guard.notify:
-        notice = notify.outage_ended_notice(
-            name, started_at=started, ended_at=now, counts=totals, window=guard.window
-        )
-        _notices.notify_on_commit(task, guard, notice, using)
-    return True
-
-
-def _victims(name: str, since: datetime, using: str) -> list[tuple[str, datetime | None]]:
-    """``(pk as text, deactivated_at)`` of the objects the task deactivated since ``since``."""
-    from .models import TaskFailure
-
-    rows = TaskFailure.objects.using(using).filter(task=name, deactivated_at__gt=since)
-    return list(rows.values_list("object_pk", "deactivated_at"))
-
-
-def _reactivate(
-    task: DeactivatingTask,
-    target: Target,
-    guard: Guard,
-    victims: Sequence[tuple[str, datetime | None]],
-    using: str,
-) -> list[tuple[Any, notify.NoticeObject]]:
-    """Re-activate the objects still off as this task left them (``deactivated_at`` unchanged;
-    without that field: any inactive one), through :func:`services.reactivate`."""
-    from .models import TaskFailure
-
-    if not victims:
-        return []
-    model = target.model
-    meta_pk = model._meta.pk
-    assert meta_pk is not None
-    fields = resolve(task, "deactivate_fields")
-    model_db = services.db_for(target)
-    wanted = {meta_pk.to_python(text): when for text, when in victims}
-    reactivated = []
-    for chunk in _store.chunks(list(wanted)):
-        rows = model._base_manager.db_manager(model_db).filter(pk__in=chunk)
-        rows = rows.filter(**{target.active: False})
-        stamp = target.deactivated_at
-        for pk, current in rows.values_list("pk", stamp or "pk"):
-            when = wanted[pk]
-            if stamp and when is not None and current != when:
-                logger.info(
-                    "celery_deactivate: %s stays deactivated: deactivated again since %s did",
-                    target.identity(pk),
-                    task.name,
-                )
-                continue
-            instance = services.reactivate(model, pk, fields=fields, using=model_db)
-            if instance is None:
-                continue
-            logger.warning(
-                "celery_deactivate: %s re-activated: deactivated by %s, a victim of its outage",
-                target.identity(pk),
-                task.name,
-            )
-            reactivated.append((instance, notify.object_of(instance, site_url=guard.site_url)))
-    for chunk in _store.chunks([text for text, _ in victims]):
-        TaskFailure.objects.using(using).filter(task=task.name, object_pk__in=chunk).update(
-            deactivated_at=None, notice_pending=False
-        )
-    return reactivated
-
-
-# -- signals, and what operators read ----------------------------------------------------------
-
-
-def _send(signal: Signal, task: DeactivatingTask, **kwargs: Any) -> None:
-    """Send an outage signal in the caller's transaction, as the object signals are."""
-    _transaction.send_in_savepoint(signal, task, _store.db(), task.name, **kwargs)
+# -- what operators read ----------------------------------------------------------------------
 
 
 def counts_now(task: DeactivatingTask) -> Mapping[str, int]:

@@ -14,7 +14,7 @@ from typing import Any
 from celery import shared_task
 from django.utils import timezone
 
-from . import _guard, _notices, _store, dispatch, services
+from . import _notices, _outage, _store, dispatch, services
 from ._options import Guard, guard_of
 
 logger = logging.getLogger("celery_deactivate")
@@ -94,7 +94,7 @@ def maintain_guard(app: Any) -> dict[str, int]:
         done["tasks"] += 1
         try:
             guard = guard_of(task)
-            if started is not None and _guard.end_if_over(task, guard, started, using):
+            if started is not None and _outage.end_if_over(task, guard, started, using):
                 done["outages_ended"] += 1
             if until is not None and until <= timezone.now():
                 opened = _notices.send_digest(task, guard, until, using)

@@ -13,7 +13,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from celery_deactivate import _guard, _options, _store, probes
+from celery_deactivate import _guard, _options, _outage, _store, probes
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.conftest import wait_for
 from tests.testapp import tasks
@@ -288,7 +288,7 @@ def test_a_probe_that_fails_during_an_outage_is_recorded_as_the_probes(eager: Ce
     Feed.objects.filter(pk=feed.pk).update(probing_since=timezone.now())
     task = tasks.poll_cooldown
     now = timezone.now()  # (counted from now: the object is not one of the outage's victims)
-    assert _guard.start_outage(task, _options.guard_of(task), now, now, None, _store.db())
+    assert _outage.start_outage(task, _options.guard_of(task), now, now, None, _store.db())
     before = _guard.counts_now(task)
 
     # When the probe fails during the outage,
