@@ -52,7 +52,8 @@ from django.apps import AppConfig
 from django.conf import settings
 from django.core import checks
 
-from .conf import OPTIONS, closest_option, is_misspelt_option
+from ._option_names import closest_option, is_misspelt_option
+from .conf import OPTIONS
 from .exceptions import DeactivateConfigError
 from .task import DeactivatingTask
 

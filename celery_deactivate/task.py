@@ -26,10 +26,10 @@ from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Model
 
 from . import _failure, _guard, _options, _reads, dispatch, services
+from ._option_names import check_option_names
 from .conf import (
     ExceptionTypes,
     Notifier,
-    check_option_names,
     option_inputs,
     resolve,
 )

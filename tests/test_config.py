@@ -16,7 +16,8 @@ from django.test import override_settings
 from django.utils.functional import cached_property as django_cached_property
 
 from celery_deactivate import DeactivatingTask
-from celery_deactivate.conf import is_misspelt_option, resolve
+from celery_deactivate._option_names import is_misspelt_option
+from celery_deactivate.conf import resolve
 from celery_deactivate.exceptions import DeactivateConfigError
 from tests.testapp import tasks
 from tests.testapp.models import Feed, NoActive, RecipeObject, SpecialFeed, WrongActive
