@@ -181,48 +181,53 @@ def account(
     try:
         using = _store.db()
         with _store.unit(using, timeout):
-            return _account(task, guard, state, failed, deactivated, deferred, timeout, using)
+            now = timezone.now()
+            _record(
+                task.name, guard, failed, now, using, deactivated=deactivated, deferred=deferred
+            )
+            if not guard.on:
+                return False
+            if _store.pending.add(task, failed=failed is not None) or timeout:
+                # Written with the process's other counts (the crash path at once: its process
+                # runs no task); until then the guard judges them from memory (_store.sums).
+                _store.write_pending(task.name, guard.window, using)
+            if failed is None:
+                return False
+            opened = _trip(task, guard, state, failed.exc, now, using)
+            if not deactivated or not (opened or outage_of(task) is not None):
+                return False
+            # Deactivated while an outage started: one of its victims.  The process that opened
+            # it may not have seen this row yet; re-activating twice changes the row once.
+            victim = [(str(failed.instance.pk), None)]
+            _outage.reactivate_victims(task, failed.target, guard, victim, using)
+            return True
     except Exception as error:
         _broken(task, error, "count a failure")
         return None
 
 
-def _account(
-    task: DeactivatingTask,
+def _record(
+    name: str,
     guard: Guard,
-    state: _store.State,
     failed: Failure | None,
+    now: datetime,
+    using: str,
+    *,
     deactivated: bool,
     deferred: bool,
-    timeout: float | None,
-    using: str,
-) -> bool:
+) -> None:
+    """The failure on the task's failure row (the distinct objects, the outage's victims, the
+    notice ``deferred`` to the digest), and a notice window made due for a deferred notice."""
     from .models import TaskState
 
-    now = timezone.now()
     if failed is not None and (guard.on or deferred):
         _store.mark_failure(failed, now, using, deactivated=deactivated, pending=deferred)
     if deferred:
         # A window is open for the deferred notice, or one is made due now: whoever closed the
         # window this failure saw open (maintain, another process) before the row above was
         # written has not sent it; the next maintain run or failure will.
-        rows = TaskState.objects.using(using).filter(task=task.name, notify_until__isnull=True)
+        rows = TaskState.objects.using(using).filter(task=name, notify_until__isnull=True)
         rows.update(notify_until=now)
-    if not guard.on:
-        return False
-    if _store.pending.add(task, failed=failed is not None) or timeout:
-        # Written with the process's other counts (the crash path at once: its process runs no
-        # task); until then the guard judges them from memory (_store.sums).
-        _store.write_pending(task.name, guard.window, using)
-    if failed is None:
-        return False
-    opened = _trip(task, guard, state, failed.exc, now, using)
-    if not deactivated or not (opened or outage_of(task) is not None):
-        return False
-    # Deactivated while an outage started: one of its victims.  The process that opened it may
-    # not have seen this row yet; re-activating twice changes the row once.
-    _outage.reactivate_victims(task, failed.target, guard, [(str(failed.instance.pk), None)], using)
-    return True
 
 
 def _trip(
