@@ -164,15 +164,13 @@ def _body(
 ) -> tuple[Any, State | None]:
     """The body's result and the state it ran on (``None``: it did not run), in the body's
     transaction; the pass-object form reads the instance in it first."""
-    target = options.target
     failure: BaseException | None = None
     try:
         with transaction.atomic(using=using) if options.atomic else nullcontext():
             try:
                 if options.pass_object:
-                    instance = _read(task, options, args[0], using)
-                    state = target.state_of([getattr(instance, n) for n in target.state_fields()])
-                    if not _may_run(task, options, args[0], state):
+                    instance, state = _read_instance(task, options, args[0], using)
+                    if state is None:
                         return None, None
                     args = (instance, *args[1:])
                 return task.run(*args, **kwargs), state
@@ -182,8 +180,19 @@ def _body(
     except DatabaseError as exc:
         if failure is None or exc is failure:
             raise
-        _log_failed_rollback(task, target, args[0], exc)
+        _log_failed_rollback(task, options.target, args[0], exc)
     raise failure  # the task's own exception, unchanged (set: only it gets here)
+
+
+def _read_instance(
+    task: DeactivatingTask, options: RunOptions, pk: Any, using: str
+) -> tuple[Any, State | None]:
+    """The pass-object form's instance and its state (``None``: the body must not run), read in
+    the body's transaction as the body's own ``get()`` would."""
+    instance = _read(task, options, pk, using)
+    target = options.target
+    state = target.state_of([getattr(instance, n) for n in target.state_fields()])
+    return instance, state if _may_run(task, options, pk, state) else None
 
 
 def _read(task: DeactivatingTask, options: RunOptions, pk: Any, using: str) -> Any:
