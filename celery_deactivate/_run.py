@@ -168,12 +168,12 @@ def _body(
     try:
         with transaction.atomic(using=using) if options.atomic else nullcontext():
             try:
-                if options.pass_object:
-                    instance, state = _read_instance(task, options, args[0], using)
-                    if state is None:
-                        return None, None
-                    args = (instance, *args[1:])
-                return task.run(*args, **kwargs), state
+                if not options.pass_object:
+                    return task.run(*args, **kwargs), state
+                instance, state = _read_instance(task, options, args[0], using)
+                if state is None:
+                    return None, None
+                return task.run(instance, *args[1:], **kwargs), state
             except BaseException as exc:
                 failure = exc
                 raise

@@ -144,6 +144,28 @@ def test_database_unreachable_between_body_and_deactivation(
 
 
 @needs_postgresql
+def test_a_failed_rollback_under_a_pass_object_body_names_the_object(
+    shared_worker: Worker, meeting: Meeting
+) -> None:
+    # Given a body that was passed the instance and raises once the database is gone
+    feed = Feed.objects.create(title="db down", behaviour="wait_fail")
+    result = shared_worker.send(TASKS + "crash_object", feed.pk)
+    wait_for(lambda: crash_tasks.started(result.id))
+
+    with database_unreachable():
+        crash_tasks.go(result.id)
+        wait_for(result.ready)
+        wait_for(lambda: "the database failed at the rollback" in shared_worker.log())
+
+    # Then Celery got the body's own exception, and the rollback's failure names the object
+    assert type(result.result) is Boom
+    assert f"crash_object on {identity(feed)}: the database failed at the rollback" in (
+        shared_worker.log()
+    )
+    assert state(feed) == (True, False, 0)
+
+
+@needs_postgresql
 def test_main_process_waits_a_bounded_time_for_a_locked_row(
     shared_worker: Worker, meeting: Meeting
 ) -> None:
