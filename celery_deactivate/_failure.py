@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import transaction
 
 from . import _guard, _notices, services
-from ._options import guard_of
+from ._options import failure_policy, guard_of
 from ._store import Failure
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def record(
     try:
         target = task.target
         identity = target.identity(pk)
-        policy = task._failure_policy(target)
+        policy = failure_policy(task, target)
         guard = guard_of(task)
         if not policy.counts(exc):
             logger.info(

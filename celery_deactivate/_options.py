@@ -1,4 +1,5 @@
-"""The outage guard's and the notice windows' options of a task, resolved (:class:`Guard`)."""
+"""A task's options, resolved: the failure options (:class:`FailurePolicy`), the cool-down
+probes' (:func:`probe_policy`), the outage guard's and the notice windows' (:class:`Guard`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,64 @@ from typing import Any
 
 from django.apps import apps
 
-from .conf import option_inputs, resolve
+from .conf import ExceptionTypes, Notifier, option_inputs, resolve
 from .exceptions import DeactivateConfigError
+from .target import PROBE_ROLES, Target
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """The failure options of one task, resolved."""
+
+    after: int
+    on: ExceptionTypes
+    dont_on: ExceptionTypes
+    notify: bool
+    notifier: Notifier
+
+    def counts(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.on) and not isinstance(exc, self.dont_on)
+
+
+def failure_policy(task: Any, target: Target) -> FailurePolicy:
+    """The task's :class:`FailurePolicy`; ``ImproperlyConfigured`` for a count without a field."""
+    after = resolve(task, "deactivate_after")
+    if after > 1 and not target.failure_count:
+        raise DeactivateConfigError(
+            f"deactivate_after={after} needs a failure counter, and {target.label} has no "
+            "'failure_count' field (add one, or map the role with deactivate_fields)",
+            task=task.name,
+            model=target.label,
+            field="failure_count",
+        )
+    return FailurePolicy(
+        after=after,
+        on=resolve(task, "deactivate_on"),
+        dont_on=resolve(task, "dont_deactivate_on"),
+        notify=resolve(task, "deactivate_notify"),
+        notifier=resolve(task, "deactivate_notifier"),
+    )
+
+
+def probe_policy(task: Any, target: Target) -> tuple[float, float] | None:
+    """``(cooldown, cooldown_max)`` in seconds when cool-down probes are on, else ``None``;
+    ``ImproperlyConfigured`` when the model lacks a probe field."""
+    cooldown = resolve(task, "deactivate_cooldown")
+    if cooldown is None:
+        return None
+    if not target.probes:
+        missing = [role for role in PROBE_ROLES if getattr(target, role) is None]
+        raise DeactivateConfigError(
+            f"deactivate_cooldown needs the fields {', '.join(PROBE_ROLES)} on "
+            f"{target.label}, which has no {', '.join(repr(m) for m in missing)} field "
+            "(subclass DeactivatableModel, add them, or map the roles with "
+            "deactivate_fields)",
+            task=task.name,
+            model=target.label,
+            field=missing[0],
+        )
+    return cooldown, max(cooldown, resolve(task, "deactivate_cooldown_max"))
+
 
 #: The options the guard and the notices are resolved from.
 GUARD_OPTIONS = (

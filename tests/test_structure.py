@@ -76,10 +76,6 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
 #: The longest a module of the package may be (migrations aside): one read in one sitting.
 MODULE_LINES = 400
 
-#: task.py is cut down on another branch of issue #18 (the run machinery moved out of it); the
-#: lead drops it from here when that branch is merged.
-LONGER_FOR_NOW = {"celery_deactivate.task"}
-
 
 def modules_over(package: Path, limit: int) -> dict[str, int]:
     """The package's modules longer than ``limit`` lines (migrations aside), with their length."""
@@ -93,4 +89,4 @@ def modules_over(package: Path, limit: int) -> dict[str, int]:
 
 def test_no_module_is_over_400_lines() -> None:
     over = modules_over(PACKAGE, MODULE_LINES)
-    assert {name: length for name, length in over.items() if name not in LONGER_FOR_NOW} == {}
+    assert over == {}

@@ -7,12 +7,14 @@ logged at ERROR with the object's identity; the worker's main process is never s
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from billiard.exceptions import WorkerLostError
 from celery import states
+from celery.result import AsyncResult
 from django.db import connection
 
 from tests.conftest import wait_for
@@ -114,6 +116,20 @@ def database_unreachable() -> Iterator[None]:
         admin.close()
 
 
+def run_while_unreachable(
+    worker: Worker, task: str, feed: Feed, logged: Callable[[], Any]
+) -> AsyncResult:
+    """Send ``task`` on ``feed``, whose body waits for the go-ahead; let it carry on with the
+    database unreachable, until its result is stored and ``logged`` holds."""
+    result = worker.send(TASKS + task, feed.pk)
+    wait_for(lambda: crash_tasks.started(result.id))
+    with database_unreachable():
+        crash_tasks.go(result.id)
+        wait_for(result.ready)
+        wait_for(logged)
+    return result
+
+
 @needs_postgresql
 @pytest.mark.parametrize("failure", sorted(FAILURES))
 def test_database_unreachable_between_body_and_deactivation(
@@ -121,13 +137,12 @@ def test_database_unreachable_between_body_and_deactivation(
 ) -> None:
     behaviour, exception = FAILURES[failure]
     feed = Feed.objects.create(title="db down", behaviour=f"wait_{behaviour}", note="kept")
-    result = shared_worker.send(TASKS + "crash", feed.pk)
-    wait_for(lambda: crash_tasks.started(result.id))
-
-    with database_unreachable():
-        crash_tasks.go(result.id)
-        wait_for(result.ready)
-        wait_for(lambda: shared_worker.error_lines("could not record", identity(feed)))
+    result = run_while_unreachable(
+        shared_worker,
+        "crash",
+        feed,
+        lambda: shared_worker.error_lines("could not record", identity(feed)),
+    )
 
     # Celery got the body's own exception; nothing committed was lost, nothing was recorded.
     assert result.state == states.FAILURE
@@ -141,6 +156,27 @@ def test_database_unreachable_between_body_and_deactivation(
     wait_for(after.ready)
     wait_for(lambda: not state(feed)[0])  # Celery stores the result before on_failure runs
     assert state(feed) == (False, True, 1)
+
+
+@needs_postgresql
+def test_a_failed_rollback_under_a_pass_object_body_names_the_object(
+    shared_worker: Worker, meeting: Meeting
+) -> None:
+    # Given a body that was passed the instance and raises once the database is gone
+    feed = Feed.objects.create(title="db down", behaviour="wait_fail")
+    result = run_while_unreachable(
+        shared_worker,
+        "crash_object",
+        feed,
+        lambda: "the database failed at the rollback" in shared_worker.log(),
+    )
+
+    # Then Celery got the body's own exception, and the rollback's failure names the object
+    assert type(result.result) is Boom
+    assert f"crash_object on {identity(feed)}: the database failed at the rollback" in (
+        shared_worker.log()
+    )
+    assert state(feed) == (True, False, 0)
 
 
 @needs_postgresql

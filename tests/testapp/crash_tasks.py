@@ -123,6 +123,11 @@ def crash(self: DeactivatingTask, pk: int) -> Any:
     return act(self, pk)
 
 
+@app.task(base=DeactivatingTask, model=Feed, bind=True, deactivate_pass_object=True)
+def crash_object(self: DeactivatingTask, feed: Feed) -> Any:
+    return act(self, feed.pk)
+
+
 @app.task(base=DeactivatingTask, model=Feed, bind=True, deactivate_after=2)
 def crash_after2(self: DeactivatingTask, pk: int) -> Any:
     return act(self, pk)

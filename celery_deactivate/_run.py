@@ -1,0 +1,301 @@
+"""One run of a deactivating task's body, top to bottom.
+
+``DeactivatingTask.__call__`` calls :func:`run` with the task's options (:func:`run_options`),
+or :func:`untraced` for a call Celery does not trace.  In order:
+
+1. **Read** the object's state.  The drop-in form reads it before the body's transaction opens
+   (a read holding no lock into the body: on SQLite the body's first write would have to upgrade
+   it); the pass-object form reads the instance in the transaction, as the body's own ``get()``
+   would.  An error of these reads is the library's, not the object's: it is kept in
+   :data:`own_error` and the failure hook does not count it.
+2. **May it run?**  The body runs on an active object, or as the cool-down probe of a
+   deactivated one; otherwise it is skipped and the run returns ``None``.
+3. **The body**, in ``transaction.atomic()`` on the model's write database (``deactivate_atomic``).
+   A rollback that fails under the body's exception (the database went away) is logged; the
+   body's own exception is raised, unchanged.
+4. **After a success**, outside the body's transaction: the run is counted for the outage guard;
+   a positive failure count is reset, or the object whose probe this was is re-activated.  An
+   error here is logged, never raised over the result.
+
+A failure's traceback carries each frame's code positions (billiard's ``ExceptionInfo``), pickled
+from the pool child to the worker on every failure: the library's frames under the body are
+three (``__call__``, :func:`run`, :func:`_body`).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery._state import (  # type: ignore[attr-defined]  # not in celery-types' stubs
+    pop_current_task,
+    push_current_task,
+)
+from celery.exceptions import Ignore, Reject, Retry
+from django.db import DatabaseError, connections, router, transaction
+
+from . import _guard, _reads, services
+from .conf import option_inputs, resolve
+from .target import State, Target
+
+if TYPE_CHECKING:
+    from .task import DeactivatingTask
+
+logger = logging.getLogger("celery_deactivate")
+
+#: Set while ``Task.apply()`` runs with exceptions propagating: Celery then calls no failure hook,
+#: so the run records the failure itself (:func:`untraced`).
+eager_propagates: ContextVar[bool] = ContextVar("celery_deactivate_eager_propagates", default=False)
+
+#: The exception the library's own read before the body raised in this run: not a failure of
+#: the object, so the failure hook does not count it.  The hook takes it (:func:`take_own_error`),
+#: so that it and its frames do not outlive the run.
+own_error: ContextVar[BaseException | None] = ContextVar(
+    "celery_deactivate_own_error", default=None
+)
+
+#: Exceptions that are Celery's control flow, never failures.
+CONTROL_FLOW = (Retry, Ignore, Reject)
+
+#: The options :class:`RunOptions` is resolved from (with the task's ``model``).
+RUN_OPTIONS = (
+    "deactivate_fields",
+    "deactivate_pass_object",
+    "deactivate_atomic",
+    "deactivate_cooldown",
+)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of one task that every run reads, resolved."""
+
+    target: Target
+    pass_object: bool
+    atomic: bool
+    #: Cool-down probes are on (``deactivate_cooldown``).
+    probes: bool
+    #: The task overrides ``get_queryset()``: the pass-object form reads the instance with it.
+    own_queryset: bool
+
+
+def run_options(task: DeactivatingTask) -> RunOptions:
+    """The task's :class:`RunOptions`, resolved again only when what they are resolved from
+    changed."""
+    inputs = (task.model, option_inputs(task, RUN_OPTIONS))
+    memo = task.__dict__.get("_run_memo")
+    if memo is not None and memo[0] == inputs:
+        options: RunOptions = memo[1]
+        return options
+    from .task import DeactivatingTask  # the task imports this module
+
+    options = RunOptions(
+        target=task.target,
+        pass_object=resolve(task, "deactivate_pass_object"),
+        atomic=resolve(task, "deactivate_atomic"),
+        probes=resolve(task, "deactivate_cooldown") is not None,
+        own_queryset=type(task).get_queryset is not DeactivatingTask.get_queryset,
+    )
+    task.__dict__["_run_memo"] = (inputs, options)
+    return options
+
+
+def untraced(
+    task: DeactivatingTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """A call Celery does not trace (a direct call, ``apply()`` propagating exceptions): no
+    failure hook will run, so the failure is recorded here."""
+    task_id = task.request.id
+    try:
+        if task.request.called_directly:
+            return _direct(task, options, args, kwargs)
+        return run(task, options, args, kwargs)
+    except CONTROL_FLOW:
+        raise
+    except Exception as exc:
+        task.record_failure(exc, args[0], task_id)
+        raise
+
+
+def _direct(
+    task: DeactivatingTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """A direct call: what Celery's own ``Task.__call__`` does around the body (the task on
+    Celery's stack, so ``celery.current_task`` is this task; a request with the arguments),
+    around :func:`run`.  ``Task.__call__`` itself cannot be used: it calls ``run`` with the
+    arguments it is given, and the read before the body and its transaction come first.
+    Celery's stack is private (``celery._state``, docs/private-apis.md)."""
+    push_current_task(task)
+    task.push_request(args=args, kwargs=kwargs)
+    try:
+        return run(task, options, args, kwargs)
+    finally:
+        task.pop_request()
+        pop_current_task()
+
+
+def run(
+    task: DeactivatingTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Read the object's state, run the body on an active object, reset a positive count."""
+    target, pk = options.target, args[0]
+    using = router.db_for_write(target.model)
+    state = None
+    if not options.pass_object:  # the drop-in form reads before the transaction
+        state = target.state_of(_read(task, options, pk, using))
+        if not _may_run(task, options, pk, state):
+            return None
+    result, state = _body(task, options, args, kwargs, using, state)
+    if state is not None:  # the body ran and returned
+        _after_success(task, target, pk, using, state)
+    return result
+
+
+def _body(
+    task: DeactivatingTask,
+    options: RunOptions,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    using: str,
+    state: State | None,
+) -> tuple[Any, State | None]:
+    """The body's result and the state it ran on (``None``: it did not run), in the body's
+    transaction; the pass-object form reads the instance in it first."""
+    failure: BaseException | None = None
+    try:
+        with transaction.atomic(using=using) if options.atomic else nullcontext():
+            try:
+                if not options.pass_object:
+                    return task.run(*args, **kwargs), state
+                instance, state = _read_instance(task, options, args[0], using)
+                if state is None:
+                    return None, None
+                return task.run(instance, *args[1:], **kwargs), state
+            except BaseException as exc:
+                failure = exc
+                raise
+    except DatabaseError as exc:
+        if failure is None or exc is failure:
+            raise
+        _log_failed_rollback(task, options.target, args[0], exc)
+    raise failure  # the task's own exception, unchanged (set: only it gets here)
+
+
+def _read_instance(
+    task: DeactivatingTask, options: RunOptions, pk: Any, using: str
+) -> tuple[Any, State | None]:
+    """The pass-object form's instance and its state (``None``: the body must not run), read in
+    the body's transaction as the body's own ``get()`` would."""
+    instance = _read(task, options, pk, using)
+    target = options.target
+    state = target.state_of([getattr(instance, n) for n in target.state_fields()])
+    return instance, state if _may_run(task, options, pk, state) else None
+
+
+def _read(task: DeactivatingTask, options: RunOptions, pk: Any, using: str) -> Any:
+    """The drop-in form's state, or the pass-object form's instance; an error is kept as the
+    library's own (:data:`own_error`)."""
+    try:
+        if not options.pass_object:
+            return _reads.read_state(options.target, pk, using)
+        if not options.own_queryset:
+            return _reads.read_object(options.target, pk, using)
+        return task.get_queryset(using).get(pk=pk)
+    except Exception as exc:
+        own_error.set(exc)
+        if isinstance(exc, DatabaseError):
+            _close_if_unusable(using)
+        raise
+
+
+def _may_run(task: DeactivatingTask, options: RunOptions, pk: Any, state: State) -> bool:
+    """Run the body on an active object, or as the cool-down probe of a deactivated one."""
+    if state.active:
+        return True
+    identity = options.target.identity(pk)
+    if state.probing and options.probes:
+        logger.info("celery_deactivate: %s probes %s (deactivated)", task.name, identity)
+        return True
+    logger.info("%s: %s is inactive, the body did not run", task.name, identity)
+    return False
+
+
+def _log_failed_rollback(
+    task: DeactivatingTask, target: Target, pk: Any, exc: DatabaseError
+) -> None:
+    """The connection died under the body (the database went away): the rollback failed and
+    Django's reconnect at the end of the block raised over the body's exception."""
+    logger.warning(
+        "celery_deactivate: %s on %s: the database failed at the rollback (%s)",
+        task.name,
+        target.identity(pk),
+        services.describe(exc),
+    )
+
+
+def _after_success(
+    task: DeactivatingTask, target: Target, pk: Any, using: str, state: State
+) -> None:
+    """After a success, outside the body's transaction: reset a positive failure count, or
+    re-activate the object whose probe this was.  A body that broke its transaction and
+    returned still succeeds; an error here is logged, never raised over the result."""
+    if _marked_for_rollback(using):  # in someone else's transaction, which the body broke
+        logger.info(
+            "celery_deactivate: %s on %s succeeded in a transaction marked for rollback; "
+            "its state was not changed",
+            task.name,
+            target.identity(pk),
+        )
+        return
+    if state.active:
+        _guard.ran(task)  # the outage guard: one finished run, counted in memory
+        if not state.failures:
+            return
+    try:
+        if state.active:
+            services.reset_failures(target, pk, using=using)
+        elif services.end_probe(target, pk, using=using) is not None:
+            logger.warning(
+                "celery_deactivate: %s re-activated: its probe %s succeeded",
+                target.identity(pk),
+                task.name,
+            )
+    except Exception as exc:
+        logger.error(
+            "celery_deactivate: %s succeeded on %s but its state could not be updated (%s)",
+            task.name,
+            target.identity(pk),
+            services.describe(exc),
+            exc_info=exc,
+        )
+
+
+def take_own_error() -> BaseException | None:
+    """The error of the library's own read in this run, if any, forgotten as it is taken."""
+    error = own_error.get()
+    if error is not None:
+        own_error.set(None)
+    return error
+
+
+def _close_if_unusable(using: str) -> None:
+    """After an error of the library's own statement, outside a transaction: close the connection
+    if it is unusable (a server restart, a failover, an idle timeout), so that the next task
+    connects again.  Celery's Django fixup does so between tasks only without
+    ``CELERY_DB_REUSE_MAX``."""
+    connection = connections[using]
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
+
+
+def _marked_for_rollback(using: str) -> bool:
+    """Whether the innermost ``atomic`` block on ``using`` will roll back (False outside one)."""
+    if transaction.get_autocommit(using=using):  # no transaction: nothing to roll back
+        return False
+    try:
+        return transaction.get_rollback(using=using)
+    except transaction.TransactionManagementError:  # autocommit: nothing to roll back
+        return False
