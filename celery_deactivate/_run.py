@@ -148,9 +148,9 @@ def run(
         state = target.state_of(_read(task, options, pk, using))
         if not _may_run(task, options, pk, state):
             return None
-    result, state = _body(task, options, args, kwargs, using, state)
+    result, state, reset = _body(task, options, args, kwargs, using, state)
     if state is not None:  # the body ran and returned
-        _after_success(task, target, pk, using, state)
+        _after_success(task, target, pk, using, state, reset=not reset)
     return result
 
 
@@ -161,22 +161,25 @@ def _body(
     kwargs: dict[str, Any],
     using: str,
     state: State | None,
-) -> tuple[Any, State | None]:
-    """The body's result and the state it ran on (``None``: it did not run), in the body's
-    transaction; the pass-object form reads the instance in it first."""
+) -> tuple[Any, State | None, bool]:
+    """The body's result, the state it ran on (``None``: it did not run) and whether its
+    transaction reset the failure count; the pass-object form reads the instance in it first."""
     failure: BaseException | None = None
     try:
         with transaction.atomic(using=using) if options.atomic else nullcontext():
             try:
                 if not options.pass_object:
-                    return task.run(*args, **kwargs), state
-                instance, state = _read_instance(task, options, args[0], using)
-                if state is None:
-                    return None, None
-                return task.run(instance, *args[1:], **kwargs), state
+                    result = task.run(*args, **kwargs)
+                else:
+                    instance, state = _read_instance(task, options, args[0], using)
+                    if state is None:
+                        return None, None, False
+                    result = task.run(instance, *args[1:], **kwargs)
             except BaseException as exc:
                 failure = exc
                 raise
+            reset = options.atomic and _reset_count(task, options.target, args[0], using, state)
+            return result, state, reset
     except DatabaseError as exc:
         if failure is None or exc is failure:
             raise
@@ -236,12 +239,47 @@ def _log_failed_rollback(
     )
 
 
+def _reset_count(
+    task: DeactivatingTask, target: Target, pk: Any, using: str, state: State | None
+) -> bool:
+    """A success of an active object with failures counted resets the count, in the body's
+    transaction: a failure of the same object that runs meanwhile counts after the reset, never
+    before it (the reset's ``UPDATE`` holds the row until the body commits).  In a savepoint: an
+    error is logged and leaves the body's work to commit.  Not when the body broke its
+    transaction (nothing may run in it: the reset follows its rollback).  Whether it was done
+    here."""
+    if state is None or not state.active or not state.failures:
+        return True  # nothing to reset
+    if transaction.get_rollback(using=using):
+        return False
+    try:
+        with transaction.atomic(using=using):
+            services.reset_failures(target, pk, using=using)
+    except Exception as exc:
+        logger.error(
+            "celery_deactivate: %s succeeded on %s but its failure count could not be reset (%s)",
+            task.name,
+            target.identity(pk),
+            services.describe(exc),
+            exc_info=exc,
+        )
+    return True
+
+
 def _after_success(
-    task: DeactivatingTask, target: Target, pk: Any, using: str, state: State
+    task: DeactivatingTask,
+    target: Target,
+    pk: Any,
+    using: str,
+    state: State,
+    *,
+    reset: bool,
 ) -> None:
-    """After a success, outside the body's transaction: reset a positive failure count, or
-    re-activate the object whose probe this was.  A body that broke its transaction and
-    returned still succeeds; an error here is logged, never raised over the result."""
+    """After a success, outside the body's transaction: count the run for the guard, reset a
+    positive failure count unless the body's transaction did (:func:`_reset_count`), or
+    re-activate the object whose probe this was.  A body that broke
+    its transaction and returned still succeeds; an error here is logged, never raised over the
+    result."""
     if _marked_for_rollback(using):  # in someone else's transaction, which the body broke
         logger.info(
             "celery_deactivate: %s on %s succeeded in a transaction marked for rollback; "
@@ -252,7 +290,7 @@ def _after_success(
         return
     if state.active:
         _guard.ran(task)  # the outage guard: one finished run, counted in memory
-        if not state.failures:
+        if not (state.failures and reset):
             return
     try:
         if state.active:
