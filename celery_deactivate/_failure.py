@@ -26,22 +26,19 @@ the guard.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.db import transaction
 
 from . import _guard, _notices, services
-from ._options import failure_policy, guard_of
+from ._options import AnyTask, failure_policy, guard_of
 from ._store import Failure
-
-if TYPE_CHECKING:
-    from .task import DeactivatingTask
 
 logger = logging.getLogger("celery_deactivate")
 
 
 def record(
-    task: DeactivatingTask,
+    task: AnyTask,
     exc: BaseException,
     pk: Any,
     task_id: str | None,
@@ -142,7 +139,7 @@ def record(
 
 
 def _log(
-    task: DeactivatingTask,
+    task: AnyTask,
     outcome: services.FailureOutcome,
     exc: BaseException,
     task_id: str | None,

@@ -46,18 +46,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery.signals import worker_process_shutdown, worker_shutdown
 from django.db import connections
 from django.utils import timezone
 
 from . import _notices, _outage, _store, services
-from ._options import Guard, guard_of
+from ._options import AnyTask, Guard, guard_of
 from ._store import Failure
-
-if TYPE_CHECKING:
-    from .task import DeactivatingTask
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -65,7 +62,7 @@ logger = logging.getLogger("celery_deactivate")
 # -- runs ------------------------------------------------------------------------------------
 
 
-def ran(task: DeactivatingTask) -> None:
+def ran(task: AnyTask) -> None:
     """One finished run of ``task`` whose body succeeded: counted in memory.  Every
     :data:`FLUSH_EVERY` seconds the counts are written (and an open outage checked).  Never
     raises."""
@@ -73,7 +70,7 @@ def ran(task: DeactivatingTask) -> None:
         _write_counts(task)
 
 
-def _write_counts(task: DeactivatingTask) -> None:
+def _write_counts(task: AnyTask) -> None:
     """Write the runs and failures this process counted for ``task``; end its outage if it is
     over.  Never raises."""
     try:
@@ -117,7 +114,7 @@ worker_shutdown.connect(write_counts_at_exit, weak=False, dispatch_uid=__name__)
 # -- one failure (called by celery_deactivate._failure, in this order) ---------------------------
 
 
-def task_state(task: DeactivatingTask, guard: Guard, timeout: float | None) -> _store.State | None:
+def task_state(task: AnyTask, guard: Guard, timeout: float | None) -> _store.State | None:
     """The task's state row (created at its first failure), after sending a digest that is due;
     ``None`` when neither the guard nor the notice window is on, or the row could not be read
     (then the failure is recorded as without them, logged at ERROR).  Never raises."""
@@ -143,7 +140,7 @@ def outage_open(guard: Guard, state: _store.State | None) -> bool:
 
 
 def count_during_outage(
-    task: DeactivatingTask, guard: Guard, state: _store.State, timeout: float | None
+    task: AnyTask, guard: Guard, state: _store.State, timeout: float | None
 ) -> None:
     """A failure during the task's outage: counted for the task only, not on the object.  Never
     raises."""
@@ -161,7 +158,7 @@ def count_during_outage(
 
 
 def account(
-    task: DeactivatingTask,
+    task: AnyTask,
     guard: Guard,
     state: _store.State,
     failed: Failure | None,
@@ -231,7 +228,7 @@ def _record(
 
 
 def _trip(
-    task: DeactivatingTask,
+    task: AnyTask,
     guard: Guard,
     state: _store.State,
     exc: BaseException,
@@ -263,7 +260,7 @@ def _trip(
     return _outage.start_outage(task, guard, now, since, exc, using)
 
 
-def _broken(task: DeactivatingTask, error: Exception, doing: str) -> None:
+def _broken(task: AnyTask, error: Exception, doing: str) -> None:
     logger.error(
         "celery_deactivate: the outage guard of %s could not %s (%s); the failure is recorded as "
         "without the guard",
@@ -277,7 +274,7 @@ def _broken(task: DeactivatingTask, error: Exception, doing: str) -> None:
 # -- what operators read ----------------------------------------------------------------------
 
 
-def counts_now(task: DeactivatingTask) -> Mapping[str, int]:
+def counts_now(task: AnyTask) -> Mapping[str, int]:
     """The guard's counts of ``task`` over its last window, as the tables hold them (for
     operators and tests): ``runs``, ``failures``, ``objects``."""
     guard = guard_of(task)
@@ -291,7 +288,7 @@ def counts_now(task: DeactivatingTask) -> Mapping[str, int]:
     }
 
 
-def outage_of(task: DeactivatingTask) -> datetime | None:
+def outage_of(task: AnyTask) -> datetime | None:
     """When the task's open outage started; ``None`` without one."""
     state = _store.read_state(task.name, _store.db(), create=False)
     return state.outage_started_at if state is not None else None

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from . import _store, notify, services
-from ._options import Guard, guard_of
+from ._options import AnyTask, Guard, guard_of
 from ._store import Failure
-
-if TYPE_CHECKING:
-    from .task import DeactivatingTask
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -109,9 +106,7 @@ def notify_deactivation(task: Any, failed: Failure) -> None:
 # -- digests --------------------------------------------------------------------------------------
 
 
-def send_digest(
-    task: DeactivatingTask, guard: Guard, until: datetime, using: str
-) -> datetime | None:
+def send_digest(task: AnyTask, guard: Guard, until: datetime, using: str) -> datetime | None:
     """Close the notice window that ended at ``until`` and send its digest, if it holds
     deactivations.  Returns the end of the window now open (``None``: quiet; ``until`` itself
     when another process closed it first).
@@ -186,7 +181,7 @@ def retry_delay(attempts: int, window: float) -> float:
 
 
 def _deliver_digest(
-    task: DeactivatingTask,
+    task: AnyTask,
     guard: Guard,
     notice: notify.Notice,
     keys: list[int],

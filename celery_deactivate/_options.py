@@ -4,7 +4,7 @@ probes' (:func:`probe_policy`), the outage guard's and the notice windows' (:cla
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from django.apps import apps
 
@@ -66,6 +66,10 @@ def probe_policy(task: Any, target: Target) -> tuple[float, float] | None:
         )
     return cooldown, max(cooldown, resolve(task, "deactivate_cooldown_max"))
 
+
+#: A ``DeactivatingTask``, as the private modules name it: ``task.py`` imports them, so they do
+#: not import it back, not even for annotations.
+AnyTask: TypeAlias = Any
 
 #: The options the guard and the notices are resolved from.
 GUARD_OPTIONS = (

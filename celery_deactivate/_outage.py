@@ -14,18 +14,17 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from . import _notices, _store, _transaction, notify, services, signals
-from ._options import Guard
+from ._options import AnyTask, Guard
 from .conf import resolve
 
 if TYPE_CHECKING:
     from .target import Target
-    from .task import DeactivatingTask
 
 logger = logging.getLogger("celery_deactivate")
 
 
 def start_outage(
-    task: DeactivatingTask,
+    task: AnyTask,
     guard: Guard,
     now: datetime,
     since: datetime,
@@ -90,7 +89,7 @@ def start_outage(
     return True
 
 
-def end_if_over(task: DeactivatingTask, guard: Guard, started: datetime, using: str) -> bool:
+def end_if_over(task: AnyTask, guard: Guard, started: datetime, using: str) -> bool:
     """End the outage that started at ``started`` if the failure rate over the last window is
     below the rate (or the window had no failure); whether this call ended it."""
     from .models import TaskState
@@ -133,7 +132,7 @@ def _victims(name: str, since: datetime, using: str) -> list[tuple[str, datetime
 
 
 def reactivate_victims(
-    task: DeactivatingTask,
+    task: AnyTask,
     target: Target,
     guard: Guard,
     victims: Sequence[tuple[str, datetime | None]],
@@ -181,6 +180,6 @@ def reactivate_victims(
     return reactivated
 
 
-def _send(signal: Signal, task: DeactivatingTask, **kwargs: Any) -> None:
+def _send(signal: Signal, task: AnyTask, **kwargs: Any) -> None:
     """Send an outage signal in the caller's transaction, as the object signals are."""
     _transaction.send_in_savepoint(signal, task, _store.db(), task.name, **kwargs)

@@ -28,7 +28,7 @@ import logging
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery._state import (  # type: ignore[attr-defined]  # not in celery-types' stubs
     pop_current_task,
@@ -38,11 +38,9 @@ from celery.exceptions import Ignore, Reject, Retry
 from django.db import DatabaseError, connections, router, transaction
 
 from . import _guard, _reads, services
+from ._options import AnyTask
 from .conf import option_inputs, resolve
 from .target import State, Target
-
-if TYPE_CHECKING:
-    from .task import DeactivatingTask
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -82,7 +80,7 @@ class RunOptions:
     own_queryset: bool
 
 
-def run_options(task: DeactivatingTask) -> RunOptions:
+def run_options(task: AnyTask, *, own_queryset: bool) -> RunOptions:
     """The task's :class:`RunOptions`, resolved again only when what they are resolved from
     changed."""
     inputs = (task.model, option_inputs(task, RUN_OPTIONS))
@@ -90,21 +88,19 @@ def run_options(task: DeactivatingTask) -> RunOptions:
     if memo is not None and memo[0] == inputs:
         options: RunOptions = memo[1]
         return options
-    from .task import DeactivatingTask  # the task imports this module
-
     options = RunOptions(
         target=task.target,
         pass_object=resolve(task, "deactivate_pass_object"),
         atomic=resolve(task, "deactivate_atomic"),
         probes=resolve(task, "deactivate_cooldown") is not None,
-        own_queryset=type(task).get_queryset is not DeactivatingTask.get_queryset,
+        own_queryset=own_queryset,
     )
     task.__dict__["_run_memo"] = (inputs, options)
     return options
 
 
 def untraced(
-    task: DeactivatingTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+    task: AnyTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """A call Celery does not trace (a direct call, ``apply()`` propagating exceptions): no
     failure hook will run, so the failure is recorded here."""
@@ -121,7 +117,7 @@ def untraced(
 
 
 def _direct(
-    task: DeactivatingTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+    task: AnyTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """A direct call: what Celery's own ``Task.__call__`` does around the body (the task on
     Celery's stack, so ``celery.current_task`` is this task; a request with the arguments),
@@ -137,9 +133,7 @@ def _direct(
         pop_current_task()
 
 
-def run(
-    task: DeactivatingTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+def run(task: AnyTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Read the object's state, run the body on an active object, reset a positive count."""
     target, pk = options.target, args[0]
     using = router.db_for_write(target.model)
@@ -155,7 +149,7 @@ def run(
 
 
 def _body(
-    task: DeactivatingTask,
+    task: AnyTask,
     options: RunOptions,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -188,7 +182,7 @@ def _body(
 
 
 def _read_instance(
-    task: DeactivatingTask, options: RunOptions, pk: Any, using: str
+    task: AnyTask, options: RunOptions, pk: Any, using: str
 ) -> tuple[Any, State | None]:
     """The pass-object form's instance and its state (``None``: the body must not run), read in
     the body's transaction as the body's own ``get()`` would."""
@@ -198,7 +192,7 @@ def _read_instance(
     return instance, state if _may_run(task, options, pk, state) else None
 
 
-def _read(task: DeactivatingTask, options: RunOptions, pk: Any, using: str) -> Any:
+def _read(task: AnyTask, options: RunOptions, pk: Any, using: str) -> Any:
     """The drop-in form's state, or the pass-object form's instance; an error is kept as the
     library's own (:data:`own_error`)."""
     try:
@@ -214,7 +208,7 @@ def _read(task: DeactivatingTask, options: RunOptions, pk: Any, using: str) -> A
         raise
 
 
-def _may_run(task: DeactivatingTask, options: RunOptions, pk: Any, state: State) -> bool:
+def _may_run(task: AnyTask, options: RunOptions, pk: Any, state: State) -> bool:
     """Run the body on an active object, or as the cool-down probe of a deactivated one."""
     if state.active:
         return True
@@ -226,9 +220,7 @@ def _may_run(task: DeactivatingTask, options: RunOptions, pk: Any, state: State)
     return False
 
 
-def _log_failed_rollback(
-    task: DeactivatingTask, target: Target, pk: Any, exc: DatabaseError
-) -> None:
+def _log_failed_rollback(task: AnyTask, target: Target, pk: Any, exc: DatabaseError) -> None:
     """The connection died under the body (the database went away): the rollback failed and
     Django's reconnect at the end of the block raised over the body's exception."""
     logger.warning(
@@ -239,9 +231,7 @@ def _log_failed_rollback(
     )
 
 
-def _reset_count(
-    task: DeactivatingTask, target: Target, pk: Any, using: str, state: State | None
-) -> bool:
+def _reset_count(task: AnyTask, target: Target, pk: Any, using: str, state: State | None) -> bool:
     """A success of an active object with failures counted resets the count, in the body's
     transaction: a failure of the same object that runs meanwhile counts after the reset, never
     before it (the reset's ``UPDATE`` holds the row until the body commits).  In a savepoint: an
@@ -267,7 +257,7 @@ def _reset_count(
 
 
 def _after_success(
-    task: DeactivatingTask,
+    task: AnyTask,
     target: Target,
     pk: Any,
     using: str,

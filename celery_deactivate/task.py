@@ -160,7 +160,8 @@ class DeactivatingTask(_TaskBase):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One run of the body: ``celery_deactivate._run`` (the read, the active check, the
         transaction, a success's bookkeeping)."""
-        options = _run.run_options(self)
+        own_queryset = type(self).get_queryset is not DeactivatingTask.get_queryset
+        options = _run.run_options(self, own_queryset=own_queryset)
         if not args:
             raise TypeError(
                 f"{self.name} takes the {options.target.label} primary key as first positional "
