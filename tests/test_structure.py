@@ -15,34 +15,27 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_at_load(path: Path) -> set[str]:
-    """The package's modules ``path`` imports when it is loaded: its relative imports outside
-    functions and ``if TYPE_CHECKING:`` blocks (a function's imports run later)."""
+def imported(path: Path) -> set[str]:
+    """The package's modules ``path`` imports, anywhere: at load, in a function, or for
+    annotations only (each ties the two modules together)."""
     package = module_name(path) if path.name == "__init__.py" else module_name(path.parent)
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                continue
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            if isinstance(child, ast.ImportFrom) and child.level:
-                base = package.split(".")[: len(package.split(".")) - child.level + 1]
-                if child.module:
-                    found.add(".".join([*base, child.module]))
-                else:
-                    found.update(".".join([*base, alias.name]) for alias in child.names)
-            visit(child)
-
-    visit(ast.parse(path.read_text(encoding="utf-8")))
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            if node.module:
+                found.add(".".join([*base, node.module]))
+            else:
+                found.update(".".join([*base, alias.name]) for alias in node.names)
     return found
 
 
 def import_circles() -> list[list[str]]:
-    graph = {module_name(path): imported_at_load(path) for path in PACKAGE.rglob("*.py")}
+    graph = {module_name(path): imported(path) for path in PACKAGE.rglob("*.py")}
+    # The package's __init__ only re-exports lazily: not a tie between modules.
     graph = {
-        name: {dep for dep in deps if dep in graph and dep != name} for name, deps in graph.items()
+        name: {dep for dep in deps if dep in graph and dep not in (name, PACKAGE.name)}
+        for name, deps in graph.items()
     }
     circles: list[list[str]] = []
     visiting: list[str] = []
@@ -64,8 +57,8 @@ def import_circles() -> list[list[str]]:
     return circles
 
 
-def test_imported_at_load_sees_the_package_s_imports() -> None:
-    services = imported_at_load(PACKAGE / "services.py")
+def test_imported_sees_the_package_s_imports() -> None:
+    services = imported(PACKAGE / "services.py")
     assert {"celery_deactivate.target", "celery_deactivate._reads"} <= services
 
 
