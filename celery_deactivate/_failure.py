@@ -31,8 +31,9 @@ from typing import Any
 from django.db import transaction
 
 from . import _guard, _notices, services
-from ._options import AnyTask, failure_policy, guard_of
+from ._options import AnyTask, Options
 from ._store import Failure
+from .target import Target
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -48,12 +49,11 @@ def record(
     """Record one final failure of ``task`` on the object ``pk``; what changed (``None``:
     nothing on the object).  Never raises."""
     identity = f"{task.model} pk={pk!r}"
+    options = Options(task)
     try:
-        target = task.target
+        target = options.target
         identity = target.identity(pk)
-        policy = failure_policy(task, target)
-        guard = guard_of(task)
-        if not policy.counts(exc):
+        if not options.counts(exc):
             logger.info(
                 "celery_deactivate: %s[%s] on %s: %s is not counted (deactivate_on / "
                 "dont_deactivate_on)",
@@ -65,9 +65,9 @@ def record(
             _guard.ran(task)  # a finished run, not a failure of the object
             return None
         using = services.db_for(target)
-        cooldown = task.probe_policy()
-        state = _guard.task_state(task, guard, timeout)
-        if _guard.outage_open(guard, state):
+        cooldown = options.probes
+        state = _guard.task_state(task, options, timeout)
+        if _guard.outage_open(options, state):
             assert state is not None
             outcome = services.record_probe_failure(
                 target, pk, exc, cooldown=cooldown, using=using, timeout=timeout
@@ -83,14 +83,14 @@ def record(
                     state.outage_started_at.isoformat(timespec="seconds"),
                     services.describe(exc),
                 )
-                _guard.count_during_outage(task, guard, state, timeout)
+                _guard.count_during_outage(task, options, state, timeout)
                 return None
         else:
             outcome = services.record_failure(
                 target,
                 pk,
                 exc,
-                threshold=policy.after,
+                threshold=options.after,
                 sender=task,
                 task_id=task_id,
                 using=using,
@@ -108,21 +108,21 @@ def record(
             exc_info=error,
         )
         return None
-    _log(task, outcome, exc, task_id, identity, policy.after)
+    _log(task, target, outcome, exc, task_id, identity, options.after)
     if outcome.probed:
         return outcome  # a probe's outcome: not a run of the task on a live object
     failed = None
     if outcome.instance is not None:
         failed = Failure(task.name, target, outcome.instance, exc, task_id)
-    notify = policy.notify and failed is not None and outcome.deactivated
+    notify = options.notify and failed is not None and outcome.deactivated
     deferred = False
     if state is not None:
-        if notify and guard.digests:
+        if notify and options.digests:
             assert failed is not None
-            deferred = not _notices.claim_window(failed, guard, state, timeout)
+            deferred = not _notices.claim_window(failed, options, state, timeout)
         reactivated = _guard.account(
             task,
-            guard,
+            options,
             state,
             failed,
             deactivated=outcome.deactivated,
@@ -134,12 +134,15 @@ def record(
         notify = notify and not reactivated
     if notify and not deferred:
         assert failed is not None
-        transaction.on_commit(lambda: _notices.notify_deactivation(task, failed), using=using)
+        transaction.on_commit(
+            lambda: _notices.notify_deactivation(task, options, failed), using=using
+        )
     return outcome
 
 
 def _log(
     task: AnyTask,
+    target: Target,
     outcome: services.FailureOutcome,
     exc: BaseException,
     task_id: str | None,
@@ -164,7 +167,7 @@ def _log(
             task.name,
             task_id,
             error,
-            getattr(outcome.instance, task.target.cooldown or "", None),
+            getattr(outcome.instance, target.cooldown or "", None),
         )
     elif outcome.instance is not None:
         logger.info(

@@ -53,7 +53,7 @@ from django.db import connections
 from django.utils import timezone
 
 from . import _notices, _outage, _store, services
-from ._options import AnyTask, Guard, guard_of
+from ._options import AnyTask, Options
 from ._store import Failure
 
 logger = logging.getLogger("celery_deactivate")
@@ -74,18 +74,18 @@ def _write_counts(task: AnyTask) -> None:
     """Write the runs and failures this process counted for ``task``; end its outage if it is
     over.  Never raises."""
     try:
-        guard = guard_of(task)
-        if not guard.on:
+        options = Options(task)
+        if not options.guard_on:
             _store.pending.take(task.name)  # nothing to write them for
             return
         using = _store.db()
         with _store.unit(using, None):
-            runs, _ = _store.write_pending(task.name, guard.window, using)
+            runs, _ = _store.write_pending(task.name, options.window, using)
             if not runs:
                 return
             state = _store.read_state(task.name, using, create=False)
             if state is not None and state.outage_started_at is not None:
-                _outage.end_if_over(task, guard, state.outage_started_at, using)
+                _outage.end_if_over(task, options, state.outage_started_at, using)
     except Exception as error:
         logger.error(
             "celery_deactivate: %s: the outage guard could not write its run counts: %s",
@@ -114,11 +114,11 @@ worker_shutdown.connect(write_counts_at_exit, weak=False, dispatch_uid=__name__)
 # -- one failure (called by celery_deactivate._failure, in this order) ---------------------------
 
 
-def task_state(task: AnyTask, guard: Guard, timeout: float | None) -> _store.State | None:
+def task_state(task: AnyTask, options: Options, timeout: float | None) -> _store.State | None:
     """The task's state row (created at its first failure), after sending a digest that is due;
     ``None`` when neither the guard nor the notice window is on, or the row could not be read
     (then the failure is recorded as without them, logged at ERROR).  Never raises."""
-    if not guard.records:
+    if not options.records:
         return None
     try:
         using = _store.db()
@@ -127,7 +127,7 @@ def task_state(task: AnyTask, guard: Guard, timeout: float | None) -> _store.Sta
             assert state is not None
             until = state.notify_until
             if until is not None and until <= timezone.now():
-                opened = _notices.send_digest(task, guard, until, using)
+                opened = _notices.send_digest(task, options, until, using)
                 state = state._replace(notify_until=opened)
     except Exception as error:
         _broken(task, error, "read the task's state")
@@ -135,12 +135,12 @@ def task_state(task: AnyTask, guard: Guard, timeout: float | None) -> _store.Sta
     return state
 
 
-def outage_open(guard: Guard, state: _store.State | None) -> bool:
-    return guard.on and state is not None and state.outage_started_at is not None
+def outage_open(options: Options, state: _store.State | None) -> bool:
+    return options.guard_on and state is not None and state.outage_started_at is not None
 
 
 def count_during_outage(
-    task: AnyTask, guard: Guard, state: _store.State, timeout: float | None
+    task: AnyTask, options: Options, state: _store.State, timeout: float | None
 ) -> None:
     """A failure during the task's outage: counted for the task only, not on the object.  Never
     raises."""
@@ -150,16 +150,16 @@ def count_during_outage(
         using = _store.db()
         with _store.unit(using, timeout):
             if _store.pending.add(task, failed=True) or timeout:  # the crash path writes at once
-                runs, failures = _store.write_pending(task.name, guard.window, using)
+                runs, failures = _store.write_pending(task.name, options.window, using)
                 if runs > failures:  # successes counted too: the outage may be over
-                    _outage.end_if_over(task, guard, started, using)
+                    _outage.end_if_over(task, options, started, using)
     except Exception as error:
         _broken(task, error, "count a failure")
 
 
 def account(
     task: AnyTask,
-    guard: Guard,
+    options: Options,
     state: _store.State,
     failed: Failure | None,
     *,
@@ -180,23 +180,23 @@ def account(
         with _store.unit(using, timeout):
             now = timezone.now()
             _record(
-                task.name, guard, failed, now, using, deactivated=deactivated, deferred=deferred
+                task.name, options, failed, now, using, deactivated=deactivated, deferred=deferred
             )
-            if not guard.on:
+            if not options.guard_on:
                 return False
             if _store.pending.add(task, failed=failed is not None) or timeout:
                 # Written with the process's other counts (the crash path at once: its process
                 # runs no task); until then the guard judges them from memory (_store.sums).
-                _store.write_pending(task.name, guard.window, using)
+                _store.write_pending(task.name, options.window, using)
             if failed is None:
                 return False
-            opened = _trip(task, guard, state, failed.exc, now, using)
+            opened = _trip(task, options, state, failed.exc, now, using)
             if not deactivated or not (opened or outage_of(task) is not None):
                 return False
             # Deactivated while an outage started: one of its victims.  The process that opened
             # it may not have seen this row yet; re-activating twice changes the row once.
             victim = [(str(failed.instance.pk), None)]
-            _outage.reactivate_victims(task, failed.target, guard, victim, using)
+            _outage.reactivate_victims(task, failed.target, options, victim, using)
             return True
     except Exception as error:
         _broken(task, error, "count a failure")
@@ -205,7 +205,7 @@ def account(
 
 def _record(
     name: str,
-    guard: Guard,
+    options: Options,
     failed: Failure | None,
     now: datetime,
     using: str,
@@ -217,7 +217,7 @@ def _record(
     notice ``deferred`` to the digest), and a notice window made due for a deferred notice."""
     from .models import TaskState
 
-    if failed is not None and (guard.on or deferred):
+    if failed is not None and (options.guard_on or deferred):
         _store.mark_failure(failed, now, using, deactivated=deactivated, pending=deferred)
     if deferred:
         # A window is open for the deferred notice, or one is made due now: whoever closed the
@@ -229,7 +229,7 @@ def _record(
 
 def _trip(
     task: AnyTask,
-    guard: Guard,
+    options: Options,
     state: _store.State,
     exc: BaseException,
     now: datetime,
@@ -237,14 +237,14 @@ def _trip(
 ) -> bool:
     """Start an outage if the guard's conditions hold; whether this call started it."""
     name = task.name
-    since = now - timedelta(seconds=guard.window)
+    since = now - timedelta(seconds=options.window)
     ended = state.outage_ended_at
     if ended is not None and ended > since:
         since = ended  # after an outage, count afresh
-    if _store.distinct(name, using, since, guard.objects) < guard.objects:
+    if _store.distinct(name, using, since, options.objects) < options.objects:
         return False
-    runs, failures = _store.sums(name, guard.window, using, since)
-    if runs < guard.min_runs or failures < guard.rate * runs:
+    runs, failures = _store.sums(name, options.window, using, since)
+    if runs < options.min_runs or failures < options.rate * runs:
         logger.info(
             "celery_deactivate: %s: %d of %d finished runs failed for good since %s, %s: failing "
             "objects are deactivated one by one",
@@ -252,12 +252,12 @@ def _trip(
             failures,
             runs,
             since.isoformat(timespec="seconds"),
-            f"too few runs to judge (deactivate_outage_min_runs={guard.min_runs})"
-            if runs < guard.min_runs
-            else f"below the outage rate {guard.rate:.0%}",
+            f"too few runs to judge (deactivate_outage_min_runs={options.min_runs})"
+            if runs < options.min_runs
+            else f"below the outage rate {options.rate:.0%}",
         )
         return False
-    return _outage.start_outage(task, guard, now, since, exc, using)
+    return _outage.start_outage(task, options, now, since, exc, using)
 
 
 def _broken(task: AnyTask, error: Exception, doing: str) -> None:
@@ -277,10 +277,10 @@ def _broken(task: AnyTask, error: Exception, doing: str) -> None:
 def counts_now(task: AnyTask) -> Mapping[str, int]:
     """The guard's counts of ``task`` over its last window, as the tables hold them (for
     operators and tests): ``runs``, ``failures``, ``objects``."""
-    guard = guard_of(task)
+    options = Options(task)
     using = _store.db()
-    since = timezone.now() - timedelta(seconds=guard.window)
-    runs, failures = _store.sums(task.name, guard.window, using, since)
+    since = timezone.now() - timedelta(seconds=options.window)
+    runs, failures = _store.sums(task.name, options.window, using, since)
     return {
         "runs": runs,
         "failures": failures,

@@ -21,22 +21,24 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from . import _store, notify, services
-from ._options import AnyTask, Guard, guard_of
+from ._options import AnyTask, Options
 from ._store import Failure
 
 logger = logging.getLogger("celery_deactivate")
 
 
-def notify_on_commit(task: Any, guard: Guard, notice: notify.Notice, using: str) -> None:
+def notify_on_commit(task: Any, options: Options, notice: notify.Notice, using: str) -> None:
     """Deliver ``notice`` to the task's notifier once the transaction on ``using`` commits."""
-    notifier = guard.notifier
+    notifier = options.notifier
     transaction.on_commit(lambda: notify.deliver(notifier, notice, task=task), using=using)
 
 
 # -- one deactivation ---------------------------------------------------------------------------
 
 
-def claim_window(failed: Failure, guard: Guard, state: _store.State, timeout: float | None) -> bool:
+def claim_window(
+    failed: Failure, options: Options, state: _store.State, timeout: float | None
+) -> bool:
     """Whether to notify this deactivation now: it is the first of a quiet period and opens a
     notice window (or the window could not be read: logged at ERROR).  Otherwise it waits for
     the digest of the window open."""
@@ -46,7 +48,7 @@ def claim_window(failed: Failure, guard: Guard, state: _store.State, timeout: fl
         using = _store.db()
         with _store.unit(using, timeout):
             if state.notify_until is None:
-                window = timedelta(seconds=guard.notify_window)
+                window = timedelta(seconds=options.notify_window)
                 rows = TaskState.objects.using(using).filter(task=failed.name)
                 if rows.filter(notify_until__isnull=True).update(
                     notify_until=timezone.now() + window
@@ -70,16 +72,15 @@ def claim_window(failed: Failure, guard: Guard, state: _store.State, timeout: fl
     return False
 
 
-def notify_deactivation(task: Any, failed: Failure) -> None:
+def notify_deactivation(task: Any, options: Options, failed: Failure) -> None:
     """The deactivation notice (after commit).  One the notifier could not take joins the next
     digest; an error writing it is logged at ERROR."""
-    guard = guard_of(task)
     identity = failed.target.identity(failed.instance.pk)
     try:
         item = notify.object_of(
-            failed.instance, exception=failed.exc, task_id=failed.task_id, site_url=guard.site_url
+            failed.instance, exception=failed.exc, task_id=failed.task_id, site_url=options.site_url
         )
-        window = guard.notify_window if guard.digests else 0
+        window = options.notify_window if options.digests else 0
         notice = notify.deactivation_notice(failed.name, item, window)
     except Exception as error:
         logger.error(
@@ -92,7 +93,7 @@ def notify_deactivation(task: Any, failed: Failure) -> None:
         )
         return
     delivered = notify.deliver(
-        guard.notifier,
+        options.notifier,
         notice,
         task=task,
         instance=failed.instance,
@@ -100,13 +101,13 @@ def notify_deactivation(task: Any, failed: Failure) -> None:
         task_id=failed.task_id,
     )
     if not delivered:
-        defer_undelivered(failed, guard)
+        defer_undelivered(failed, options)
 
 
 # -- digests --------------------------------------------------------------------------------------
 
 
-def send_digest(task: AnyTask, guard: Guard, until: datetime, using: str) -> datetime | None:
+def send_digest(task: AnyTask, options: Options, until: datetime, using: str) -> datetime | None:
     """Close the notice window that ended at ``until`` and send its digest, if it holds
     deactivations.  Returns the end of the window now open (``None``: quiet; ``until`` itself
     when another process closed it first).
@@ -124,7 +125,7 @@ def send_digest(task: AnyTask, guard: Guard, until: datetime, using: str) -> dat
     with transaction.atomic(using=using):
         state = TaskState.objects.using(using).filter(task=name)
         attempts = state.values_list("digest_attempts", flat=True).first() or 0
-        retry_at = now + timedelta(seconds=retry_delay(attempts, guard.notify_window))
+        retry_at = now + timedelta(seconds=retry_delay(attempts, options.notify_window))
         if not state.filter(notify_until=until).update(notify_until=retry_at):
             return until
         pending = TaskFailure.objects.using(using).filter(task=name, notice_pending=True)
@@ -137,8 +138,8 @@ def send_digest(task: AnyTask, guard: Guard, until: datetime, using: str) -> dat
             state.filter(notify_until=retry_at).update(notify_until=None, digest_attempts=0)
             return None
         keys = [row[0] for row in rows]
-        if not guard.notify:
-            return _digest_sent(name, guard, keys, now, retry_at, using)
+        if not options.notify:
+            return _digest_sent(name, options, keys, now, retry_at, using)
         target = task.target
         key = target.model._meta.pk
         assert key is not None
@@ -149,16 +150,16 @@ def send_digest(task: AnyTask, guard: Guard, until: datetime, using: str) -> dat
                 name=text,
                 error=error,
                 traceback=tb,
-                url=notify.admin_url(target.model, pk, guard.site_url),
+                url=notify.admin_url(target.model, pk, options.site_url),
                 deactivated_at=when,
                 task_id=task_id or None,
             )
             for _, text_pk, text, error, tb, when, task_id in rows
         ]
-        since = until - timedelta(seconds=guard.notify_window)
+        since = until - timedelta(seconds=options.notify_window)
         notice = notify.digest_notice(name, items, since, now)
         transaction.on_commit(
-            lambda: _deliver_digest(task, guard, notice, keys, now, retry_at, using), using=using
+            lambda: _deliver_digest(task, options, notice, keys, now, retry_at, using), using=using
         )
     logger.info(
         "celery_deactivate: %s: digest of %d deactivation(s) of its notice window ending %s",
@@ -182,7 +183,7 @@ def retry_delay(attempts: int, window: float) -> float:
 
 def _deliver_digest(
     task: AnyTask,
-    guard: Guard,
+    options: Options,
     notice: notify.Notice,
     keys: list[int],
     claimed_at: datetime,
@@ -193,10 +194,10 @@ def _deliver_digest(
     try (they stay pending: the digest is sent again at ``retry_at``)."""
     from .models import TaskState
 
-    delivered = notify.deliver(guard.notifier, notice, task=task)
+    delivered = notify.deliver(options.notifier, notice, task=task)
     try:
         if delivered:
-            _digest_sent(task.name, guard, keys, claimed_at, retry_at, using)
+            _digest_sent(task.name, options, keys, claimed_at, retry_at, using)
             return
         state = TaskState.objects.using(using).filter(task=task.name, notify_until=retry_at)
         state.update(digest_attempts=F("digest_attempts") + 1)
@@ -220,7 +221,7 @@ def _deliver_digest(
 
 def _digest_sent(
     name: str,
-    guard: Guard,
+    options: Options,
     keys: list[int],
     claimed_at: datetime,
     retry_at: datetime,
@@ -230,7 +231,7 @@ def _digest_sent(
     and open a new notice window; return its end."""
     from .models import TaskFailure, TaskState
 
-    new_until = timezone.now() + timedelta(seconds=guard.notify_window)
+    new_until = timezone.now() + timedelta(seconds=options.notify_window)
     with transaction.atomic(using=using):
         for chunk in _store.chunks(keys):
             sent = TaskFailure.objects.using(using).filter(pk__in=chunk, notice_pending=True)
@@ -241,13 +242,13 @@ def _digest_sent(
     return new_until
 
 
-def defer_undelivered(failed: Failure, guard: Guard) -> bool:
+def defer_undelivered(failed: Failure, options: Options) -> bool:
     """A deactivation notice the notifier could not deliver waits for the next digest, tried
     again within :data:`RETRY_FIRST` seconds.  Whether it could be kept (only with notice
     windows: ``deactivate_notify_window`` > 0).  Never raises."""
     from .models import TaskState
 
-    if not guard.digests:
+    if not options.digests:
         return False
     try:
         using = _store.db()

@@ -14,8 +14,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from . import _notices, _store, _transaction, notify, services, signals
-from ._options import AnyTask, Guard
-from .conf import resolve
+from ._options import AnyTask, Options
 
 if TYPE_CHECKING:
     from .target import Target
@@ -25,7 +24,7 @@ logger = logging.getLogger("celery_deactivate")
 
 def start_outage(
     task: AnyTask,
-    guard: Guard,
+    options: Options,
     now: datetime,
     since: datetime,
     exc: BaseException | None,
@@ -36,7 +35,7 @@ def start_outage(
     from .models import TaskState
 
     name, target = task.name, task.target
-    runs, failures = _store.sums(name, guard.window, using, since)
+    runs, failures = _store.sums(name, options.window, using, since)
     totals = {
         "runs": runs,
         "failures": failures,
@@ -47,7 +46,7 @@ def start_outage(
         if not rows.update(outage_started_at=now):
             return False
         victims = _victims(name, since, using)
-        reactivated = reactivate_victims(task, target, guard, victims, using)
+        reactivated = reactivate_victims(task, target, options, victims, using)
         _send(
             signals.outage_started,
             task,
@@ -69,35 +68,37 @@ def start_outage(
         f"{failures / runs:.0%}" if runs else "-",
         totals["objects"],
         target.label,
-        guard.objects,
-        guard.rate * 100,
+        options.objects,
+        options.rate * 100,
         len(reactivated),
         error,
     )
-    if guard.notify:
+    if options.notify:
         notice = notify.outage_started_notice(
             name,
             label=target.label,
             started_at=now,
             counts=totals,
-            rate=guard.rate,
-            window=guard.window,
+            rate=options.rate,
+            window=options.window,
             error=error,
             reactivated=[item for _, item in reactivated],
         )
-        _notices.notify_on_commit(task, guard, notice, using)
+        _notices.notify_on_commit(task, options, notice, using)
     return True
 
 
-def end_if_over(task: AnyTask, guard: Guard, started: datetime, using: str) -> bool:
+def end_if_over(task: AnyTask, options: Options, started: datetime, using: str) -> bool:
     """End the outage that started at ``started`` if the failure rate over the last window is
     below the rate (or the window had no failure); whether this call ended it."""
     from .models import TaskState
 
     name = task.name
     now = timezone.now()
-    runs, failures = _store.sums(name, guard.window, using, now - timedelta(seconds=guard.window))
-    if failures and failures >= guard.rate * runs:
+    runs, failures = _store.sums(
+        name, options.window, using, now - timedelta(seconds=options.window)
+    )
+    if failures and failures >= options.rate * runs:
         return False
     totals = {"runs": runs, "failures": failures}
     with transaction.atomic(using=using):
@@ -112,14 +113,14 @@ def end_if_over(task: AnyTask, guard: Guard, started: datetime, using: str) -> b
         now - started,
         failures,
         runs,
-        guard.window,
-        guard.rate * 100,
+        options.window,
+        options.rate * 100,
     )
-    if guard.notify:
+    if options.notify:
         notice = notify.outage_ended_notice(
-            name, started_at=started, ended_at=now, counts=totals, window=guard.window
+            name, started_at=started, ended_at=now, counts=totals, window=options.window
         )
-        _notices.notify_on_commit(task, guard, notice, using)
+        _notices.notify_on_commit(task, options, notice, using)
     return True
 
 
@@ -134,7 +135,7 @@ def _victims(name: str, since: datetime, using: str) -> list[tuple[str, datetime
 def reactivate_victims(
     task: AnyTask,
     target: Target,
-    guard: Guard,
+    options: Options,
     victims: Sequence[tuple[str, datetime | None]],
     using: str,
 ) -> list[tuple[Any, notify.NoticeObject]]:
@@ -147,7 +148,7 @@ def reactivate_victims(
     model = target.model
     meta_pk = model._meta.pk
     assert meta_pk is not None
-    fields = resolve(task, "deactivate_fields")
+    fields = target.fields()
     model_db = services.db_for(target)
     wanted = {meta_pk.to_python(text): when for text, when in victims}
     reactivated = []
@@ -172,7 +173,7 @@ def reactivate_victims(
                 target.identity(pk),
                 task.name,
             )
-            reactivated.append((instance, notify.object_of(instance, site_url=guard.site_url)))
+            reactivated.append((instance, notify.object_of(instance, site_url=options.site_url)))
     for chunk in _store.chunks([text for text, _ in victims]):
         TaskFailure.objects.using(using).filter(task=task.name, object_pk__in=chunk).update(
             deactivated_at=None, notice_pending=False

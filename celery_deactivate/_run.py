@@ -1,6 +1,7 @@
 """One run of a deactivating task's body, top to bottom.
 
-``DeactivatingTask.__call__`` calls :func:`run` with the task's options (:func:`run_options`),
+``DeactivatingTask.__call__`` calls :func:`run` with the task's options (one
+:class:`~celery_deactivate._options.Options` per run),
 or :func:`untraced` for a call Celery does not trace.  In order:
 
 1. **Read** the object's state.  The drop-in form reads it before the body's transaction opens
@@ -27,7 +28,6 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 from celery._state import (  # type: ignore[attr-defined]  # not in celery-types' stubs
@@ -38,8 +38,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from django.db import DatabaseError, connections, router, transaction
 
 from . import _guard, _reads, services
-from ._options import AnyTask
-from .conf import option_inputs, resolve
+from ._options import AnyTask, Options
 from .target import State, Target
 
 logger = logging.getLogger("celery_deactivate")
@@ -58,50 +57,8 @@ own_error: ContextVar[BaseException | None] = ContextVar(
 #: Exceptions that are Celery's control flow, never failures.
 CONTROL_FLOW = (Retry, Ignore, Reject)
 
-#: The options :class:`RunOptions` is resolved from (with the task's ``model``).
-RUN_OPTIONS = (
-    "deactivate_fields",
-    "deactivate_pass_object",
-    "deactivate_atomic",
-    "deactivate_cooldown",
-)
 
-
-@dataclass(frozen=True)
-class RunOptions:
-    """The options of one task that every run reads, resolved."""
-
-    target: Target
-    pass_object: bool
-    atomic: bool
-    #: Cool-down probes are on (``deactivate_cooldown``).
-    probes: bool
-    #: The task overrides ``get_queryset()``: the pass-object form reads the instance with it.
-    own_queryset: bool
-
-
-def run_options(task: AnyTask, *, own_queryset: bool) -> RunOptions:
-    """The task's :class:`RunOptions`, resolved again only when what they are resolved from
-    changed."""
-    inputs = (task.model, option_inputs(task, RUN_OPTIONS))
-    memo = task.__dict__.get("_run_memo")
-    if memo is not None and memo[0] == inputs:
-        options: RunOptions = memo[1]
-        return options
-    options = RunOptions(
-        target=task.target,
-        pass_object=resolve(task, "deactivate_pass_object"),
-        atomic=resolve(task, "deactivate_atomic"),
-        probes=resolve(task, "deactivate_cooldown") is not None,
-        own_queryset=own_queryset,
-    )
-    task.__dict__["_run_memo"] = (inputs, options)
-    return options
-
-
-def untraced(
-    task: AnyTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+def untraced(task: AnyTask, options: Options, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A call Celery does not trace (a direct call, ``apply()`` propagating exceptions): no
     failure hook will run, so the failure is recorded here."""
     task_id = task.request.id
@@ -116,9 +73,7 @@ def untraced(
         raise
 
 
-def _direct(
-    task: AnyTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+def _direct(task: AnyTask, options: Options, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A direct call: what Celery's own ``Task.__call__`` does around the body (the task on
     Celery's stack, so ``celery.current_task`` is this task; a request with the arguments),
     around :func:`run`.  ``Task.__call__`` itself cannot be used: it calls ``run`` with the
@@ -133,7 +88,7 @@ def _direct(
         pop_current_task()
 
 
-def run(task: AnyTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def run(task: AnyTask, options: Options, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Read the object's state, run the body on an active object, reset a positive count."""
     target, pk = options.target, args[0]
     using = router.db_for_write(target.model)
@@ -150,7 +105,7 @@ def run(task: AnyTask, options: RunOptions, args: tuple[Any, ...], kwargs: dict[
 
 def _body(
     task: AnyTask,
-    options: RunOptions,
+    options: Options,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     using: str,
@@ -182,7 +137,7 @@ def _body(
 
 
 def _read_instance(
-    task: AnyTask, options: RunOptions, pk: Any, using: str
+    task: AnyTask, options: Options, pk: Any, using: str
 ) -> tuple[Any, State | None]:
     """The pass-object form's instance and its state (``None``: the body must not run), read in
     the body's transaction as the body's own ``get()`` would."""
@@ -192,14 +147,12 @@ def _read_instance(
     return instance, state if _may_run(task, options, pk, state) else None
 
 
-def _read(task: AnyTask, options: RunOptions, pk: Any, using: str) -> Any:
+def _read(task: AnyTask, options: Options, pk: Any, using: str) -> Any:
     """The drop-in form's state, or the pass-object form's instance; an error is kept as the
     library's own (:data:`own_error`)."""
     try:
         if not options.pass_object:
             return _reads.read_state(options.target, pk, using)
-        if not options.own_queryset:
-            return _reads.read_object(options.target, pk, using)
         return task.get_queryset(using).get(pk=pk)
     except Exception as exc:
         own_error.set(exc)
@@ -208,12 +161,12 @@ def _read(task: AnyTask, options: RunOptions, pk: Any, using: str) -> Any:
         raise
 
 
-def _may_run(task: AnyTask, options: RunOptions, pk: Any, state: State) -> bool:
+def _may_run(task: AnyTask, options: Options, pk: Any, state: State) -> bool:
     """Run the body on an active object, or as the cool-down probe of a deactivated one."""
     if state.active:
         return True
     identity = options.target.identity(pk)
-    if state.probing and options.probes:
+    if state.probing and options.probes is not None:
         logger.info("celery_deactivate: %s probes %s (deactivated)", task.name, identity)
         return True
     logger.info("%s: %s is inactive, the body did not run", task.name, identity)

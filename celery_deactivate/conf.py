@@ -8,14 +8,11 @@ Values are read when they are needed, never at import time, so per-test configur
 
 from __future__ import annotations
 
-import copy
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from django.core.signals import setting_changed
 from kombu.utils.imports import symbol_by_name
 
 from .exceptions import DeactivateConfigError
@@ -266,92 +263,43 @@ def _app_of(task: Any) -> Any:
 
 
 def resolve(task: Task[Any, Any] | type[Task[Any, Any]], name: str) -> Any:
-    """The value of option ``name`` for ``task``: per task, else the app setting, else default."""
+    """The value of option ``name`` for ``task``: per task, else the app setting, else default.
+
+    Read when it is needed, every time, through ``app.conf`` (Celery's public view of the
+    app's settings and of Django's ``CELERY_*`` settings), so that a setting changed at run
+    time, by assignment or in place, is seen by the next read.  Only the coercion is cached.
+    """
     option = OPTIONS[name]
     value = getattr(task, name, None)
     if value is None:
-        value = app_setting(_app_of(task).conf, name)
+        value = _app_of(task).conf.get(name)
     if value is None:
-        return _default(option)
+        return _coerced(option, option.default)
     try:
-        return option.coerce(value)
+        return _coerced(option, value)
     except (ValueError, TypeError, ImportError, AttributeError) as exc:
         raise DeactivateConfigError(f"{name} {exc}", task=task.name) from exc
 
 
-#: Coerced defaults (they are constants; the notifier's is imported once).  Read-only values:
-#: the fields mapping is a read-only view.
-_defaults: dict[str, Any] = {}
+#: Coerced option values by ``(option, type, value)``, for values that can be keys (a dotted
+#: path is imported once); a mapping or a list is coerced at each read (it may change in place).
+#: Read-only values: a coerced mapping is a read-only view.
+_coercions: dict[tuple[str, type, Any], Any] = {}
 
 
-def _default(option: Option) -> Any:
+def _coerced(option: Option, value: Any) -> Any:
+    if value is None:
+        return None
     try:
-        return _defaults[option.name]
+        key = (option.name, type(value), value)
+        return _coercions[key]
+    except TypeError:  # unhashable: a mapping, a list
+        return _coerce(option, value)
     except KeyError:
-        value = None if option.default is None else option.coerce(option.default)
-        if isinstance(value, dict):
-            value = MappingProxyType(value)
-        _defaults[option.name] = value
-        return value
+        coerced = _coercions[key] = _coerce(option, value)
+        return coerced
 
 
-#: Option values an app's configuration source gave (Django settings, a config object), per
-#: configuration object.  Reading an unset key through Celery's view of Django settings costs
-#: about 15 µs, and a failure reads six.  Values set on the app (``app.conf.x = y``,
-#: ``app.conf.update()``) are read every time; Django's ``setting_changed`` (``override_settings``)
-#: empties this, and a reconfigured app has a new configuration object.
-#: Keyed by ``id(conf)`` with a weak reference to check it (Celery's settings are unhashable).
-_from_source: dict[int, tuple[weakref.ref[Any], dict[str, Any]]] = {}
-
-
-def app_setting(conf: Any, name: str) -> Any:
-    """``conf.get(name)``, remembering what the configuration source says."""
-    changes = conf.changes
-    if name in changes:
-        return changes[name]
-    entry = _from_source.get(id(conf))
-    if entry is None or entry[0]() is not conf:
-        entry = _from_source[id(conf)] = (weakref.ref(conf), {})
-    known = entry[1]
-    try:
-        return known[name]
-    except KeyError:
-        value = known[name] = conf.get(name)
-        return value
-
-
-#: Counts Django's ``setting_changed`` signals: part of :func:`option_inputs`.
-_settings_generation = 0
-
-
-def option_inputs(task: Task[Any, Any], names: tuple[str, ...]) -> tuple[Any, ...]:
-    """Everything options ``names`` of ``task`` are resolved from: the app's configuration
-    object, the Django settings' generation, and a snapshot of each value read (per task, and
-    worker-wide through ``app_setting()``).
-
-    Equal inputs resolve to equal values, so a task may keep what it resolved from them (the hot
-    path checks these instead of resolving again).  A value set anew is seen, and so is a
-    mapping or a list changed in place: the snapshot is a copy of it.
-    """
-    conf = _app_of(task).conf
-    values = [getattr(task, name, None) for name in names]
-    values += [app_setting(conf, name) for name in names]
-    return (
-        conf,
-        _settings_generation,
-        *[copy.copy(value) if isinstance(value, _MUTABLE) else value for value in values],
-    )
-
-
-#: Option values that may be changed in place: a snapshot of them is a shallow copy (every
-#: option's is flat: a mapping of role to field name, a list of exception types).
-_MUTABLE = (dict, list, set)
-
-
-def _forget_settings(**kwargs: Any) -> None:
-    global _settings_generation
-    _settings_generation += 1
-    _from_source.clear()
-
-
-setting_changed.connect(_forget_settings, dispatch_uid="celery_deactivate.conf")
+def _coerce(option: Option, value: Any) -> Any:
+    coerced = option.coerce(value)
+    return MappingProxyType(coerced) if isinstance(coerced, dict) else coerced

@@ -23,6 +23,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from . import _reads, services
+from ._options import Options
 from .target import Target
 from .task import DeactivatingTask
 
@@ -35,7 +36,7 @@ BATCH_SIZE = 1000
 def probing_tasks(app: Any) -> Iterator[DeactivatingTask]:
     """The deactivating tasks of ``app`` with cool-down probes on."""
     for task in list(app.tasks.values()):
-        if isinstance(task, DeactivatingTask) and task.probe_policy() is not None:
+        if isinstance(task, DeactivatingTask) and Options(task).probes is not None:
             yield task
 
 
@@ -56,7 +57,7 @@ def send_due_probes(
     task: DeactivatingTask, *, now: Any = None, batch_size: int = BATCH_SIZE
 ) -> int:
     """Claim and send the probes of ``task`` that are due; return how many were sent."""
-    policy = task.probe_policy()
+    policy = Options(task).probes
     if policy is None:
         return 0
     if task.outage_open():

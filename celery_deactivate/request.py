@@ -29,7 +29,7 @@ from celery.worker.request import Request
 from django.db import connections
 from django.db.utils import load_backend
 
-from .conf import resolve
+from ._options import Options
 from .task import in_main_process_hook
 
 logger = logging.getLogger("celery_deactivate")
@@ -140,7 +140,7 @@ class DeactivatingRequest(Request):
             return None, 0.0
         task, pk, task_id = self.task, self.args[0], self.id
         try:
-            timeout = resolve(task, "deactivate_crash_timeout")
+            timeout = Options(task).crash_timeout
         except Exception:
             logger.exception("celery_deactivate: bad deactivate_crash_timeout for %s", task.name)
             timeout = 10.0

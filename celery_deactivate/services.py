@@ -4,9 +4,8 @@ The task, the worker's crash handler, the admin actions and the management comma
 so they all write the same fields and send the same signals.  Each change is one ORM ``UPDATE``
 of the library's own columns, conditioned on the row's active flag (so concurrent callers change
 a row once), and a read of the row in the same transaction; the signal is sent in that
-transaction, like Django's model signals.  (A failure with nothing but the notice depending on
-the read is recorded without a transaction of its own: see :func:`record_failure`.)  Everything
-goes through Django's ``QuerySet`` or ``connection.cursor()``, on every backend.
+transaction, like Django's model signals.  Everything goes through Django's ``QuerySet``, on
+every backend.
 
 The fields each change writes are looked up by role (:data:`~celery_deactivate.target.ROLES`).
 The row's reads live in ``_reads``, the statements' bound and the signals' savepoint in
@@ -22,14 +21,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from django.core.exceptions import ObjectDoesNotExist
-from django.db import connections, router, transaction
+from django.db import router, transaction
 from django.db.models import Case, F, Model, Q, Value, When
 from django.utils import timezone
 
 from . import signals
 from ._errors import ERROR_LENGTH, cut, describe, fit, format_error
-from ._reads import field_of, object_row, read_changed, read_object
+from ._reads import field_of, object_row, read_changed
 from ._transaction import bounded, send
 from .target import PROBE_ROLES, ROLES, Target, resolve_target
 
@@ -90,15 +88,10 @@ def record_failure(
     alone.  Sends :data:`~celery_deactivate.signals.object_deactivated` or
     :data:`~celery_deactivate.signals.failure_counted` when the row changed.
 
-    The read of the changed row follows in the same transaction (the row locked in between) when
-    more than the notice depends on it: a receiver of those signals (its writes commit or roll
-    back with the change), a ``threshold`` above 1 with a counter (the read says whether this
-    failure reached it), a ``timeout`` (bounded per transaction), a caller's transaction (a
-    savepoint keeps it usable if a statement fails), cool-down probes (a probe's failure is
-    recorded in the same transaction).  Otherwise no transaction is opened: the row
-    is read, then updated on the same conditions, and the instance returned is the row as read
-    with the values written (the counter as read, plus one): two statements, as the recipe's
-    ``get()`` and ``save()``.  A failed read changes nothing; the update alone decides.
+    One transaction (a savepoint inside the caller's), whoever listens: the ``UPDATE``, the read
+    of the changed row (locked in between, so the read says whether this failure reached the
+    threshold), the signal (its receivers' writes commit or roll back with the change) and, with
+    cool-down probes, a probe's failure.  A ``timeout`` bounds it (the crash path).
 
     ``cooldown`` is ``(seconds, max_seconds)`` when cool-down probes are on: a deactivation
     schedules the first probe, and the failure of a probe (a deactivated object with a probe
@@ -106,11 +99,6 @@ def record_failure(
     """
     using = using or db_for(target)
     values = _failure_values(target, exc, threshold, cooldown[0] if cooldown else None)
-    if not _needs_transaction(target, threshold, sender, timeout, cooldown, using):
-        instance = _change_alone(target, pk, values, using)
-        if instance is None:
-            return FailureOutcome(None, False, None)
-        return FailureOutcome(instance, True, target.count_of(instance))
     with transaction.atomic(using=using), bounded(using, timeout):
         instance = _change(target, pk, values, True, using)
         if instance is None:
@@ -126,25 +114,6 @@ def record_failure(
         signal = signals.object_deactivated if deactivated else signals.failure_counted
         send(signal, target, sender, instance, exception=exc, task_id=task_id, failure_count=count)
     return FailureOutcome(instance, deactivated, count)
-
-
-def _needs_transaction(
-    target: Target,
-    threshold: int,
-    sender: Any,
-    timeout: float | None,
-    cooldown: tuple[float, float] | None,
-    using: str,
-) -> bool:
-    """Whether a failure is recorded in a transaction of its own (see :func:`record_failure`)."""
-    return bool(
-        timeout
-        or cooldown is not None
-        or (threshold > 1 and target.failure_count)
-        or signals.object_deactivated.has_listeners(sender)
-        or signals.failure_counted.has_listeners(sender)
-        or connections[using].in_atomic_block
-    )
 
 
 def reset_failures(target: Target, pk: Any, *, using: str | None = None) -> int:
@@ -303,27 +272,12 @@ def target_for(model: type[Model], fields: Mapping[str, str | None] | None = Non
     return resolve_target(model, tuple(sorted((fields or {}).items())), model._meta.label)
 
 
-def _change_alone(target: Target, pk: Any, values: Mapping[str, Any], using: str) -> Model | None:
-    """Without a transaction: read the row, then ``UPDATE`` it if it is active; the instance as
-    read with the values written set on it (the counter as read, plus one)."""
-    try:
-        instance = read_object(target, pk, using)
-    except ObjectDoesNotExist:
-        return None
-    if not object_row(target, pk, using, **{target.active: True}).update(**values):
-        return None
-    for name, value in values.items():
-        if name == target.failure_count:
-            value = (getattr(instance, name) or 0) + 1
-        setattr(instance, name, value)
-    return instance
-
-
 def _change(
     target: Target, pk: Any, values: Mapping[str, Any], active: bool, using: str
 ) -> Model | None:
     """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change
-    (:func:`read_object`).  In a transaction, the row stays locked between the two."""
+    (:func:`~celery_deactivate._reads.read_changed`).  In a transaction, the row stays locked
+    between the two."""
     if not object_row(target, pk, using, **{target.active: active}).update(**values):
         return None
     return read_changed(target, pk, using)

@@ -79,11 +79,6 @@ class Target:
     #: The concrete model whose table holds the fields: ``model`` itself (or its concrete model,
     #: for a proxy), or the ancestor that declares them (multi-table inheritance).
     owner: type[models.Model] | None = None
-    #: Rows are exactly the table's rows: no multi-table inheritance, and the base manager is
-    #: Django's own (no ``Meta.base_manager_name`` naming a manager that may filter), so a plain
-    #: ``SELECT ... WHERE pk = %s`` reads what the ORM would.  Otherwise reads go through the
-    #: model's base manager.
-    plain_rows: bool = True
 
     @property
     def label(self) -> str:
@@ -265,12 +260,4 @@ def resolve_target(
         error_message_max_length=message_field.max_length if message_field else None,
         **optional,
         owner=owner,
-        # One table holds every column (no multi-table parent, whichever table has the library's
-        # fields), read through Django's own base manager (not a subclass, which may filter).
-        plain_rows=(
-            owner is not None
-            and owner is concrete._meta.concrete_model
-            and not owner._meta.parents
-            and type(concrete._base_manager) is models.Manager
-        ),
     )

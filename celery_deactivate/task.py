@@ -19,8 +19,8 @@ from django.apps import apps
 
 from . import _failure, _guard, _options, _run, dispatch, services
 from ._option_names import check_option_names
-from .conf import Notifier, resolve
-from .target import ModelRef, Target, resolve_target
+from .conf import Notifier
+from .target import ModelRef, Target
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -106,12 +106,7 @@ class DeactivatingTask(_TaskBase):
     @classmethod
     def check_configuration(cls) -> None:
         """Resolve the model, its fields and every option; raise ``ImproperlyConfigured``."""
-        _options.failure_policy(cls, cls._target())
-        resolve(cls, "deactivate_pass_object")
-        resolve(cls, "deactivate_crash_timeout")
-        resolve(cls, "deactivate_atomic")
-        _options.probe_policy(cls, cls._target())
-        _options.check(cls)
+        _options.Options(cls).check()
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -122,16 +117,7 @@ class DeactivatingTask(_TaskBase):
         Public: the fan-out (:mod:`celery_deactivate.dispatch`), the operators' tools and
         receivers read ``task.target.model``, ``task.target.active``...
         """
-        return self._target()
-
-    @classmethod
-    def _target(cls) -> Target:
-        fields = resolve(cls, "deactivate_fields")
-        return resolve_target(cls.model, tuple(sorted(fields.items())), cls.name)
-
-    def probe_policy(self) -> tuple[float, float] | None:
-        """``(cooldown, cooldown_max)`` in seconds when cool-down probes are on, else ``None``."""
-        return _options.probe_policy(self, self.target)
+        return _options.Options(self).target
 
     def outage_open(self) -> bool:
         """Whether an outage of this task is open (no probe is sent meanwhile)."""
@@ -141,10 +127,8 @@ class DeactivatingTask(_TaskBase):
 
     def get_queryset(self, using: str) -> Any:
         """Where the instance is read from with ``deactivate_pass_object``: override it to add
-        ``select_related()``, annotations, ``select_for_update()``...  Not overridden, the
-        instance is read with one plain ``SELECT`` of every concrete column built once per model
-        (the same instance as ``Model._base_manager.get(pk=pk)``, without compiling a query).
-        The drop-in form reads only the active flag and the count."""
+        ``select_related()``, annotations, ``select_for_update()``...  By default the model's
+        base manager.  The drop-in form reads only the active flag and the count."""
         return self.target.model._base_manager.db_manager(using).all()
 
     def apply(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
@@ -160,8 +144,7 @@ class DeactivatingTask(_TaskBase):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One run of the body: ``celery_deactivate._run`` (the read, the active check, the
         transaction, a success's bookkeeping)."""
-        own_queryset = type(self).get_queryset is not DeactivatingTask.get_queryset
-        options = _run.run_options(self, own_queryset=own_queryset)
+        options = _options.Options(self)
         if not args:
             raise TypeError(
                 f"{self.name} takes the {options.target.label} primary key as first positional "

@@ -15,7 +15,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from . import _notices, _outage, _store, dispatch, services
-from ._options import Guard, guard_of
+from ._options import Options
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -93,13 +93,13 @@ def maintain_guard(app: Any) -> dict[str, int]:
             continue
         done["tasks"] += 1
         try:
-            guard = guard_of(task)
-            if started is not None and _outage.end_if_over(task, guard, started, using):
+            options = Options(task)
+            if started is not None and _outage.end_if_over(task, options, started, using):
                 done["outages_ended"] += 1
             if until is not None and until <= timezone.now():
-                opened = _notices.send_digest(task, guard, until, using)
+                opened = _notices.send_digest(task, options, until, using)
                 done["digests"] += int(opened is not None and opened != until)
-            _prune(name, guard, using)
+            _prune(name, options, using)
         except Exception as error:
             logger.error(
                 "celery_deactivate.maintain: %s failed: %s",
@@ -115,12 +115,12 @@ def maintain_guard(app: Any) -> dict[str, int]:
     return done
 
 
-def _prune(name: str, guard: Guard, using: str) -> None:
+def _prune(name: str, options: Options, using: str) -> None:
     """Delete the counts and failure rows no window needs any more."""
     from .models import TaskFailure, TaskRuns
 
     now = timezone.now()
-    horizon = timedelta(seconds=2 * max(guard.window, guard.notify_window))
+    horizon = timedelta(seconds=2 * max(options.window, options.notify_window))
     TaskRuns.objects.using(using).filter(task=name, slot__lt=now - horizon).delete()
     TaskFailure.objects.using(using).filter(
         task=name, failed_at__lt=now - horizon, notice_pending=False

@@ -80,20 +80,22 @@ def eager(celery_app: Celery) -> Iterator[Celery]:
 def conf(celery_app: Celery) -> Iterator[Callable[..., None]]:
     """Set app settings for one test: ``conf(deactivate_after=2)``.  Afterwards a key that was not
     set on the app is unset again (a ``None`` left behind would hide the Django setting)."""
-    changes = celery_app.conf.changes
-    saved: dict[str, tuple[bool, Any]] = {}
+    saved: dict[str, Any] = {}
 
     def set_conf(**values: Any) -> None:
         for key, value in values.items():
-            saved.setdefault(key, (key in changes, changes.get(key)))
+            # What the app itself had (ConfigurationView.pop: its run-time changes alone).
+            saved.setdefault(key, celery_app.conf.pop(key, _UNSET))
             celery_app.conf[key] = value
 
     yield set_conf
-    for key, (was_set, value) in saved.items():
-        if was_set:
-            changes[key] = value
-        else:
-            changes.pop(key, None)
+    for key, value in saved.items():
+        celery_app.conf.pop(key, None)
+        if value is not _UNSET:
+            celery_app.conf[key] = value
+
+
+_UNSET = object()
 
 
 @pytest.fixture(autouse=True)

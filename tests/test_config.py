@@ -240,7 +240,7 @@ def test_counting_needs_a_counter_field(app: Celery) -> None:
 
 def test_string_model_reference_and_optional_fields(app: Celery) -> None:
     task = declare(app, model="testapp.RecipeObject")
-    target = task._target()
+    target = task.target
     assert target.model is RecipeObject
     assert (target.active, target.error, target.error_message, target.failure_count) == (
         "active",

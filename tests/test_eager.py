@@ -156,6 +156,28 @@ def test_a_setting_changed_in_place_is_seen_by_the_next_run(
             assert count_after_a_success() == 0
 
 
+def test_a_failure_option_changed_in_place_or_anew_is_seen_by_the_next_failure(
+    eager: Celery, conf: Any
+) -> None:
+    def deactivated_by_a_lookup_error() -> bool:
+        feed = Feed.objects.create(title="missing upstream", behaviour="lookup")
+        tasks.poll.delay(feed.pk)
+        return not Feed.objects.get(pk=feed.pk).active
+
+    # Given the failures that count, set worker-wide as a list, and read by a first failure
+    ignored: list[str] = []
+    conf(dont_deactivate_on=ignored)
+    assert deactivated_by_a_lookup_error()
+
+    # When the list is changed in place, the next failure no longer counts
+    ignored.append("builtins.LookupError")
+    assert not deactivated_by_a_lookup_error()
+
+    # and a value set anew is seen as well.
+    conf(dont_deactivate_on=[])
+    assert deactivated_by_a_lookup_error()
+
+
 def test_direct_call_of_an_inactive_object_does_nothing() -> None:
     feed = Feed.objects.create(title="paused", active=False)
     assert tasks.poll(feed.pk) is None

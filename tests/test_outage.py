@@ -72,22 +72,22 @@ def kinds(messages: list[Any]) -> list[str]:
 
 
 def test_the_guard_is_on_by_default() -> None:
-    guard = _options.guard_of(tasks.poll)
-    assert (guard.objects, guard.rate, guard.window) == (10, 0.5, 300.0)
-    assert guard.on and guard.notify_window == 300.0
+    options = _options.Options(tasks.poll)
+    assert (options.objects, options.rate, options.window) == (10, 0.5, 300.0)
+    assert options.guard_on and options.notify_window == 300.0
 
 
 def test_zero_turns_it_off_for_a_task_and_zero_or_none_worker_wide(
     conf: Callable[..., None],
 ) -> None:
-    assert not _options.guard_of(outage_tasks.unguarded).on
+    assert not _options.Options(outage_tasks.unguarded).guard_on
     conf(deactivate_outage_objects=None)
-    assert not _options.guard_of(tasks.poll).on
+    assert not _options.Options(tasks.poll).guard_on
     conf(deactivate_outage_objects=0)
-    assert not _options.guard_of(tasks.poll).on
-    assert _options.guard_of(outage_tasks.guarded).objects == 5  # its own setting wins
+    assert not _options.Options(tasks.poll).guard_on
+    assert _options.Options(outage_tasks.guarded).objects == 5  # its own setting wins
     conf(deactivate_outage_objects=3)
-    assert _options.guard_of(tasks.poll).objects == 3
+    assert _options.Options(tasks.poll).objects == 3
 
 
 @pytest.mark.parametrize(

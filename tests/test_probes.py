@@ -288,7 +288,7 @@ def test_a_probe_that_fails_during_an_outage_is_recorded_as_the_probes(eager: Ce
     Feed.objects.filter(pk=feed.pk).update(probing_since=timezone.now())
     task = tasks.poll_cooldown
     now = timezone.now()  # (counted from now: the object is not one of the outage's victims)
-    assert _outage.start_outage(task, _options.guard_of(task), now, now, None, _store.db())
+    assert _outage.start_outage(task, _options.Options(task), now, now, None, _store.db())
     before = _guard.counts_now(task)
 
     # When the probe fails during the outage,

@@ -124,47 +124,38 @@ def in_transaction(run: Callable[[], Any]) -> list[tuple[str, bool]]:
     return seen
 
 
-def test_failure_with_no_receiver_is_recorded_without_a_transaction(
-    eager: Celery, no_guard: None, no_receiver: None
-) -> None:
-    feed = Feed.objects.create(title="b", behaviour="fail")
-    body = in_transaction(body_alone(Feed.objects.create(title="a", behaviour="fail").pk))
-
-    recorded = [
-        (word, atomic)
-        for word, atomic in in_transaction(lambda: tasks.poll.delay(feed.pk))
-        if word not in ("BEGIN", "COMMIT", "ROLLBACK")  # sent as statements on SQLite
-    ]
-
-    # The state read, the body in its transaction, then the row read and updated in autocommit.
-    assert recorded[0] == ("SELECT", False)
-    assert recorded[1:-2] == [(word, True) for word, _ in body]
-    assert recorded[-2:] == [("SELECT", False), ("UPDATE", False)]
-    feed.refresh_from_db()
-    assert (feed.active, feed.error, feed.failure_count) == (False, True, 1)
-
-
-def test_failure_with_a_receiver_reads_in_the_update_s_transaction(
-    eager: Celery, no_guard: None, no_receiver: None
+@pytest.mark.parametrize("receiver", [False, True], ids=["no-receiver", "a-receiver"])
+def test_failure_is_recorded_in_one_transaction_whoever_listens(
+    receiver: bool, eager: Celery, no_guard: None, no_receiver: None
 ) -> None:
     from celery_deactivate.signals import object_deactivated
 
     calls: list[bool] = []
-    object_deactivated.connect(
-        lambda **kw: calls.append(connection.in_atomic_block), weak=False, dispatch_uid="q"
-    )
+    if receiver:
+        object_deactivated.connect(
+            lambda **kw: calls.append(connection.in_atomic_block), weak=False, dispatch_uid="q"
+        )
     try:
         feed = Feed.objects.create(title="b", behaviour="fail")
-        recorded = in_transaction(lambda: tasks.poll.delay(feed.pk))
+        body = in_transaction(body_alone(Feed.objects.create(title="a", behaviour="fail").pk))
+        recorded = [
+            (word, atomic)
+            for word, atomic in in_transaction(lambda: tasks.poll.delay(feed.pk))
+            if word not in ("BEGIN", "COMMIT", "ROLLBACK")  # sent as statements on SQLite
+        ]
     finally:
         object_deactivated.disconnect(dispatch_uid="q")
-    assert recorded[-4:] == [
-        ("UPDATE", True),
-        ("SELECT", True),
-        ("SAVEPOINT", True),
-        ("RELEASE", True),
-    ]
-    assert calls == [True]
+
+    # The state read, the body in its transaction, then the row updated and read in one
+    # transaction, the same statements whether a receiver listens or not (its savepoint aside).
+    assert recorded[0] == ("SELECT", False)
+    assert recorded[1 : 1 + len(body)] == [(word, True) for word, _ in body]
+    recording = [entry for entry in recorded[1 + len(body) :] if entry[0] != "RELEASE"]
+    expected = [("UPDATE", True), ("SELECT", True)] + [("SAVEPOINT", True)] * receiver
+    assert recording == expected
+    assert calls == [True] * receiver
+    feed.refresh_from_db()
+    assert (feed.active, feed.error, feed.failure_count) == (False, True, 1)
 
 
 @pytest.mark.parametrize("task", ["poll_after3", "poll_cooldown"])
