@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Any
 
 import django
 import pytest
 from celery import Celery
-from django.db import connection, connections, transaction
+from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
 from celery_deactivate import DeactivatingTask, _reads, services
