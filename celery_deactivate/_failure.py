@@ -30,7 +30,7 @@ from typing import Any
 
 from django.db import transaction
 
-from . import _guard, _notices, services
+from . import _errors, _guard, _notices, services
 from ._options import AnyTask, Options
 from ._store import Failure
 from .target import Target
@@ -81,7 +81,7 @@ def record(
                     task_id,
                     identity,
                     state.outage_started_at.isoformat(timespec="seconds"),
-                    services.describe(exc),
+                    _errors.describe(exc),
                 )
                 _guard.count_during_outage(task, options, state, timeout)
                 return None
@@ -103,8 +103,8 @@ def record(
             task.name,
             task_id,
             identity,
-            services.describe(exc),
-            services.describe(error),
+            _errors.describe(exc),
+            _errors.describe(error),
             exc_info=error,
         )
         return None
@@ -149,7 +149,7 @@ def _log(
     identity: str,
     after: int,
 ) -> None:
-    error = services.describe(exc)
+    error = _errors.describe(exc)
     if outcome.deactivated:
         logger.warning(
             "celery_deactivate: %s deactivated after %s failure(s) of %s[%s]: %s",

@@ -52,7 +52,7 @@ from celery.signals import worker_process_shutdown, worker_shutdown
 from django.db import connections
 from django.utils import timezone
 
-from . import _notices, _outage, _store, services
+from . import _errors, _notices, _outage, _store
 from ._options import AnyTask, Options
 from ._store import Failure
 
@@ -90,7 +90,7 @@ def _write_counts(task: AnyTask) -> None:
         logger.error(
             "celery_deactivate: %s: the outage guard could not write its run counts: %s",
             task.name,
-            services.describe(error),
+            _errors.describe(error),
             exc_info=error,
         )
 
@@ -266,7 +266,7 @@ def _broken(task: AnyTask, error: Exception, doing: str) -> None:
         "without the guard",
         task.name,
         doing,
-        services.describe(error),
+        _errors.describe(error),
         exc_info=error,
     )
 

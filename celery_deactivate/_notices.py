@@ -20,7 +20,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from . import _store, notify, services
+from . import _errors, _store, notify
 from ._options import AnyTask, Options
 from ._store import Failure
 
@@ -58,7 +58,7 @@ def claim_window(
         logger.error(
             "celery_deactivate: %s could not open a notice window (%s); notified at once",
             failed.name,
-            services.describe(error),
+            _errors.describe(error),
             exc_info=error,
         )
         return True
@@ -88,7 +88,7 @@ def notify_deactivation(task: Any, options: Options, failed: Failure) -> None:
             identity,
             failed.name,
             failed.task_id,
-            services.describe(error),
+            _errors.describe(error),
             exc_info=error,
         )
         return
@@ -214,7 +214,7 @@ def _deliver_digest(
             "celery_deactivate: %s: the digest's outcome could not be recorded (%s); its "
             "deactivations stay pending and are sent again",
             task.name,
-            services.describe(error),
+            _errors.describe(error),
             exc_info=error,
         )
 
@@ -264,7 +264,7 @@ def defer_undelivered(failed: Failure, options: Options) -> bool:
         logger.error(
             "celery_deactivate: the undelivered notice of %s could not be kept for a retry: %s",
             failed.target.identity(failed.instance.pk),
-            services.describe(error),
+            _errors.describe(error),
             exc_info=error,
         )
         return False

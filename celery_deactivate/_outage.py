@@ -13,7 +13,7 @@ from django.db import transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import _notices, _store, _transaction, notify, services, signals
+from . import _errors, _notices, _store, _transaction, notify, services, signals
 from ._options import AnyTask, Options
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def start_outage(
             exception=exc,
             reactivated=[instance for instance, _ in reactivated],
         )
-    error = services.describe(exc)
+    error = _errors.describe(exc)
     logger.warning(
         "celery_deactivate: outage of %s started: %d of %d finished runs failed for good since "
         "%s (%s), on %d distinct objects of %s (thresholds: %d objects, %.0f%%); no failure "

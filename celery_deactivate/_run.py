@@ -37,7 +37,7 @@ from celery._state import (  # type: ignore[attr-defined]  # not in celery-types
 from celery.exceptions import Ignore, Reject, Retry
 from django.db import DatabaseError, connections, router, transaction
 
-from . import _guard, _reads, services
+from . import _errors, _guard, _reads, services
 from ._options import AnyTask, Options
 from .target import State, Target
 
@@ -180,7 +180,7 @@ def _log_failed_rollback(task: AnyTask, target: Target, pk: Any, exc: DatabaseEr
         "celery_deactivate: %s on %s: the database failed at the rollback (%s)",
         task.name,
         target.identity(pk),
-        services.describe(exc),
+        _errors.describe(exc),
     )
 
 
@@ -203,7 +203,7 @@ def _reset_count(task: AnyTask, target: Target, pk: Any, using: str, state: Stat
             "celery_deactivate: %s succeeded on %s but its failure count could not be reset (%s)",
             task.name,
             target.identity(pk),
-            services.describe(exc),
+            _errors.describe(exc),
             exc_info=exc,
         )
     return True
@@ -249,7 +249,7 @@ def _after_success(
             "celery_deactivate: %s succeeded on %s but its state could not be updated (%s)",
             task.name,
             target.identity(pk),
-            services.describe(exc),
+            _errors.describe(exc),
             exc_info=exc,
         )
 

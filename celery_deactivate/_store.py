@@ -25,7 +25,7 @@ from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
-from . import _transaction, notify, services
+from . import _errors, _transaction, notify
 from .target import Target
 
 #: Seconds between two writes of the runs a process counted in memory, per task.
@@ -258,7 +258,7 @@ def mark_failure(
         row.deactivated_at = getattr(instance, field) if field else now
         row.notice_pending = pending
         row.task_id = failed.task_id or ""
-        row.error = services.format_error(failed.exc, None)
+        row.error = _errors.format_error(failed.exc, None)
         row.traceback = notify.traceback_of(failed.exc).replace("\x00", "\ufffd")
         row.object_repr = notify.name_of(instance)
         fields += ["deactivated_at", "notice_pending", "task_id", "error", "traceback"]

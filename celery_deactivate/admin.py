@@ -38,7 +38,7 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext_lazy
 
-from . import services
+from . import _errors, services
 from .target import Target
 
 if TYPE_CHECKING:
@@ -289,7 +289,7 @@ class DeactivatableAdminMixin(_ModelAdmin):
         text = str(getattr(obj, field) or "").strip() if field else ""
         if not text:
             return ""
-        title = services.cut(text, self.deactivation_message_title_length)
+        title = _errors.cut(text, self.deactivation_message_title_length)
         first = Truncator(title.splitlines()[0]).chars(self.deactivation_message_length)
         return format_html('<span title="{}">{}</span>', title, first)
 

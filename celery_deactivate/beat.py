@@ -27,6 +27,8 @@ from django.db.models import Model, Q, QuerySet
 
 from . import signals
 
+__all__ = ["connect", "task_names"]
+
 DISPATCH_UIDS = ("celery_deactivate.beat.pause", "celery_deactivate.beat.resume")
 
 

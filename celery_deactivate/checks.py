@@ -57,6 +57,8 @@ from .conf import OPTIONS
 from .exceptions import DeactivateConfigError
 from .task import DeactivatingTask
 
+__all__: list[str] = []  # Django's system checks, registered by the app config
+
 TAG = "celery_deactivate"
 
 HINTS = {

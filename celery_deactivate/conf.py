@@ -18,6 +18,8 @@ from kombu.utils.imports import symbol_by_name
 from .exceptions import DeactivateConfigError
 from .target import PROBE_ROLES, ROLES
 
+__all__ = ["FIELD_DEFAULTS", "OPTIONS", "Option"]
+
 if TYPE_CHECKING:
     from celery import Task
 

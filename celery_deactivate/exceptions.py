@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from django.core.exceptions import ImproperlyConfigured
 
+__all__ = ["DeactivateConfigError", "DeactivateError"]
+
 
 class DeactivateError(Exception):
     """Base class of every exception raised by celery-deactivate."""

@@ -6,6 +6,15 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 from django.db import models
 
+__all__ = [
+    "DeactivatableModel",
+    "DeactivatableQuerySet",
+    "PausedSchedule",
+    "TaskFailure",
+    "TaskRuns",
+    "TaskState",
+]
+
 _M = TypeVar("_M", bound=models.Model)
 
 

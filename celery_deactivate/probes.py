@@ -27,6 +27,8 @@ from ._options import Options
 from .target import Target
 from .task import DeactivatingTask
 
+__all__ = ["BATCH_SIZE", "maintain", "send_due_probes"]
+
 logger = logging.getLogger("celery_deactivate")
 
 #: Due objects considered per task and ``maintain`` run.

@@ -32,6 +32,8 @@ from django.db.utils import load_backend
 from ._options import Options
 from .task import in_main_process_hook
 
+__all__ = ["DeactivatingRequest"]
+
 logger = logging.getLogger("celery_deactivate")
 
 CRASHES = (WorkerLostError, TimeLimitExceeded)

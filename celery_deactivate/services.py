@@ -9,8 +9,8 @@ every backend.
 
 The fields each change writes are looked up by role (:data:`~celery_deactivate.target.ROLES`).
 The row's reads live in ``_reads``, the statements' bound and the signals' savepoint in
-``_transaction``, an exception's text in ``_errors`` (:func:`describe`, :func:`cut`,
-:func:`format_error` and :data:`ERROR_LENGTH` are this module's names for it).
+``_transaction``, an exception's text in ``_errors`` (:data:`ERROR_LENGTH` is its public
+name).
 """
 
 from __future__ import annotations
@@ -26,26 +26,12 @@ from django.db.models import Case, F, Model, Q, Value, When
 from django.utils import timezone
 
 from . import signals
-from ._errors import ERROR_LENGTH, cut, describe, fit, format_error
+from ._errors import ERROR_LENGTH, fit, format_error
 from ._reads import field_of, object_row, read_changed
 from ._transaction import bounded, send
 from .target import PROBE_ROLES, ROLES, Target, resolve_target
 
-__all__ = [
-    "ERROR_LENGTH",
-    "FailureOutcome",
-    "cut",
-    "db_for",
-    "deactivate",
-    "describe",
-    "end_probe",
-    "format_error",
-    "reactivate",
-    "record_failure",
-    "record_probe_failure",
-    "reset_failures",
-    "target_for",
-]
+__all__ = ["ERROR_LENGTH", "FailureOutcome", "deactivate", "reactivate", "record_failure"]
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -146,7 +132,7 @@ def deactivate(
 
     The operator's word wins over a probe: an object a failure deactivated, with a probe
     scheduled or out, has its probe turned off (no probe is sent, and one out does not
-    re-activate it: :func:`end_probe` needs it to be still out).  Its error and the time of its
+    re-activate it: ``end_probe()`` needs it to be still out).  Its error and the time of its
     deactivation stay as the failure recorded them, and no signal is sent: it was deactivated
     already.  An inactive object without a probe is left alone.
     """

@@ -10,6 +10,14 @@ from __future__ import annotations
 
 from django.dispatch import Signal
 
+__all__ = [
+    "failure_counted",
+    "object_deactivated",
+    "object_reactivated",
+    "outage_ended",
+    "outage_started",
+]
+
 #: Sent once per deactivation, after the row was written, in the same transaction.
 #:
 #: sender: the task (a :class:`~celery_deactivate.DeactivatingTask` instance) or, for a manual

@@ -13,6 +13,8 @@ from django.db import models
 
 from .exceptions import DeactivateConfigError
 
+__all__ = ["ROLES", "Role", "State", "Target"]
+
 
 @dataclass(frozen=True)
 class Role:
@@ -60,7 +62,7 @@ ModelRef = type[models.Model] | str
 class Target:
     """A model and the names of its fields by role (``None``: the role is not recorded).
 
-    One instance per configuration (:func:`resolve_target` caches them), compared and hashed by
+    One instance per configuration (``resolve_target()`` caches them), compared and hashed by
     identity.
     """
 

@@ -17,10 +17,12 @@ from celery import Task
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from django.apps import apps
 
-from . import _failure, _guard, _options, _run, dispatch, services
+from . import _errors, _failure, _guard, _options, _run, dispatch, services
 from ._option_names import check_option_names
 from .conf import Notifier
 from .target import ModelRef, Target
+
+__all__ = ["DeactivatingTask"]
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -189,7 +191,7 @@ class DeactivatingTask(_TaskBase):
                 self.name,
                 task_id,
                 self.target.identity(pk),
-                services.describe(exc),
+                _errors.describe(exc),
             )
             return None
         return _failure.record(self, exc, pk, task_id, timeout=timeout)

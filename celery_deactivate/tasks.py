@@ -14,8 +14,10 @@ from typing import Any
 from celery import shared_task
 from django.utils import timezone
 
-from . import _notices, _outage, _store, dispatch, services
+from . import _errors, _notices, _outage, _store, dispatch
 from ._options import Options
+
+__all__ = ["MAINTAIN_TASK", "dispatch_active", "dispatch_range", "maintain", "maintain_entry"]
 
 logger = logging.getLogger("celery_deactivate")
 
@@ -104,7 +106,7 @@ def maintain_guard(app: Any) -> dict[str, int]:
             logger.error(
                 "celery_deactivate.maintain: %s failed: %s",
                 name,
-                services.describe(error),
+                _errors.describe(error),
                 exc_info=error,
             )
     logger.info(

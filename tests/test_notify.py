@@ -26,7 +26,7 @@ from django.core import mail
 from django.db import transaction
 from django.utils import timezone
 
-from celery_deactivate import _guard, notify, services
+from celery_deactivate import _errors, _guard, notify, services
 from celery_deactivate.models import TaskFailure, TaskState
 from celery_deactivate.tasks import maintain_guard
 from tests.conftest import wait_for
@@ -372,7 +372,7 @@ def test_a_traceback_through_a_file_named_in_no_encoding_is_mailed() -> None:
 
 def test_every_notice_cuts_the_error_text() -> None:
     # Given errors as recorded: up to the cap (64 Ki characters)
-    recorded = services.describe(tasks.Boom("x" * 1_000_000))
+    recorded = _errors.describe(tasks.Boom("x" * 1_000_000))
     item = notify.NoticeObject(label="testapp.Feed", pk=1, name="verbose", error=recorded)
     now = timezone.now()
     counts = {"runs": 2, "failures": 2, "objects": 2}

@@ -11,7 +11,7 @@ from celery import Celery
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
-from celery_deactivate import DeactivatingTask, _reads, services
+from celery_deactivate import DeactivatingTask, _errors, _reads, services
 from celery_deactivate.exceptions import DeactivateConfigError
 from celery_deactivate.signals import object_deactivated, object_reactivated
 from tests.testapp import tasks
@@ -32,10 +32,10 @@ def target() -> Any:
 
 
 def test_format_error_cuts_to_the_column() -> None:
-    assert services.format_error(ValueError("abc"), None) == "ValueError: abc"
-    assert services.format_error(ValueError("abcdef"), 10) == "ValueErro…"
-    assert len(services.format_error(ValueError("x" * 500), 100)) == 100
-    assert services.format_error(None, 10) == ""
+    assert _errors.format_error(ValueError("abc"), None) == "ValueError: abc"
+    assert _errors.format_error(ValueError("abcdef"), 10) == "ValueErro…"
+    assert len(_errors.format_error(ValueError("x" * 500), 100)) == 100
+    assert _errors.format_error(None, 10) == ""
 
 
 def test_threshold_flips_the_row_on_the_nth_failure() -> None:
@@ -276,12 +276,12 @@ def test_format_error_never_raises_and_fits_the_database() -> None:
         def __str__(self) -> str:
             raise RuntimeError("no")
 
-    assert services.format_error(Unprintable(), None).endswith(
+    assert _errors.format_error(Unprintable(), None).endswith(
         "Unprintable: <str() raised RuntimeError>"
     )
-    assert services.format_error(ValueError("a\x00b"), None) == "ValueError: a\ufffdb"
-    assert services.format_error(ValueError("\ud800"), None) == "ValueError: \ufffd"
-    assert services.format_error(ValueError(), None) == "ValueError"
+    assert _errors.format_error(ValueError("a\x00b"), None) == "ValueError: a\ufffdb"
+    assert _errors.format_error(ValueError("\ud800"), None) == "ValueError: \ufffd"
+    assert _errors.format_error(ValueError(), None) == "ValueError"
 
 
 def test_manual_deactivate_and_reactivate_send_their_signals() -> None:

@@ -83,3 +83,43 @@ def modules_over(package: Path, limit: int) -> dict[str, int]:
 def test_no_module_is_over_400_lines() -> None:
     over = modules_over(PACKAGE, MODULE_LINES)
     assert over == {}
+
+
+#: Modules Django or Celery load by their names, with no API of their own for a project.
+LOADED_BY_NAME = {"apps", "migrations", "management"}
+
+
+def public_modules() -> list[str]:
+    """The package and its modules a project may import: no underscore in their name."""
+    return [
+        PACKAGE.name,
+        *sorted(
+            module_name(path)
+            for path in PACKAGE.glob("*.py")
+            if not path.stem.startswith("_") and path.stem not in LOADED_BY_NAME
+        ),
+    ]
+
+
+def test_every_public_module_says_what_it_exports_and_exports_what_exists() -> None:
+    import importlib
+
+    missing, unknown = [], []
+    for name in public_modules():
+        module = importlib.import_module(name)
+        exported = getattr(module, "__all__", None)
+        if exported is None:
+            missing.append(name)
+            continue
+        unknown += [f"{name}.{item}" for item in exported if not hasattr(module, item)]
+    assert (missing, unknown) == ([], [])
+
+
+def test_the_api_reference_documents_public_modules_only() -> None:
+    documented = set()
+    for page in (PACKAGE.parent / "docs" / "api").glob("*.rst"):
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if line.startswith(".. automodule:: "):
+                documented.add(line.split()[-1])
+    assert documented
+    assert documented <= set(public_modules())
