@@ -178,6 +178,15 @@ def statements(run: Callable[[], Any]) -> list[str]:
     return [s for s in sql if not s.upper().startswith(TRANSACTION_CONTROL)]
 
 
+def mail_kinds(mails: list[Any]) -> list[str]:
+    """What each mail is (:func:`mail_kind`): Django's messages (``mail.outbox``) or mails as text,
+    subject first (``Meeting.mails()`` of the crash tests)."""
+    return [
+        mail_kind(mail.subject if hasattr(mail, "subject") else mail.splitlines()[0])
+        for mail in mails
+    ]
+
+
 def mail_kind(subject: str) -> str:
     """What a notice mailed by ``mail_admins`` is, from its subject: ``deactivated``, ``digest``,
     ``outage_started`` or ``outage_ended``."""
