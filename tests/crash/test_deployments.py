@@ -13,11 +13,11 @@ from django.db.models import Sum
 
 from celery_deactivate import _store
 from celery_deactivate.models import TaskRuns
-from tests.conftest import wait_for
+from tests.conftest import mail_kinds, wait_for
 from tests.testapp.models import Feed
 
 from .conftest import state
-from .test_outage import TASKS, kinds, logged, send_all
+from .test_outage import TASKS, logged, send_all
 from .worker import Meeting, Worker
 
 pytestmark = [pytest.mark.crash, pytest.mark.django_db(transaction=True)]
@@ -58,7 +58,7 @@ def test_a_fresh_worker_with_the_broken_objects_first_starts_no_outage(
         assert logged("object_reactivated") == []
         # one notice at once (the first of a quiet period), the rest wait for the digest.
         wait_for(lambda: meeting.mails())
-        assert kinds(meeting.mails()) == ["deactivated"]
+        assert mail_kinds(meeting.mails()) == ["deactivated"]
         assert "too few runs to judge" in worker.log()
 
 
