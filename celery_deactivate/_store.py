@@ -25,7 +25,7 @@ from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
-from . import _errors, _transaction, notify
+from . import _charset, _errors, _transaction, notify
 from .target import Target
 
 #: Seconds between two writes of the runs a process counted in memory, per task.
@@ -272,6 +272,9 @@ def mark_failure(
     target = ["task", "object_pk"]
     if not connections[using].features.supports_update_conflicts_with_target:
         target = []  # MySQL, MariaDB: ON DUPLICATE KEY UPDATE, whichever unique key conflicts
+    texts = {name: getattr(row, name) for name in ("error", "traceback", "object_repr")}
+    for name, text in _charset.storable(TaskFailure, texts, using).items():
+        setattr(row, name, text)
     TaskFailure.objects.using(using).bulk_create(
         [row], update_conflicts=True, unique_fields=target or None, update_fields=fields
     )
