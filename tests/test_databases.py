@@ -4,12 +4,14 @@ and those of one family only say so in their skip reason."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 from celery import states
-from django.db import connection
+from django.db import OperationalError, connection, transaction
 
+from celery_deactivate import _transaction
 from celery_deactivate.models import TaskFailure
 from tests.testapp import tasks
 from tests.testapp.models import Feed, NarrowFeed
@@ -102,3 +104,54 @@ def test_a_deactivation_by_hand_with_a_4_byte_character(narrow_columns: None) ->
 
     narrow.refresh_from_db()
     assert (narrow.active, narrow.error_message) == (False, "quota exceeded \ufffd")
+
+
+# -- item 3: deactivate_crash_timeout bounds a lock wait ------------------------------------------
+
+needs_row_locks = pytest.mark.skipif(
+    connection.vendor not in ("postgresql", "mysql"),
+    reason="row locks held by another connection: PostgreSQL, MySQL, MariaDB",
+)
+
+
+@needs_row_locks
+def test_a_bounded_change_gives_up_on_a_locked_row_within_the_bound() -> None:
+    # Given the row locked by another connection (an operator's transaction, a stuck body)
+    feed = Feed.objects.create(title="locked elsewhere")
+    locker = connection.copy()
+    try:
+        with locker.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute(
+                f"SELECT id FROM {Feed._meta.db_table} WHERE id = %s FOR UPDATE", [feed.pk]
+            )
+            # When a change bounded to 1 s waits for it (the crash path's deactivate_crash_timeout)
+            started = time.monotonic()
+            bound = _transaction.bounded("default", 1.0)
+            with pytest.raises(OperationalError), transaction.atomic(), bound:
+                Feed.objects.filter(pk=feed.pk).update(active=False)
+            waited = time.monotonic() - started
+            cursor.execute("ROLLBACK")
+    finally:
+        locker.close()
+
+    # Then it gave up after about the bound (InnoDB's default lock wait is 50 s), the row as it was
+    assert 0.9 <= waited < 5.0, waited
+    assert Feed.objects.get(pk=feed.pk).active is True
+
+
+@needs_row_locks
+def test_the_bound_ends_with_the_change() -> None:
+    def lock_wait() -> object:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SHOW lock_timeout"
+                if connection.vendor == "postgresql"
+                else "SELECT @@SESSION.innodb_lock_wait_timeout"
+            )
+            return cursor.fetchone()[0]
+
+    before = lock_wait()
+    with transaction.atomic(), _transaction.bounded("default", 2.0):
+        assert lock_wait() in ("2s", 2)
+    assert lock_wait() == before != 2
