@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from io import StringIO
 
 import pytest
 from celery import states
+from django.apps import apps
+from django.core import checks
+from django.core.management import call_command
 from django.db import OperationalError, connection, transaction
 
 from celery_deactivate import _transaction
@@ -155,3 +159,19 @@ def test_the_bound_ends_with_the_change() -> None:
     with transaction.atomic(), _transaction.bounded("default", 2.0):
         assert lock_wait() in ("2s", 2)
     assert lock_wait() == before != 2
+
+
+# -- item 4: the library's migrations and models are clean on every backend ------------------------
+
+
+def test_migrate_and_check_report_nothing_about_the_library() -> None:
+    # MariaDB and MySQL have no partial index: a conditional index was models.W037 on both.
+    library = [apps.get_app_config("celery_deactivate")]
+    assert checks.run_checks(app_configs=library, databases=["default"]) == []
+
+    out, err = StringIO(), StringIO()
+    call_command("migrate", "celery_deactivate", stdout=out, stderr=err, no_color=True)
+    assert "No migrations to apply" in out.getvalue()
+    assert err.getvalue() == ""  # no "System check identified some issues"
+    # and the migrations hold the models as they are
+    call_command("makemigrations", "celery_deactivate", check=True, dry_run=True, stdout=out)
