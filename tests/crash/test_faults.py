@@ -33,7 +33,9 @@ FAILURES = {"body-raises": ("fail", Boom), "sigkill": ("kill", WorkerLostError)}
 
 needs_postgresql = pytest.mark.skipif(
     connection.vendor != "postgresql",
-    reason="needs a database server: SQLite has no connection to refuse or row lock to hold",
+    reason="the database made unreachable by the test (ALTER DATABASE ... ALLOW_CONNECTIONS "
+    "false): PostgreSQL's; MySQL and MariaDB have no switch that refuses one database's "
+    "connections, SQLite has no connection to refuse",
 )
 
 
