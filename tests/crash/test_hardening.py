@@ -36,8 +36,11 @@ def lock_waiters() -> int:
     """Connections to this database waiting for a lock (polled from inside a transaction)."""
     with connection.cursor() as cursor:
         if connection.vendor == "mysql":
+            # UPDATEs in flight: with the row locked, waiting (MariaDB does not list a
+            # transaction that waits before its first write in information_schema.innodb_trx).
             cursor.execute(
-                "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
+                "SELECT count(*) FROM information_schema.processlist WHERE db = DATABASE() "
+                "AND id <> CONNECTION_ID() AND command = 'Query' AND info LIKE 'UPDATE %'"
             )
         else:
             cursor.execute("SELECT pg_stat_clear_snapshot()")  # else cached for the transaction
