@@ -28,11 +28,13 @@ venv: $(STAMP) ## Create .venv and install the package with its test and dev ext
 
 # The servers: those DATABASE_URL/CELERY_BROKER_URL name, else throwaway ones on free loopback
 # ports for the run, else SQLite + memory with each skip's reason (scripts/with-services.sh).
-test: $(STAMP) ## Run the whole suite on PostgreSQL, PgBouncer and Redis (started for the run if need be)
-	scripts/with-services.sh $(PY) -m pytest -rs $(PYTEST_ARGS)
+# The suite runs once on DATABASE_URL, then again on MariaDB when MYSQL_URL is set (the
+# throwaway servers set it): scripts/on-each-database.sh.
+test: $(STAMP) ## Run the whole suite on PostgreSQL (+ PgBouncer) and on MariaDB, with Redis (started for the run if need be)
+	scripts/with-services.sh scripts/on-each-database.sh $(PY) -m pytest -rs $(PYTEST_ARGS)
 
-test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests (servers as for test)
-	scripts/with-services.sh $(PY) -m pytest -rs -m crash $(PYTEST_ARGS)
+test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests (servers and databases as for test)
+	scripts/with-services.sh scripts/on-each-database.sh $(PY) -m pytest -rs -m crash $(PYTEST_ARGS)
 
 test-matrix: $(STAMP) ## Run the suite across Celery 5.3/5.5/5.7 x Django 4.2/5.2/6.0 (nox, pyenv interpreters)
 	$(BIN)/nox $(NOX_ARGS)

@@ -25,7 +25,7 @@ from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
-from . import _errors, _transaction, notify
+from . import _charset, _errors, _transaction, notify
 from .target import Target
 
 #: Seconds between two writes of the runs a process counted in memory, per task.
@@ -247,7 +247,13 @@ class Failure:
 def mark_failure(
     failed: Failure, now: datetime, using: str, *, deactivated: bool, pending: bool
 ) -> None:
-    """Record a failure in ``TaskFailure`` (one row per task and object, an upsert)."""
+    """Record a failure in ``TaskFailure`` (one row per task and object, an upsert).
+
+    One ``INSERT ... ON CONFLICT (task, object_pk) DO UPDATE`` on PostgreSQL and SQLite, one
+    ``INSERT ... ON DUPLICATE KEY UPDATE`` on MySQL and MariaDB: Django's ``bulk_create()`` takes
+    the conflict's ``unique_fields`` only where the database names a conflict target (MySQL's
+    upsert fires on any unique key, and ``(task, object_pk)`` is the table's only one besides
+    the primary key, which an insert never repeats)."""
     from .models import TaskFailure
 
     instance = failed.instance
@@ -263,6 +269,12 @@ def mark_failure(
         row.object_repr = notify.name_of(instance)
         fields += ["deactivated_at", "notice_pending", "task_id", "error", "traceback"]
         fields += ["object_repr"]
+    target = ["task", "object_pk"]
+    if not connections[using].features.supports_update_conflicts_with_target:
+        target = []  # MySQL, MariaDB: ON DUPLICATE KEY UPDATE, whichever unique key conflicts
+    texts = {name: getattr(row, name) for name in ("error", "traceback", "object_repr")}
+    for name, text in _charset.storable(TaskFailure, texts, using).items():
+        setattr(row, name, text)
     TaskFailure.objects.using(using).bulk_create(
-        [row], update_conflicts=True, unique_fields=["task", "object_pk"], update_fields=fields
+        [row], update_conflicts=True, unique_fields=target or None, update_fields=fields
     )

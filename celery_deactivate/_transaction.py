@@ -4,11 +4,12 @@ wait (:func:`bounded`), and the signals sent in it, in a savepoint (:func:`send_
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
-from django.db import connections, router, transaction
+from django.db import DatabaseError, connections, router, transaction
 from django.db.models import Model
 from django.dispatch import Signal
 
@@ -26,11 +27,15 @@ def bounded(using: str, seconds: float | None) -> Iterator[None]:
 
     PostgreSQL: ``lock_timeout`` and ``statement_timeout`` for this transaction.  SQLite: the
     connection's busy timeout (the worker's crash handler runs on a connection of its own, closed
-    when it is done).  Other backends: unbounded.
+    when it is done).  MySQL and MariaDB: :func:`_session_bounded`.  Other backends: unbounded.
     """
     connection = connections[using]
-    if not seconds or connection.vendor not in ("postgresql", "sqlite"):
+    if not seconds or connection.vendor not in ("postgresql", "sqlite", "mysql"):
         yield
+        return
+    if connection.vendor == "mysql":
+        with _session_bounded(connection, seconds):
+            yield
         return
     millis = max(int(seconds * 1000), 1)
     with connection.cursor() as cursor:
@@ -40,6 +45,30 @@ def bounded(using: str, seconds: float | None) -> Iterator[None]:
             cursor.execute(f"SET LOCAL lock_timeout = {millis}")
             cursor.execute(f"SET LOCAL statement_timeout = {millis}")
     yield
+
+
+@contextmanager
+def _session_bounded(connection: Any, seconds: float) -> Iterator[None]:
+    """MySQL and MariaDB have no per-transaction setting: the session's are set, and set back
+    afterwards.  ``innodb_lock_wait_timeout`` bounds a row lock wait (whole seconds, at least
+    1); a statement's run time is bounded by MariaDB's ``max_statement_time`` (seconds), MySQL's
+    ``max_execution_time`` (milliseconds, ``SELECT`` only).  If the connection fails meanwhile,
+    the bound stays on it until it is closed (the worker's crash handler closes its own)."""
+    if connection.mysql_is_mariadb:
+        statement, limit = "max_statement_time", seconds
+    else:
+        statement, limit = "max_execution_time", max(int(seconds * 1000), 1)
+    lock_wait = max(math.ceil(seconds), 1)
+    assign = f"SET SESSION innodb_lock_wait_timeout = %s, {statement} = %s"
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT @@SESSION.innodb_lock_wait_timeout, @@SESSION.{statement}")
+        before = list(cursor.fetchone())
+        cursor.execute(assign, [lock_wait, limit])
+    try:
+        yield
+    finally:
+        with suppress(DatabaseError), connection.cursor() as cursor:
+            cursor.execute(assign, before)
 
 
 class _ReceiversFailed(Exception):

@@ -14,11 +14,18 @@ class CeleryDeactivateConfig(AppConfig):
             beat,
             tasks,  # noqa: F401  (registers the fan-out's internal tasks on every app)
         )
-        from .checks import TAG, check_settings, check_tasks, check_tasks_on_deploy
+        from .checks import (
+            TAG,
+            check_databases,
+            check_settings,
+            check_tasks,
+            check_tasks_on_deploy,
+        )
         from .task import pending_checks
 
         checks.register(check_settings, TAG)
         checks.register(check_tasks, TAG)
+        checks.register(check_databases, TAG)
         checks.register(check_tasks_on_deploy, TAG, deploy=True)
         if beat.installed():
             beat.connect()

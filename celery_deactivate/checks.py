@@ -22,6 +22,12 @@ hint.  They are tagged ``celery_deactivate`` (``manage.py check --tag celery_dea
     the ``CELERY`` namespace (``CELERY_DEACTIVATE_OUTAGE_OBJECT``, ``CELERY_DEACTIVATION_AFTER``);
     the message names the closest option's setting.
 
+``celery_deactivate.W001``
+    A database the library writes to is of a backend it does not support (PostgreSQL, MySQL or
+    MariaDB, SQLite: docs/versions.md): the write database of a task's model (the router's
+    choice), or that of the library's own tables.  Its statements are Django's, but its upsert,
+    its bound on lock waits and its text cleaning are tested on those three only.
+
 The settings are checked by ``manage.py check`` (and so ``check --deploy``), tasks or none.
 
 Which tasks are checked:
@@ -45,12 +51,15 @@ The current app is Celery's: in a Django project, the app the project package im
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from typing import Any
 
 from celery import current_app
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
+from django.db import connections, router
+from django.db.models import Model
 
 from ._option_names import closest_option, is_misspelt_option
 from .conf import OPTIONS
@@ -77,6 +86,10 @@ HINTS = {
         "celery_deactivate.conf."
     ),
 }
+
+
+#: The database backends the library supports, by ``connection.vendor``: their names.
+SUPPORTED_DATABASES = {"postgresql": "PostgreSQL", "mysql": "MySQL or MariaDB", "sqlite": "SQLite"}
 
 
 def deactivating_tasks(*, load: bool = False) -> list[DeactivatingTask]:
@@ -133,6 +146,41 @@ def check_tasks_on_deploy(
     for problem in _problems(tasks, app_configs):
         found[problem.id, problem.obj, problem.msg] = problem
     return list(found.values())
+
+
+def check_databases(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """W001 for each model the library writes (the current app's tasks' models, its own tables)
+    whose write database is of a backend it does not support.  Nothing is connected to: the
+    backend's ``vendor`` says it."""
+    from .models import TaskState
+
+    models: dict[str, type[Model]] = {"the library's tables": TaskState}
+    for task in deactivating_tasks():
+        declared = type(task).model
+        with suppress(LookupError, ValueError):  # E001 reports a model that is not one
+            model = apps.get_model(declared) if isinstance(declared, str) else declared
+            if isinstance(model, type) and issubclass(model, Model):
+                models.setdefault(model._meta.label, model)
+    warnings = []
+    for label, model in models.items():
+        alias = router.db_for_write(model)
+        vendor = connections[alias].vendor
+        if vendor in SUPPORTED_DATABASES:
+            continue
+        warnings.append(
+            checks.Warning(
+                f"{label} {'are' if model is TaskState else 'is'} written on the database "
+                f"{alias!r}, whose backend ({vendor}) celery-deactivate does not support",
+                hint=(
+                    f"Supported: {', '.join(SUPPORTED_DATABASES.values())} (see the supported "
+                    "versions in the documentation). Route the model to one of them, or test "
+                    "failures, crashes and the outage guard on yours."
+                ),
+                obj=label,
+                id="celery_deactivate.W001",
+            )
+        )
+    return warnings
 
 
 def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:

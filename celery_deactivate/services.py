@@ -25,7 +25,7 @@ from django.db import router, transaction
 from django.db.models import Case, F, Model, Q, Value, When
 from django.utils import timezone
 
-from . import signals
+from . import _charset, signals
 from ._errors import ERROR_LENGTH, fit, format_error
 from ._reads import field_of, object_row, read_changed
 from ._transaction import bounded, send
@@ -226,7 +226,7 @@ def _probe_failed(
         values[target.error_message] = format_error(exc, target.error_message_max_length)
     if target.failure_count:
         values[target.failure_count] = F(target.failure_count) + 1
-    if not rows.update(**values):
+    if not _charset.update(rows, values):
         return None
     return read_changed(target, pk, using)
 
@@ -264,7 +264,7 @@ def _change(
     """``UPDATE`` the row if its active flag is ``active``; return it as it is after the change
     (:func:`~celery_deactivate._reads.read_changed`).  In a transaction, the row stays locked
     between the two."""
-    if not object_row(target, pk, using, **{target.active: active}).update(**values):
+    if not _charset.update(object_row(target, pk, using, **{target.active: active}), values):
         return None
     return read_changed(target, pk, using)
 

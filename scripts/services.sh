@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start/stop a throwaway PostgreSQL, PgBouncer and Redis on loopback for the test suite.
+# Start/stop a throwaway PostgreSQL, PgBouncer, MariaDB and Redis on loopback for the test suite.
 #
 # Usage: scripts/services.sh start|stop|status|env
 #
@@ -7,7 +7,9 @@
 #           start PostgreSQL on 127.0.0.1:$PG_PORT (fsync off, 200 connections),
 #           create database "celery_deactivate", start PgBouncer in
 #           transaction pooling mode on 127.0.0.1:$PGBOUNCER_PORT in front of
-#           it, start Redis on 127.0.0.1:$REDIS_PORT, wait for each. Idempotent.
+#           it, start MariaDB on 127.0.0.1:$MARIADB_PORT (its own datadir under
+#           SERVICES_DIR, run as the "mysql" user when root), start Redis on
+#           127.0.0.1:$REDIS_PORT, wait for each. Idempotent.
 #   stop    stop what this SERVICES_DIR started (never another server on the
 #           same port); fine if they are already stopped. Idempotent.
 #   status  say whether each is up; exit 0 only if all are.
@@ -23,6 +25,7 @@
 #   PG_PORT       default 55432
 #   REDIS_PORT    default 56379
 #   PGBOUNCER_PORT default 56432
+#   MARIADB_PORT  default 53306
 #
 # Progress goes to stderr; `status` and `env` write their answer to stdout.
 set -euo pipefail
@@ -31,6 +34,7 @@ SERVICES_DIR="${SERVICES_DIR:-/tmp/celery-deactivate-services}"
 PG_PORT="${PG_PORT:-55432}"
 REDIS_PORT="${REDIS_PORT:-56379}"
 PGBOUNCER_PORT="${PGBOUNCER_PORT:-56432}"
+MARIADB_PORT="${MARIADB_PORT:-53306}"
 PG_DB=celery_deactivate
 PG_USER=postgres
 START_TIMEOUT="${START_TIMEOUT:-60}"   # seconds to wait for each service
@@ -45,6 +49,12 @@ REDIS_LOG="$REDIS_DIR/redis.log"
 PGB_DIR="$SERVICES_DIR/pgbouncer"
 PGB_PID="$PGB_DIR/pgbouncer.pid"
 PGB_LOG="$PGB_DIR/pgbouncer.log"
+MARIADB_DIR="$SERVICES_DIR/mariadb"
+MARIADB_DATA="$MARIADB_DIR/data"
+MARIADB_SOCK="$MARIADB_DIR/mysqld.sock"
+MARIADB_PID="$MARIADB_DIR/mysqld.pid"
+MARIADB_LOG="$MARIADB_DIR/mysqld.log"
+MARIADB_USER=mysql
 
 log() { printf 'services: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -99,6 +109,11 @@ psql_q() { psql_at "$PG_PORT" "$@"; }
 pg_up()    { psql_q -d postgres -c 'select 1' >/dev/null 2>&1; }
 pgbouncer_up() { psql_at "$PGBOUNCER_PORT" -d "$PG_DB" -c 'select 1' >/dev/null 2>&1; }
 redis_up() { [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
+mariadb_q() {
+    mariadb --no-defaults --protocol=tcp -h 127.0.0.1 -P "$MARIADB_PORT" -u root \
+        --connect-timeout=3 -N -B "$@"
+}
+mariadb_up() { mariadb_q -e 'select 1' >/dev/null 2>&1; }
 
 # wait_until DESCRIPTION TIMEOUT_SECONDS COMMAND...: poll until COMMAND succeeds.
 wait_until() {
@@ -130,6 +145,8 @@ ensure_tools() {
     command -v redis-cli >/dev/null 2>&1 || pkgs+=(redis-tools)
     command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client)
     command -v pgbouncer >/dev/null 2>&1 || pkgs+=(pgbouncer)
+    command -v mariadbd >/dev/null 2>&1 || pkgs+=(mariadb-server)
+    command -v mariadb >/dev/null 2>&1 || pkgs+=(mariadb-client)
     if ! pg_bindir >/dev/null || { is_root && ! id "$PG_USER" >/dev/null 2>&1; }; then
         pkgs+=(postgresql)
     fi
@@ -140,6 +157,7 @@ ensure_tools() {
     pg_bindir >/dev/null || die "no PostgreSQL server binaries (initdb/pg_ctl) found"
     command -v redis-server >/dev/null 2>&1 || die "redis-server not found after install"
     command -v pgbouncer >/dev/null 2>&1 || die "pgbouncer not found after install"
+    command -v mariadbd >/dev/null 2>&1 || die "mariadbd not found after install"
 }
 
 prepare_dirs() {
@@ -242,11 +260,47 @@ start_redis() {
     log "redis ready: redis://127.0.0.1:$REDIS_PORT"
 }
 
+# MariaDB (Debian's mariadb-server, not its system service): a datadir of its own, root without
+# a password on loopback only, utf8mb4, InnoDB without fsync (throwaway data).
+start_mariadb() {
+    if mariadb_up; then
+        log "mariadb already running on 127.0.0.1:$MARIADB_PORT"
+        return 0
+    fi
+    mkdir -p "$MARIADB_DIR"
+    local as=()
+    if is_root; then
+        chown "$MARIADB_USER:" "$MARIADB_DIR"
+        as=(--user="$MARIADB_USER")
+    fi
+    if [ ! -d "$MARIADB_DATA/mysql" ]; then
+        rm -rf "$MARIADB_DATA"
+        log "mariadb-install-db $MARIADB_DATA"
+        mariadb-install-db --no-defaults --datadir="$MARIADB_DATA" "${as[@]}" \
+            --auth-root-authentication-method=normal --skip-test-db \
+            >"$MARIADB_DIR/install.log" 2>&1 \
+            || { cat "$MARIADB_DIR/install.log" >&2; die "mariadb-install-db failed"; }
+    fi
+    log "starting mariadb on 127.0.0.1:$MARIADB_PORT"
+    # In a session of its own, detached from this script's output (a pipe stays open else).
+    (cd / && exec setsid mariadbd --no-defaults --datadir="$MARIADB_DATA" "${as[@]}" \
+        --port="$MARIADB_PORT" --bind-address=127.0.0.1 --socket="$MARIADB_SOCK" \
+        --pid-file="$MARIADB_PID" --log-error="$MARIADB_LOG" --skip-name-resolve \
+        --character-set-server=utf8mb4 --collation-server=utf8mb4_unicode_ci \
+        --innodb-flush-log-at-trx-commit=0 --innodb-doublewrite=0 --max-connections=300) \
+        </dev/null >/dev/null 2>&1 &
+    wait_until "mariadb on 127.0.0.1:$MARIADB_PORT" "$START_TIMEOUT" mariadb_up \
+        || { tail -n 30 "$MARIADB_LOG" >&2 || true; die "mariadb is not answering on 127.0.0.1:$MARIADB_PORT"; }
+    mariadb_q -e "CREATE DATABASE IF NOT EXISTS $PG_DB CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+    log "mariadb ready: mysql://root@127.0.0.1:$MARIADB_PORT/$PG_DB"
+}
+
 cmd_start() {
     ensure_tools
     prepare_dirs
     start_pg
     start_pgbouncer
+    start_mariadb
     start_redis
 }
 
@@ -296,9 +350,25 @@ stop_redis() {
     rm -f "$REDIS_PID"
 }
 
+# Only the MariaDB this script started (its pid file): never another one on the same port.
+stop_mariadb() {
+    local pid=""
+    [ -f "$MARIADB_PID" ] && pid="$(cat "$MARIADB_PID" 2>/dev/null || true)"
+    if pid_alive "$pid"; then
+        log "stopping mariadb on 127.0.0.1:$MARIADB_PORT"
+        kill "$pid" 2>/dev/null || true  # SIGTERM: a clean shutdown
+        wait_until "mariadb pid $pid to exit" "$START_TIMEOUT" bash -c "! kill -0 $pid 2>/dev/null" \
+            || die "mariadb (pid $pid) did not stop"
+    else
+        log "mariadb not running"
+    fi
+    rm -f "$MARIADB_PID"
+}
+
 cmd_stop() {
     stop_pgbouncer
     stop_pg
+    stop_mariadb
     stop_redis
 }
 
@@ -316,6 +386,11 @@ cmd_status() {
     else
         echo "pgbouncer: down (127.0.0.1:$PGBOUNCER_PORT)"; ok=1
     fi
+    if mariadb_up; then
+        echo "mariadb: up (127.0.0.1:$MARIADB_PORT, data $MARIADB_DATA)"
+    else
+        echo "mariadb: down (127.0.0.1:$MARIADB_PORT)"; ok=1
+    fi
     if redis_up; then
         echo "redis: up (127.0.0.1:$REDIS_PORT)"
     else
@@ -327,6 +402,7 @@ cmd_status() {
 cmd_env() {
     echo "export DATABASE_URL=postgresql://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB"
     echo "export PGBOUNCER_URL=postgresql://$PG_USER@127.0.0.1:$PGBOUNCER_PORT/$PG_DB"
+    echo "export MYSQL_URL=mysql://root@127.0.0.1:$MARIADB_PORT/$PG_DB"
     echo "export CELERY_BROKER_URL=redis://127.0.0.1:$REDIS_PORT/0"
     echo "export CELERY_RESULT_BACKEND=redis://127.0.0.1:$REDIS_PORT/1"
 }

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Run a command (the test suite: `make test`, `make test-crash`) with PostgreSQL,
-# PgBouncer and Redis.
+# PgBouncer, MariaDB and Redis.
 #
 # Usage: scripts/with-services.sh COMMAND [ARGS...]
 #
 #   - DATABASE_URL or CELERY_BROKER_URL already set (CI's .ci/run, or servers
 #     of your own): run COMMAND as it is, on them.
-#   - Otherwise start a throwaway PostgreSQL, PgBouncer and Redis with
+#   - Otherwise start a throwaway PostgreSQL, PgBouncer, MariaDB and Redis with
 #     scripts/services.sh, in a temporary SERVICES_DIR on free loopback ports
-#     (PG_PORT, PGBOUNCER_PORT, REDIS_PORT when set), run COMMAND with their
-#     URLs, then stop them and remove the directory, whatever happens.
+#     (PG_PORT, PGBOUNCER_PORT, MARIADB_PORT, REDIS_PORT when set), run COMMAND
+#     with their URLs (MariaDB's as MYSQL_URL: scripts/on-each-database.sh), then
+#     stop them and remove the directory, whatever happens.
 #   - If they cannot be installed or started (not root and not installed, no
 #     apt, ...), run COMMAND on the embedded default (SQLite and Celery's
 #     in-memory transport): the tests that need a server are skipped, each
@@ -57,14 +58,15 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-if ports="$(free_ports 3)"; then
-    read -r pg_free pgbouncer_free redis_free <<<"$ports"
+if ports="$(free_ports 4)"; then
+    read -r pg_free pgbouncer_free redis_free mariadb_free <<<"$ports"
     export PG_PORT="${PG_PORT:-$pg_free}"
     export PGBOUNCER_PORT="${PGBOUNCER_PORT:-$pgbouncer_free}"
     export REDIS_PORT="${REDIS_PORT:-$redis_free}"
+    export MARIADB_PORT="${MARIADB_PORT:-$mariadb_free}"
 fi
 
-say "starting a throwaway PostgreSQL, PgBouncer and Redis in $SERVICES_DIR"
+say "starting a throwaway PostgreSQL, PgBouncer, MariaDB and Redis in $SERVICES_DIR"
 started=1  # from here on, stop whatever part of them did start
 if [ -n "${PG_PORT:-}" ] && "$SERVICES" start; then
     eval "$("$SERVICES" env)"

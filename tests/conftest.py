@@ -187,6 +187,12 @@ def mail_kinds(mails: list[Any]) -> list[str]:
     ]
 
 
+def quoted(name: str) -> str:
+    """A table or column name as the default database quotes it in SQL (``"active"`` on
+    PostgreSQL and SQLite, ```active``` on MySQL and MariaDB)."""
+    return str(connection.ops.quote_name(name))
+
+
 def mail_kind(subject: str) -> str:
     """What a notice mailed by ``mail_admins`` is, from its subject: ``deactivated``, ``digest``,
     ``outage_started`` or ``outage_ended``."""

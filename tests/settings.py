@@ -102,6 +102,13 @@ else:
         }
     }
 
+# A backend the library does not support, for its system check (tests/test_checks.py); never
+# connected to, so never created.
+DATABASES["exotic"] = {
+    "ENGINE": "tests.exotic_db",
+    "NAME": str(_SQLITE_DIR / "celery_deactivate_exotic.sqlite3"),
+}
+
 # The same database through PgBouncer in transaction pooling mode (scripts/services.sh), for the
 # tests of what the library does behind a pooler (tests/test_poolers.py).
 if os.environ.get("PGBOUNCER_URL") and DATABASES["default"]["ENGINE"].endswith("postgresql"):

@@ -218,3 +218,40 @@ def test_deploy_check_reports_a_declaration_error_once_with_its_hint(unfinalized
         )
     ]
     assert found[0].hint == "Correct deactivate_after= where the task is declared."
+
+
+class ToExotic:
+    """Routes the writes of one app's models to the ``exotic`` database (tests/exotic_db)."""
+
+    app_label = "testapp"
+
+    def db_for_write(self, model: type[Any], **hints: Any) -> str | None:
+        return "exotic" if model._meta.app_label == self.app_label else None
+
+
+class LibraryToExotic(ToExotic):
+    app_label = "celery_deactivate"
+
+
+def test_a_model_on_a_database_the_library_does_not_support_is_a_warning(
+    project_app: Celery,
+) -> None:
+    with override_settings(DATABASE_ROUTERS=[f"{__name__}.ToExotic"]):
+        found = ours(checks.run_checks(tags=[TAG]))
+    with override_settings(DATABASE_ROUTERS=[f"{__name__}.LibraryToExotic"]):
+        library = ours(checks.run_checks(tags=[TAG]))
+
+    assert ("celery_deactivate.W001", "testapp.Feed") in [(id_, obj) for id_, obj, _ in found]
+    assert all(
+        id_ == "celery_deactivate.W001" and obj.startswith("testapp.") for id_, obj, _ in found
+    )
+    feed = next(msg for _, obj, msg in found if obj == "testapp.Feed")
+    assert feed == (
+        "testapp.Feed is written on the database 'exotic', whose backend (exotic) "
+        "celery-deactivate does not support"
+    )
+    assert [(id_, obj) for id_, obj, _ in library] == [
+        ("celery_deactivate.W001", "the library's tables")
+    ]
+    # and none on the supported database of the run (PostgreSQL, MySQL, MariaDB or SQLite)
+    assert checks.run_checks(tags=[TAG]) == []

@@ -5,6 +5,7 @@ sharing the state are in tests/crash/test_outage.py."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from celery_deactivate.exceptions import DeactivateConfigError
 from celery_deactivate.models import TaskFailure, TaskRuns, TaskState
 from celery_deactivate.signals import object_reactivated, outage_ended, outage_started
 from celery_deactivate.tasks import maintain, maintain_entry, maintain_guard
-from tests.conftest import mail_kinds, run_to_end, statements, wait_for
+from tests.conftest import mail_kinds, quoted, run_to_end, statements, wait_for
 from tests.testapp import outage_tasks, tasks
 from tests.testapp.models import Feed
 
@@ -349,7 +350,8 @@ def test_runs_are_written_every_few_seconds_not_per_run() -> None:
 
 def own(sql: list[str]) -> list[str]:
     """The statements on the library's tables: ``VERB table``."""
-    return [s.split()[0] + " " + s.split('"')[1] for s in sql if '"celery_deactivate_' in s]
+    table = re.compile(r"""["`](celery_deactivate_\w+)["`]""")
+    return [s.split()[0] + " " + found[1] for s in sql if (found := table.search(s))]
 
 
 def test_what_a_failure_costs_with_the_guard() -> None:
@@ -390,7 +392,30 @@ def test_during_an_outage_a_failure_costs_less_than_a_deactivation() -> None:
     sql = statements(lambda: apply(outage_tasks.guarded, table[5].pk))
 
     assert own(sql) == ["SELECT celery_deactivate_taskstate"]  # counted in memory
-    assert not any('"active"' in s for s in sql if s.startswith("UPDATE"))  # not the object's
+    assert not any(quoted("active") in s for s in sql if s.startswith("UPDATE"))  # not the object's
+
+
+def test_a_failure_is_counted_by_one_upsert_without_an_error_on_every_backend(
+    conf: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue #19: MySQL and MariaDB refused the upsert's conflict target (NotSupportedError): every
+    # failure logged an ERROR, even with the guard off, and no failure row was ever written.
+    first, second, third = feeds(3, "fail")
+    conf(deactivate_outage_objects=0)  # tasks.poll: the guard off, the notice window on
+    with caplog.at_level(logging.ERROR, logger="celery_deactivate"):
+        apply(outage_tasks.guarded, first.pk)  # its row written...
+        Feed.objects.filter(pk=first.pk).update(active=True, error=False)
+        apply(outage_tasks.guarded, first.pk)  # ...then updated in place
+        apply(tasks.poll, second.pk)  # notified at once
+        apply(tasks.poll, third.pk)  # its notice deferred to the digest: a row for it
+
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors and all(r.name == "celery.app.trace" for r in errors)  # Celery's, not ours
+    rows = TaskFailure.objects.filter(task=outage_tasks.guarded.name)
+    assert [row.object_pk for row in rows] == [str(first.pk)]
+    assert rows[0].error == "Boom: feed 0 is broken" and rows[0].deactivated_at is not None
+    pending = TaskFailure.objects.filter(task=tasks.poll.name, notice_pending=True)
+    assert [row.object_pk for row in pending] == [str(third.pk)]
 
 
 def test_the_tables_hold_the_shared_state() -> None:

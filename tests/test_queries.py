@@ -15,7 +15,7 @@ import pytest
 from celery import Celery
 from django.db import connection
 
-from tests.conftest import statements
+from tests.conftest import quoted, statements
 from tests.testapp import tasks
 from tests.testapp.models import Feed
 
@@ -84,7 +84,7 @@ def test_failure_path_adds_a_read_a_write_and_a_read_of_the_change(
     assert verbs(task[:1]) == ["SELECT"]
     assert verbs(task[1:-2]) == verbs(body)
     assert verbs(task[-2:]) == ["UPDATE", "SELECT"]
-    assert '"active"' in task[-2][task[-2].upper().index(" WHERE ") :]  # conditioned on it
+    assert quoted("active") in task[-2][task[-2].upper().index(" WHERE ") :]  # conditioned on it
     assert Feed.objects.get(pk=feed.pk).active is False
 
 
@@ -107,7 +107,7 @@ def test_failure_write_touches_only_its_own_columns(eager: Celery, no_guard: Non
     update = task[-2]
     set_clause = update[update.upper().index(" SET ") : update.upper().index(" WHERE ")]
     for column in ("title", "behaviour", "polls", "note"):
-        assert f'"{column}"' not in set_clause
+        assert quoted(column) not in set_clause
 
 
 def in_transaction(run: Callable[[], Any]) -> list[tuple[str, bool]]:

@@ -220,7 +220,7 @@ def test_a_filtering_base_manager_is_honoured() -> None:
     assert HiddenFeed.objects.count() == 0
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT active FROM {HiddenFeed._meta.db_table}")
-        assert cursor.fetchall() in ([(True,)], [(1,)])
+        assert [bool(active) for (active,) in cursor.fetchall()] == [True]  # a 1 on MySQL
 
 
 @pytest.mark.parametrize("receiver", [True, False], ids=["receiver", "no-receiver"])

@@ -16,6 +16,7 @@ from django.test.utils import CaptureQueriesContext
 
 from celery_deactivate.signals import object_deactivated
 from tests import sqlhook
+from tests.conftest import quoted
 from tests.testapp import tasks
 from tests.testapp.models import Entry, Feed
 
@@ -134,4 +135,4 @@ def test_the_admin_actions_statements_go_through_django_s_cursor(hooked: list[st
 
     assert Feed.objects.get(pk=feed.pk).active is False
     updates = [sql for sql in hooked if sql.startswith("UPDATE") and "testapp_feed" in sql]
-    assert updates and '"active"' in updates[0]
+    assert updates and quoted("active") in updates[0]

@@ -16,7 +16,7 @@ from celery import states
 from celery.result import ResultSet
 from django.db import connection, models, transaction
 
-from tests.conftest import wait_for
+from tests.conftest import quoted, wait_for
 from tests.testapp.models import Feed, KeyedFeed, ProxyFeed, SignalLog, SpecialFeed, UuidFeed
 
 from .worker import ROOT, Meeting, Worker
@@ -25,22 +25,48 @@ pytestmark = [pytest.mark.crash, pytest.mark.django_db(transaction=True)]
 
 TASKS = "tests.testapp.tasks."
 
-needs_postgresql = pytest.mark.skipif(
-    connection.vendor != "postgresql",
-    reason="row locks and server-side connection ends: PostgreSQL (the suite runs on SQLite)",
+needs_server = pytest.mark.skipif(
+    connection.vendor not in ("postgresql", "mysql"),
+    reason="row locks and server-side connection ends: a database server (the suite runs on "
+    "SQLite)",
 )
 
 
 def lock_waiters() -> int:
-    """Backends of this database waiting for a lock (polled from inside a transaction)."""
+    """Connections to this database waiting for a lock (polled from inside a transaction)."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_stat_clear_snapshot()")  # else cached for the transaction
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock'"
-        )
+        if connection.vendor == "mysql":
+            # UPDATEs in flight: with the row locked, waiting (MariaDB does not list a
+            # transaction that waits before its first write in information_schema.innodb_trx).
+            cursor.execute(
+                "SELECT count(*) FROM information_schema.processlist WHERE db = DATABASE() "
+                "AND id <> CONNECTION_ID() AND command = 'Query' AND info LIKE 'UPDATE %'"
+            )
+        else:
+            cursor.execute("SELECT pg_stat_clear_snapshot()")  # else cached for the transaction
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            )
         count: int = cursor.fetchone()[0]
         return count
+
+
+def end_other_connections() -> None:
+    """End every other connection to this database, as a server restart or failover does."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "mysql":
+            cursor.execute(
+                "SELECT id FROM information_schema.processlist "
+                "WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+            )
+            for (other,) in cursor.fetchall():
+                cursor.execute(f"KILL CONNECTION {int(other)}")
+        else:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
 
 
 # -- 4. two final failures arriving together, every model shape -------------------------------
@@ -54,7 +80,7 @@ SHAPES: dict[str, tuple[type[models.Model], str, dict[str, Any]]] = {
 }
 
 
-@needs_postgresql
+@needs_server
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_two_final_failures_arriving_together_deactivate_once(
     shared_worker: Worker, meeting: Meeting, shape: str
@@ -86,7 +112,7 @@ def test_two_final_failures_arriving_together_deactivate_once(
 # -- 5. the library's own statement fails ----------------------------------------------------
 
 
-@needs_postgresql
+@needs_server
 def test_a_dropped_connection_is_not_the_object_s_fault(meeting: Meeting) -> None:
     # A worker that keeps its connections between tasks (CELERY_DB_REUSE_MAX), as in production
     feed = Feed.objects.create(title="innocent")
@@ -95,11 +121,7 @@ def test_a_dropped_connection_is_not_the_object_s_fault(meeting: Meeting) -> Non
         wait_for(warm.ready)
         assert warm.state == states.SUCCESS
         # Given the server ends every other connection (a restart, a failover, an idle timeout)
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
+        end_other_connections()
 
         # When the next task's read before the body meets the dead connection
         failed = worker.send(TASKS + "poll", feed.pk)
@@ -190,5 +212,6 @@ def test_the_crash_handler_s_statements_go_through_django_s_cursor(meeting: Meet
         for process, _, sql in (line.partition("\t") for line in lines)
         if process == "MainProcess"
     ]
-    assert any(sql.startswith('UPDATE "testapp_feed" SET "active"') for sql in main), main
+    update = f"UPDATE {quoted('testapp_feed')} SET {quoted('active')}"
+    assert any(sql.startswith(update) for sql in main), main
     assert any(sql.startswith("SELECT") and "testapp_feed" in sql for sql in main), main

@@ -88,6 +88,17 @@ class UuidFeed(DeactivatableModel):
         return self.title
 
 
+class NarrowFeed(DeactivatableModel):
+    """On MySQL and MariaDB its ``error_message`` column is put in a 3-byte character set
+    (``utf8mb3``: no emoji) by the test that needs it (tests/test_databases.py)."""
+
+    title = models.CharField(max_length=100)
+    behaviour = models.CharField(max_length=20, default="ok")
+
+    def __str__(self) -> str:
+        return self.title
+
+
 class KeyedFeed(DeactivatableModel):
     """A string primary key."""
 

@@ -20,6 +20,7 @@ from .models import (
     Feed,
     HiddenFeed,
     KeyedFeed,
+    NarrowFeed,
     ProxyFeed,
     RecipeObject,
     Renamed,
@@ -90,6 +91,11 @@ def work(obj: Any) -> Any:
 @app.task(base=DeactivatingTask, model=Feed)
 def poll(pk: int) -> Any:
     return work(Feed.objects.get(pk=pk))
+
+
+@app.task(base=DeactivatingTask, model=NarrowFeed)
+def poll_narrow(pk: int) -> Any:
+    return work(NarrowFeed.objects.get(pk=pk))
 
 
 @app.task(base=DeactivatingTask, model=Feed, deactivate_after=3)

@@ -1,0 +1,177 @@
+"""What differs between the supported databases (issue #19, docs/versions.md): each test runs on
+the database of the run (``DATABASE_URL``: PostgreSQL, MySQL or MariaDB; SQLite without one),
+and those of one family only say so in their skip reason."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from io import StringIO
+
+import pytest
+from celery import states
+from django.apps import apps
+from django.core import checks
+from django.core.management import call_command
+from django.db import OperationalError, connection, transaction
+
+from celery_deactivate import _transaction
+from celery_deactivate.models import TaskFailure
+from tests.testapp import tasks
+from tests.testapp.models import Feed, NarrowFeed
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+needs_mysql = pytest.mark.skipif(
+    connection.vendor != "mysql", reason="a column's character set: MySQL and MariaDB"
+)
+
+# -- item 2: a 4-byte character in a 3-byte column ------------------------------------------------
+
+#: The text columns put in utf8mb3, as in a table created before utf8mb4 was MySQL's default.
+NARROWED = {
+    NarrowFeed._meta.db_table: {"error_message": "longtext"},
+    TaskFailure._meta.db_table: {
+        "error": "longtext",
+        "traceback": "longtext",
+        "object_repr": "varchar(200)",
+    },
+}
+
+
+def charsets(table: str) -> dict[str, tuple[str, str]]:
+    """``column -> (character set, collation)`` of ``table``'s text columns."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT column_name, character_set_name, collation_name "
+            "FROM information_schema.columns WHERE table_schema = DATABASE() "
+            "AND table_name = %s AND character_set_name IS NOT NULL",
+            [table],
+        )
+        return {name: (charset, collation) for name, charset, collation in cursor.fetchall()}
+
+
+def convert(table: str, columns: dict[str, str], charsets: dict[str, tuple[str, str]]) -> None:
+    changes = ", ".join(
+        f"MODIFY {connection.ops.quote_name(column)} {kind} "
+        f"CHARACTER SET {charsets[column][0]} COLLATE {charsets[column][1]} NOT NULL"
+        for column, kind in columns.items()
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {connection.ops.quote_name(table)} {changes}")
+
+
+@pytest.fixture
+def narrow_columns() -> Iterator[None]:
+    """``NarrowFeed.error_message`` and the failure table's texts in utf8mb3 for the test."""
+    before = {table: charsets(table) for table in NARROWED}
+    narrow = ("utf8mb3", "utf8mb3_general_ci")
+    try:
+        for table, columns in NARROWED.items():
+            convert(table, columns, dict.fromkeys(columns, narrow))
+            assert {charsets(table)[column][0] for column in columns} == {"utf8mb3"}
+        yield
+    finally:
+        for table, columns in NARROWED.items():
+            convert(table, columns, before[table])
+
+
+@needs_mysql
+def test_a_4_byte_character_is_stored_replaced_in_a_utf8mb3_column(narrow_columns: None) -> None:
+    # Given a failure whose text holds an emoji, on an object whose error column is utf8mb3
+    narrow = NarrowFeed.objects.create(title="feed \U0001f525", behaviour="fail")
+    wide = Feed.objects.create(title="feed \U0001f525", behaviour="fail")
+
+    result = tasks.poll_narrow.apply((narrow.pk,))
+    tasks.poll.apply((wide.pk,))
+
+    # Then Celery got the exception as it was
+    assert result.state == states.FAILURE
+    assert str(result.result) == "feed \U0001f525 is broken"
+    # And the failure is recorded, the emoji replaced where the column cannot hold it
+    narrow.refresh_from_db()
+    assert (narrow.active, narrow.error) == (False, True)
+    assert narrow.error_message == "Boom: feed \ufffd is broken"
+    failure = TaskFailure.objects.get(task=tasks.poll_narrow.name, object_pk=str(narrow.pk))
+    assert (failure.error, failure.object_repr) == ("Boom: feed \ufffd is broken", "feed \ufffd")
+    assert failure.traceback.endswith('raise Boom(f"{obj.title} is broken")')
+    # And kept where it can (Feed's utf8mb4 column)
+    wide.refresh_from_db()
+    assert (wide.active, wide.error_message) == (False, "Boom: feed \U0001f525 is broken")
+
+
+@needs_mysql
+def test_a_deactivation_by_hand_with_a_4_byte_character(narrow_columns: None) -> None:
+    narrow = NarrowFeed.objects.create(title="by hand")
+
+    assert narrow.deactivate("quota exceeded \U0001f4b8") is True
+
+    narrow.refresh_from_db()
+    assert (narrow.active, narrow.error_message) == (False, "quota exceeded \ufffd")
+
+
+# -- item 3: deactivate_crash_timeout bounds a lock wait ------------------------------------------
+
+needs_row_locks = pytest.mark.skipif(
+    connection.vendor not in ("postgresql", "mysql"),
+    reason="row locks held by another connection: PostgreSQL, MySQL, MariaDB",
+)
+
+
+@needs_row_locks
+def test_a_bounded_change_gives_up_on_a_locked_row_within_the_bound() -> None:
+    # Given the row locked by another connection (an operator's transaction, a stuck body)
+    feed = Feed.objects.create(title="locked elsewhere")
+    locker = connection.copy()
+    try:
+        with locker.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute(
+                f"SELECT id FROM {Feed._meta.db_table} WHERE id = %s FOR UPDATE", [feed.pk]
+            )
+            # When a change bounded to 1 s waits for it (the crash path's deactivate_crash_timeout)
+            started = time.monotonic()
+            bound = _transaction.bounded("default", 1.0)
+            with pytest.raises(OperationalError), transaction.atomic(), bound:
+                Feed.objects.filter(pk=feed.pk).update(active=False)
+            waited = time.monotonic() - started
+            cursor.execute("ROLLBACK")
+    finally:
+        locker.close()
+
+    # Then it gave up after about the bound (InnoDB's default lock wait is 50 s), the row as it was
+    assert 0.9 <= waited < 5.0, waited
+    assert Feed.objects.get(pk=feed.pk).active is True
+
+
+@needs_row_locks
+def test_the_bound_ends_with_the_change() -> None:
+    def lock_wait() -> object:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SHOW lock_timeout"
+                if connection.vendor == "postgresql"
+                else "SELECT @@SESSION.innodb_lock_wait_timeout"
+            )
+            return cursor.fetchone()[0]
+
+    before = lock_wait()
+    with transaction.atomic(), _transaction.bounded("default", 2.0):
+        assert lock_wait() in ("2s", 2)
+    assert lock_wait() == before != 2
+
+
+# -- item 4: the library's migrations and models are clean on every backend ------------------------
+
+
+def test_migrate_and_check_report_nothing_about_the_library() -> None:
+    # MariaDB and MySQL have no partial index: a conditional index was models.W037 on both.
+    library = [apps.get_app_config("celery_deactivate")]
+    assert checks.run_checks(app_configs=library, databases=["default"]) == []
+
+    out, err = StringIO(), StringIO()
+    call_command("migrate", "celery_deactivate", stdout=out, stderr=err, no_color=True)
+    assert "No migrations to apply" in out.getvalue()
+    assert err.getvalue() == ""  # no "System check identified some issues"
+    # and the migrations hold the models as they are
+    call_command("makemigrations", "celery_deactivate", check=True, dry_run=True, stdout=out)
