@@ -382,17 +382,17 @@ def main() -> int:
                 log(f"round {round_} {scenario.task}: {result['rate']:.0f}/s")
     finally:
         worker.stop()
-    fan = fanout_rounds(args.fanout_n, args.rounds)
     data: dict[str, Any] = {
         "rounds": args.rounds,
         "sizes": sizes,
         "concurrency": args.concurrency,
         "scenarios": results,
-        "fanout": fan,
         "servers": servers(),
     }
+    if args.fanout_n:  # --fanout-n 0: the per-task scenarios alone
+        data["fanout"] = fanout_rounds(args.fanout_n, args.rounds)
     broker = os.environ.get("BENCH_BROKER_URL", "")
-    if broker.startswith("redis://"):
+    if args.fanout_n and broker.startswith("redis://"):
         data["fanout_results"] = fanout_with_results(broker, args.fanout_n, args.rounds)
     if args.memory:
         data["memory"] = memory([100_000, 1_000_000])
