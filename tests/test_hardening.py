@@ -135,7 +135,9 @@ def test_megabytes_of_error_text_are_recorded_cut_and_mailed_short() -> None:
     assert feed.error_message.startswith("Boom: the upstream answered:\n<p>garbage</p>\n")
     assert len(feed.error_message) == services.ERROR_LENGTH
     assert feed.error_message.endswith("…")
-    failure = TaskFailure.objects.get(task=tasks.poll.name, object_pk=str(feed.pk))
+    # (the failure row is written after the object's change commits: waited for, not assumed)
+    rows = TaskFailure.objects.filter(task=tasks.poll.name, object_pk=str(feed.pk))
+    failure = wait_for(rows.first)
     assert failure.error == feed.error_message
     # And the mail holds the head of the error: 5.1 KB in all, measured (5.3 MB before)
     sent = wait_for(lambda: mail.outbox)
