@@ -21,6 +21,7 @@ django.setup()
 import celery_deactivate  # noqa: E402  (after django.setup())
 
 project = "celery-deactivate"
+copyright = "2026, the celery-deactivate authors"
 release = celery_deactivate.__version__
 version = release
 
