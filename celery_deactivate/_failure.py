@@ -10,12 +10,14 @@ trace, and from the worker's main process for a crash that killed the pool child
 2. **Judge.**  The task's state (:func:`celery_deactivate._guard.task_state`): during an outage
    no failure changes its object, except a cool-down probe's (the object stays deactivated, its
    cool-down doubled); the others are counted for the task only.
-3. **Change the object** (:func:`celery_deactivate.services.record_failure`): count the failure,
-   deactivate at ``deactivate_after``; the signal is sent in the transaction.
-4. **Account.**  A deactivation opens the notice window or waits for its digest
-   (:func:`celery_deactivate._notices.claim_window`); the failure is counted for the guard,
-   which may start an outage and re-activate this object at once
-   (:func:`celery_deactivate._guard.account`).
+3. **Change the object**, in one transaction with what the library keeps of the failure
+   (:func:`celery_deactivate.services.record_failure`): count the failure, deactivate at
+   ``deactivate_after``; the object's periodic tasks follow and the signal is sent.  In the same
+   transaction (:func:`_keep`), a deactivation opens the notice window or waits for its digest
+   (:func:`celery_deactivate._notices.claim_window`), and the failure is recorded on the task's
+   failure row: the change and its notice commit together, or not at all.
+4. **Account**, after the commit: the failure is counted for the guard, which may start an
+   outage and re-activate this object at once (:func:`celery_deactivate._guard.account`).
 5. **Notice**, after the change commits (:func:`celery_deactivate._notices.notify_deactivation`).
 
 Nothing here raises: an error is logged at ERROR and the task's exception reaches Celery
@@ -29,10 +31,12 @@ import logging
 from typing import Any
 
 from django.db import transaction
+from django.utils import timezone
 
-from . import _errors, _guard, _notices, services
+from . import _errors, _guard, _notices, _store, services
 from ._options import AnyTask, Options
 from ._store import Failure
+from ._transaction import bounded
 from .target import Target
 
 logger = logging.getLogger("celery_deactivate")
@@ -67,6 +71,7 @@ def record(
         using = services.db_for(target)
         cooldown = options.probes
         state = _guard.task_state(task, options, timeout)
+        failed, deferred = None, False
         if _guard.outage_open(options, state):
             assert state is not None
             outcome = services.record_probe_failure(
@@ -86,17 +91,20 @@ def record(
                 _guard.count_during_outage(task, options, state, timeout)
                 return None
         else:
-            outcome = services.record_failure(
-                target,
-                pk,
-                exc,
-                threshold=options.after,
-                sender=task,
-                task_id=task_id,
-                using=using,
-                timeout=timeout,
-                cooldown=cooldown,
-            )
+            # The change and the library's rows of it commit together; bounded on the crash path.
+            with transaction.atomic(using=using), bounded(using, timeout):
+                outcome = services.record_failure(
+                    target,
+                    pk,
+                    exc,
+                    threshold=options.after,
+                    sender=task,
+                    task_id=task_id,
+                    using=using,
+                    cooldown=cooldown,
+                )
+                failed = _failure_of(task, target, outcome, exc, task_id)
+                deferred = _keep(options, state, failed, deactivated=outcome.deactivated)
     except Exception as error:
         logger.error(
             "celery_deactivate: could not record the failure of %s[%s] on %s (%s): %s",
@@ -111,26 +119,11 @@ def record(
     _log(task, target, outcome, exc, task_id, identity, options.after)
     if outcome.probed:
         return outcome  # a probe's outcome: not a run of the task on a live object
-    failed = None
-    if outcome.instance is not None:
-        failed = Failure(task.name, target, outcome.instance, exc, task_id)
     notify = options.notify and failed is not None and outcome.deactivated
-    deferred = False
-    if state is not None:
-        if notify and options.digests:
-            assert failed is not None
-            deferred = not _notices.claim_window(failed, options, state, timeout)
+    if state is not None and options.guard_on:
         reactivated = _guard.account(
-            task,
-            options,
-            state,
-            failed,
-            deactivated=outcome.deactivated,
-            deferred=deferred,
-            timeout=timeout,
+            task, options, state, failed, deactivated=outcome.deactivated, timeout=timeout
         )
-        if reactivated is None:  # the guard's statements failed: the deferred notice with them
-            deferred = False
         notify = notify and not reactivated
     if notify and not deferred:
         assert failed is not None
@@ -138,6 +131,42 @@ def record(
             lambda: _notices.notify_deactivation(task, options, failed), using=using
         )
     return outcome
+
+
+def _failure_of(
+    task: AnyTask,
+    target: Target,
+    outcome: services.FailureOutcome,
+    exc: BaseException,
+    task_id: str | None,
+) -> Failure | None:
+    """The failure, when it changed a live object (counted or deactivated it)."""
+    if outcome.instance is None or outcome.probed:
+        return None
+    return Failure(task.name, target, outcome.instance, exc, task_id)
+
+
+def _keep(
+    options: Options, state: _store.State | None, failed: Failure | None, *, deactivated: bool
+) -> bool:
+    """The failure's rows in the library's tables, in the change's transaction: a deactivation's
+    notice opens the notice window or waits for its digest
+    (:func:`celery_deactivate._notices.claim_window`), and the failure is recorded on the task's
+    failure row (:func:`celery_deactivate._store.mark_failure`: the distinct objects, the
+    outage's victims, the pending digest).  Whether the notice waits for the digest.  (The
+    library's tables on a database of their own: their statements commit on their own.)"""
+    if state is None or failed is None:
+        return False
+    deferred = (
+        deactivated
+        and options.notify
+        and options.digests
+        and not _notices.claim_window(failed, options, state)
+    )
+    if options.guard_on or deferred:
+        now = timezone.now()
+        _store.mark_failure(failed, now, _store.db(), deactivated=deactivated, pending=deferred)
+    return deferred
 
 
 def _log(

@@ -35,9 +35,9 @@ Cost.  The success path runs no statement: runs and final failures are counted i
 :data:`FLUSH_EVERY` seconds after the last write (one ``UPDATE`` of the process's own row and a
 read of the task's state), and when the process exits in order; there is no background thread.
 A failure outside an outage adds a read of the task's state, the object's row in
-``TaskFailure``, the distinct objects counted up to the threshold (then the sums of the window),
-and after a deactivation a second read of the state; during an outage a failure costs a read,
-and nothing on the object (less than a deactivation).  The guard off
+``TaskFailure`` (in the change's transaction), the distinct objects counted up to the threshold
+(then the sums of the window), and after a deactivation a second read of the state; during an
+outage a failure costs a read, and nothing on the object (less than a deactivation).  The guard off
 (``deactivate_outage_objects=0``) and ``deactivate_notify_window=0`` add nothing at all.
 """
 
@@ -164,33 +164,25 @@ def account(
     failed: Failure | None,
     *,
     deactivated: bool,
-    deferred: bool,
     timeout: float | None,
 ) -> bool | None:
-    """After the failure changed the object (``failed``; ``None``: it changed nothing): record
-    it on the task's failure row (the distinct objects, the outage's victims, the notice
-    ``deferred`` to the digest), count it, and start an outage if the guard's conditions hold.
+    """After the failure's change committed (``failed``; ``None``: it changed nothing), with its
+    row of the task's failures (:func:`celery_deactivate._failure._keep`): count it, and start an
+    outage if the guard's conditions hold.
 
     Returns whether the object was re-activated at once (it was deactivated while an outage
-    started), or ``None`` if the guard's statements failed (logged at ERROR; a deferred notice
-    went with them).
+    started), or ``None`` if the guard's statements failed (logged at ERROR).
     """
     try:
         using = _store.db()
         with _store.unit(using, timeout):
-            now = timezone.now()
-            _record(
-                task.name, options, failed, now, using, deactivated=deactivated, deferred=deferred
-            )
-            if not options.guard_on:
-                return False
             if _store.pending.add(task, failed=failed is not None) or timeout:
                 # Written with the process's other counts (the crash path at once: its process
                 # runs no task); until then the guard judges them from memory (_store.sums).
                 _store.write_pending(task.name, options.window, using)
             if failed is None:
                 return False
-            opened = _trip(task, options, state, failed.exc, now, using)
+            opened = _trip(task, options, state, failed.exc, timezone.now(), using)
             if not deactivated or not (opened or outage_of(task) is not None):
                 return False
             # Deactivated while an outage started: one of its victims.  The process that opened
@@ -201,30 +193,6 @@ def account(
     except Exception as error:
         _broken(task, error, "count a failure")
         return None
-
-
-def _record(
-    name: str,
-    options: Options,
-    failed: Failure | None,
-    now: datetime,
-    using: str,
-    *,
-    deactivated: bool,
-    deferred: bool,
-) -> None:
-    """The failure on the task's failure row (the distinct objects, the outage's victims, the
-    notice ``deferred`` to the digest), and a notice window made due for a deferred notice."""
-    from .models import TaskState
-
-    if failed is not None and (options.guard_on or deferred):
-        _store.mark_failure(failed, now, using, deactivated=deactivated, pending=deferred)
-    if deferred:
-        # A window is open for the deferred notice, or one is made due now: whoever closed the
-        # window this failure saw open (maintain, another process) before the row above was
-        # written has not sent it; the next maintain run or failure will.
-        rows = TaskState.objects.using(using).filter(task=name, notify_until__isnull=True)
-        rows.update(notify_until=now)
 
 
 def _trip(

@@ -4,7 +4,8 @@ later ones of its notice window (``deactivate_notify_window``), delivered at lea
 The notice window is the ``notify_until`` of the task's state row: a deactivation that finds no
 window open claims one and is notified now (:func:`claim_window`); one that finds it open waits,
 its ``TaskFailure`` row marked pending, for the digest sent when the window ends
-(:func:`send_digest`, by the task's next failure or ``celery_deactivate.maintain``).  The
+(:func:`send_digest`, by the task's next failure or ``celery_deactivate.maintain``; one whose
+window closed before it committed, by ``maintain``: :func:`send_stranded`).  The
 pending rows are marked sent only once the notifier has taken the digest; a notifier that fails
 is tried again with a backoff (:func:`retry_delay`), and a deactivation notice it failed joins the
 next digest (:func:`defer_undelivered`).  Every notice goes out after the change commits.
@@ -36,32 +37,17 @@ def notify_on_commit(task: Any, options: Options, notice: notify.Notice, using: 
 # -- one deactivation ---------------------------------------------------------------------------
 
 
-def claim_window(
-    failed: Failure, options: Options, state: _store.State, timeout: float | None
-) -> bool:
+def claim_window(failed: Failure, options: Options, state: _store.State) -> bool:
     """Whether to notify this deactivation now: it is the first of a quiet period and opens a
-    notice window (or the window could not be read: logged at ERROR).  Otherwise it waits for
-    the digest of the window open."""
+    notice window.  Otherwise it waits for the digest of the window open.  In the change's
+    transaction (:mod:`celery_deactivate._failure`): the claim commits with the change."""
     from .models import TaskState
 
-    try:
-        using = _store.db()
-        with _store.unit(using, timeout):
-            if state.notify_until is None:
-                window = timedelta(seconds=options.notify_window)
-                rows = TaskState.objects.using(using).filter(task=failed.name)
-                if rows.filter(notify_until__isnull=True).update(
-                    notify_until=timezone.now() + window
-                ):
-                    return True
-    except Exception as error:
-        logger.error(
-            "celery_deactivate: %s could not open a notice window (%s); notified at once",
-            failed.name,
-            _errors.describe(error),
-            exc_info=error,
-        )
-        return True
+    if state.notify_until is None:
+        window = timedelta(seconds=options.notify_window)
+        rows = TaskState.objects.using(_store.db()).filter(task=failed.name)
+        if rows.filter(notify_until__isnull=True).update(notify_until=timezone.now() + window):
+            return True
     logger.info(
         "celery_deactivate: %s deactivated by %s[%s]: notice deferred to the digest of the "
         "notice window",
@@ -168,6 +154,23 @@ def send_digest(task: AnyTask, options: Options, until: datetime, using: str) ->
         until.isoformat(timespec="seconds"),
     )
     return retry_at
+
+
+def send_stranded(task: AnyTask, options: Options, using: str) -> datetime | None:
+    """Send the deferred notices no window holds: their deactivation saw a window open that
+    closed (its digest taken by another process) before the deactivation committed.  They are
+    made due now and sent as a digest (by ``celery_deactivate.maintain``); returns the end of the
+    window then open (``None``: there were none)."""
+    from .models import TaskFailure, TaskState
+
+    name = task.name
+    if not TaskFailure.objects.using(using).filter(task=name, notice_pending=True).exists():
+        return None
+    now = timezone.now()
+    quiet = TaskState.objects.using(using).filter(task=name, notify_until__isnull=True)
+    if not quiet.update(notify_until=now):
+        return None  # a window opened meanwhile: its digest takes them
+    return send_digest(task, options, now, using)
 
 
 #: Seconds before a notice the notifier could not deliver is tried again; doubled after each

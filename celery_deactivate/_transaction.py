@@ -71,6 +71,12 @@ def _session_bounded(connection: Any, seconds: float) -> Iterator[None]:
             cursor.execute(assign, before)
 
 
+#: Sent in a change's transaction, before the object's signal, to the library's own integrations
+#: that are part of the change (django-celery-beat: :func:`celery_deactivate.beat.follow`), not
+#: in a savepoint: an error rolls the change back.  Arguments: ``instance``, ``deactivated``.
+changing = Signal()
+
+
 class _ReceiversFailed(Exception):
     """Rolls back what the receivers of one signal wrote when one of them raised."""
 
@@ -80,8 +86,12 @@ class _ReceiversFailed(Exception):
 
 
 def send(signal: Signal, target: Target, sender: Any, instance: Model, **kwargs: Any) -> None:
-    """Send an object's ``signal`` synchronously, in the caller's transaction, like Django's
-    model signals (:func:`send_in_savepoint`)."""
+    """What follows an object's change, in its transaction: the object's periodic tasks follow
+    a deactivation or a re-activation (:data:`changing`: part of the change), then ``signal`` is
+    sent synchronously, like Django's model signals (:func:`send_in_savepoint`)."""
+    if signal is not signals.failure_counted:
+        deactivated = signal is signals.object_deactivated
+        changing.send(sender, instance=instance, deactivated=deactivated)
     using = instance._state.db or router.db_for_write(target.model)
     about = target.identity(instance.pk)
     send_in_savepoint(signal, sender, using, about, instance=instance, **kwargs)

@@ -8,10 +8,13 @@ rows were disabled is kept in :class:`~celery_deactivate.models.PausedSchedule`.
 told once per change (``PeriodicTasks.update_changed()``), not once per row: a running beat with
 the ``DatabaseScheduler`` picks the change up at its next tick.
 
-It runs as receivers of :data:`~celery_deactivate.signals.object_deactivated` and
-:data:`~celery_deactivate.signals.object_reactivated`, in the change's transaction: the rows
-change with the object, or not at all, when django-celery-beat's tables are on the model's write
-database (``router.db_for_write(PeriodicTask)`` decides where they are written).
+It is part of the change: :func:`follow` receives the library's internal ``changing`` signal,
+which the service functions send in the change's transaction right after the row changed (before
+:data:`~celery_deactivate.signals.object_deactivated` or
+:data:`~celery_deactivate.signals.object_reactivated`), without a savepoint: the rows change with
+the object or not at all (an error rolls the change back, and is logged), when
+django-celery-beat's tables are on the model's write database (``router.db_for_write(PeriodicTask)``
+decides where they are written).  When the object's task has no schedule, that is one ``SELECT``.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from django.apps import apps
 from django.db import router
 from django.db.models import Model, Q, QuerySet
 
-from . import signals
+from . import _transaction
 
 __all__ = ["connect", "task_names"]
 
-DISPATCH_UIDS = ("celery_deactivate.beat.pause", "celery_deactivate.beat.resume")
+DISPATCH_UID = "celery_deactivate.beat.follow"
 
 
 def installed() -> bool:
@@ -37,12 +40,17 @@ def installed() -> bool:
 
 
 def connect() -> None:
-    """Connect the receivers (``CeleryDeactivateConfig.ready()`` does, when beat is installed)."""
-    signals.object_deactivated.connect(pause, dispatch_uid=DISPATCH_UIDS[0])
-    signals.object_reactivated.connect(resume, dispatch_uid=DISPATCH_UIDS[1])
+    """Make the periodic tasks follow the objects' changes (``CeleryDeactivateConfig.ready()``
+    does, when django-celery-beat is installed)."""
+    _transaction.changing.connect(follow, dispatch_uid=DISPATCH_UID)
 
 
-def pause(sender: Any, instance: Model, **kwargs: Any) -> None:
+def follow(sender: Any, instance: Model, deactivated: bool, **kwargs: Any) -> None:
+    """The object's periodic tasks follow its deactivation or re-activation."""
+    (pause if deactivated else resume)(sender, instance)
+
+
+def pause(sender: Any, instance: Model) -> None:
     """Disable the enabled periodic tasks of ``instance`` and remember them."""
     from django_celery_beat.models import PeriodicTask, PeriodicTasks
 
@@ -63,7 +71,7 @@ def pause(sender: Any, instance: Model, **kwargs: Any) -> None:
     PeriodicTasks.update_changed()
 
 
-def resume(sender: Any, instance: Model, **kwargs: Any) -> None:
+def resume(sender: Any, instance: Model) -> None:
     """Re-enable the periodic tasks :func:`pause` disabled for ``instance``."""
     from django_celery_beat.models import PeriodicTask, PeriodicTasks
 

@@ -15,7 +15,6 @@ probed, and no probe is sent while the task's outage is open.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, cast
 
@@ -35,19 +34,15 @@ logger = logging.getLogger("celery_deactivate")
 BATCH_SIZE = 1000
 
 
-def probing_tasks(app: Any) -> Iterator[DeactivatingTask]:
-    """The deactivating tasks of ``app`` with cool-down probes on."""
-    for task in list(app.tasks.values()):
-        if isinstance(task, DeactivatingTask) and Options(task).probes is not None:
-            yield task
-
-
 def maintain(app: Any, *, now: Any = None, batch_size: int = BATCH_SIZE) -> int:
-    """Send the due probes of every probing task of ``app``; return how many were sent.  A task
-    whose probes cannot be sent is logged and does not stop the others."""
+    """Send the due probes of every deactivating task of ``app`` with cool-down probes on;
+    return how many were sent.  A task whose probes cannot be sent is logged and does not stop
+    the others."""
     now = now or timezone.now()
     sent = 0
-    for task in probing_tasks(app):
+    for task in list(app.tasks.values()):
+        if not isinstance(task, DeactivatingTask):
+            continue
         try:
             sent += send_due_probes(task, now=now, batch_size=batch_size)
         except Exception:

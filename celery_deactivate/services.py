@@ -63,7 +63,6 @@ def record_failure(
     sender: Any,
     task_id: str | None = None,
     using: str | None = None,
-    timeout: float | None = None,
     cooldown: tuple[float, float] | None = None,
 ) -> FailureOutcome:
     """Count one final failure of an active object, deactivating it at ``threshold``.
@@ -74,10 +73,12 @@ def record_failure(
     alone.  Sends :data:`~celery_deactivate.signals.object_deactivated` or
     :data:`~celery_deactivate.signals.failure_counted` when the row changed.
 
-    One transaction (a savepoint inside the caller's), whoever listens: the ``UPDATE``, the read
-    of the changed row (locked in between, so the read says whether this failure reached the
-    threshold), the signal (its receivers' writes commit or roll back with the change) and, with
-    cool-down probes, a probe's failure.  A ``timeout`` bounds it (the crash path).
+    One transaction, whoever listens: the caller's (the failure pipeline's, which writes the
+    failure's notice and the guard's row in it too), else its own.  In it the ``UPDATE``, the
+    read of the changed row (locked in between, so the read says whether this failure reached
+    the threshold), the signal (its receivers' writes commit or roll back with the change) and,
+    with cool-down probes, a probe's failure.  The caller bounds its transaction's waits (the
+    crash path: :func:`~celery_deactivate._transaction.bounded`).
 
     ``cooldown`` is ``(seconds, max_seconds)`` when cool-down probes are on: a deactivation
     schedules the first probe, and the failure of a probe (a deactivated object with a probe
@@ -85,7 +86,7 @@ def record_failure(
     """
     using = using or db_for(target)
     values = _failure_values(target, exc, threshold, cooldown[0] if cooldown else None)
-    with transaction.atomic(using=using), bounded(using, timeout):
+    with transaction.atomic(using=using, savepoint=False):
         instance = _change(target, pk, values, True, using)
         if instance is None:
             # With probes on, the update (a write even when it matched nothing) took the row's

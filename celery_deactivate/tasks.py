@@ -101,6 +101,8 @@ def maintain_guard(app: Any) -> dict[str, int]:
             if until is not None and until <= timezone.now():
                 opened = _notices.send_digest(task, options, until, using)
                 done["digests"] += int(opened is not None and opened != until)
+            elif until is None and options.digests:
+                done["digests"] += int(_notices.send_stranded(task, options, using) is not None)
             _prune(name, options, using)
         except Exception as error:
             logger.error(

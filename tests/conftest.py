@@ -150,21 +150,6 @@ def run_to_end(task: Any, calls: Sequence[tuple[Any, ...]], timeout: float = 60.
     return results
 
 
-@pytest.fixture
-def no_receiver() -> Iterator[None]:
-    """No receiver of ``object_deactivated`` (the django-celery-beat integration's taken away for
-    the test): failures are recorded without a transaction of their own."""
-    from celery_deactivate import beat
-    from celery_deactivate.signals import object_deactivated
-
-    connected = object_deactivated.disconnect(dispatch_uid=beat.DISPATCH_UIDS[0])
-    try:
-        yield
-    finally:
-        if connected:
-            beat.connect()
-
-
 #: Transaction control: not a statement of the task's (savepoints included).
 TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVEPOINT")
 

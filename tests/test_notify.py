@@ -21,15 +21,15 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from celery import Celery
-from celery.result import ResultSet
 from django.core import mail
 from django.db import transaction
 from django.utils import timezone
 
 from celery_deactivate import _errors, _guard, notify, services
 from celery_deactivate.models import TaskFailure, TaskState
+from celery_deactivate.signals import object_deactivated
 from celery_deactivate.tasks import maintain_guard
-from tests.conftest import wait_for
+from tests.conftest import run_to_end, wait_for
 from tests.testapp import outage_tasks, tasks
 from tests.testapp.models import Entry, Feed
 
@@ -41,8 +41,8 @@ def failing(count: int, prefix: str = "broken") -> list[Feed]:
 
 
 def run_all(task: Any, objects: list[Feed]) -> None:
-    results = ResultSet([task.delay(feed.pk) for feed in objects])
-    wait_for(results.ready, timeout=60)
+    """Run ``task`` on each object; return once each failure is recorded (``run_to_end``)."""
+    run_to_end(task, [(feed.pk,) for feed in objects])
 
 
 def pending(task: Any) -> int:
@@ -107,6 +107,37 @@ def test_first_at_once_the_rest_in_one_digest_naming_every_object(
     assert digest.body.count('raise Boom(f"{obj.title} is broken")') == 5  # traceback lines
     assert pending(outage_tasks.unguarded) == 0
     # and once only.
+    assert maintain_guard(celery_app)["digests"] == 0
+    assert len(mail.outbox) == 2
+
+
+def test_a_notice_deferred_to_a_window_that_closed_meanwhile_is_sent_by_maintain(
+    celery_app: Celery,
+) -> None:
+    # Given a notice window open (the first deactivation was mailed at once)
+    first, second = failing(2)
+    outage_tasks.unguarded.apply((first.pk,))
+    assert len(mail.outbox) == 1
+    state = TaskState.objects.filter(task=outage_tasks.unguarded.name)
+
+    def close_the_window(**kwargs: Any) -> None:
+        # as another process taking the window's digest before this deactivation commits
+        state.update(notify_until=None)
+
+    # When the next deactivation, deferred to that window, commits after it closed
+    object_deactivated.connect(close_the_window, weak=False, dispatch_uid="closer")
+    try:
+        outage_tasks.unguarded.apply((second.pk,))
+    finally:
+        object_deactivated.disconnect(dispatch_uid="closer")
+    assert pending(outage_tasks.unguarded) == 1
+    assert state.get().notify_until is None
+
+    # Then maintain sends it in a digest, once
+    assert maintain_guard(celery_app)["digests"] == 1
+    assert len(mail.outbox) == 2
+    assert f"testapp.Feed pk={second.pk} " in mail.outbox[1].body
+    assert pending(outage_tasks.unguarded) == 0
     assert maintain_guard(celery_app)["digests"] == 0
     assert len(mail.outbox) == 2
 

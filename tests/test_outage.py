@@ -375,7 +375,6 @@ def test_what_a_failure_costs_with_the_guard() -> None:
     assert own(sql[1]) == [
         "SELECT celery_deactivate_taskstate",
         "INSERT celery_deactivate_taskfailure",  # its notice waits for the digest
-        "UPDATE celery_deactivate_taskstate",  # a window is open for it (else made due)
         "SELECT celery_deactivate_taskfailure",
         "SELECT celery_deactivate_taskstate",
     ]

@@ -149,7 +149,7 @@ def test_a_multi_table_child_with_the_fields_in_its_own_table() -> None:
 @pytest.mark.parametrize("receiver", [True, False], ids=["in-a-transaction", "read-first"])
 @pytest.mark.parametrize("model", [Feed, SpecialFeed, ProxyFeed, HiddenFeed, TrackedArticle])
 def test_every_model_shape_is_deactivated_once_with_or_without_a_receiver(
-    model: Any, receiver: bool, no_receiver: None
+    model: Any, receiver: bool
 ) -> None:
     received: list[Any] = []
     if receiver:
@@ -225,7 +225,7 @@ def test_a_filtering_base_manager_is_honoured() -> None:
 
 @pytest.mark.parametrize("receiver", [True, False], ids=["receiver", "no-receiver"])
 def test_a_base_manager_hiding_inactive_rows_is_deactivated_with_or_without_a_receiver(
-    eager: Any, receiver: bool, no_receiver: None
+    eager: Any, receiver: bool
 ) -> None:
     # Given a model whose base manager hides inactive rows, with or without a receiver
     received: list[Any] = []

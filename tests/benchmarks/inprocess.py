@@ -117,7 +117,7 @@ class Tracing:
     ) -> tuple[float, float, float]:
         """Seconds of wall, CPU and server CPU of one pass over every row, reset before and
         checked after."""
-        self.worker_run.reset_rows(self.args.n)
+        self.worker_run.reset_rows(self.args.n, scenario)
         self.failures = 0
         if profile is not None:
             profile.enable()
