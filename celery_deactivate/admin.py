@@ -14,31 +14,27 @@ puts them together.  Neither registers anything::
     class FeedAdmin(DeactivatableAdmin):
         search_fields = ("title",)  # the error message is searched as well
 
-An object's state follows from the fields the task records (named by role, see
-``deactivate_fields``): *active*; *deactivated by error* (inactive, its error flag set: a failure
-did it); *deactivated by hand* (inactive without error: the admin, the command or
-``services.deactivate`` without an exception did it).  A model without an error field has only
-*active* and *deactivated*.
+Both show an object's state with the names of :mod:`celery_deactivate.states` (the command and
+the other operators' views use the same).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
-from django.db.models import Model, Q, QuerySet
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 from django.templatetags.static import static
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
-from django.utils.text import Truncator
+from django.utils.text import Truncator, capfirst
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext_lazy
 
 from . import _errors, services
+from .states import State, condition, detail, state_of, states
 from .target import Target
 
 if TYPE_CHECKING:
@@ -48,14 +44,7 @@ if TYPE_CHECKING:
 else:
     _ModelAdmin = admin.ModelAdmin
 
-__all__ = [
-    "DeactivatableAdmin",
-    "DeactivatableAdminMixin",
-    "DeactivationStateFilter",
-    "State",
-    "state_of",
-    "states",
-]
+__all__ = ["DeactivatableAdmin", "DeactivatableAdminMixin", "DeactivationStateFilter"]
 
 #: The mixin's actions, added to a ``ModelAdmin``'s own ``actions``.
 DEACTIVATION_ACTIONS = ("reactivate_selected", "deactivate_selected")
@@ -78,73 +67,22 @@ _DEACTIVATED = (
     ),
 )
 
-#: The states' keys (the filter's values in the URL: ``?deactivation=error``).
-ACTIVE, BY_ERROR, BY_HAND, DEACTIVATED = "active", "error", "hand", "deactivated"
-PROBING = "probing"
-
 #: Django's default ``list_display``: a class that keeps it gets the state columns.
 DJANGO_LIST_DISPLAY = ("__str__",)
 
-
-@dataclass(frozen=True)
-class State:
-    """One state an object can be in, as the admin shows and filters it.
-
-    ``key`` is the filter's URL value, ``icon`` one of the admin's own images
-    (``admin/img/...``), ``condition`` selects the objects in that state.
-    """
-
-    key: str
-    label: StrOrPromise
-    icon: str
-    condition: Q
-
-
-@lru_cache(maxsize=256)
-def states(target: Target) -> tuple[State, ...]:
-    """The states of the target's objects, in the order the filter lists them."""
-    active = Q(**{target.active: True})
-    inactive = Q(**{target.active: False})
-    if target.error is None:
-        return (
-            State(ACTIVE, _("Active"), "icon-yes.svg", active),
-            State(DEACTIVATED, _("Deactivated"), "icon-no.svg", inactive),
-        )
-    by_error = inactive & Q(**{target.error: True})
-    by_hand = inactive & Q(**{target.error: False})
-    if not target.probes:
-        return (
-            State(ACTIVE, _("Active"), "icon-yes.svg", active),
-            State(BY_ERROR, _("Deactivated by error"), "icon-no.svg", by_error),
-            State(BY_HAND, _("Deactivated by hand"), "icon-alert.svg", by_hand),
-        )
-    # Deactivated by a failure, with a cool-down probe scheduled or out: on its way back.
-    probing = inactive & target.probe_pending()
-    return (
-        State(ACTIVE, _("Active"), "icon-yes.svg", active),
-        State(PROBING, _("Probing (cool-down)"), "icon-clock.svg", probing),
-        State(BY_ERROR, _("Deactivated by error"), "icon-no.svg", by_error & ~probing),
-        State(BY_HAND, _("Deactivated by hand"), "icon-alert.svg", by_hand & ~probing),
-    )
-
-
-def state_of(target: Target, obj: Model) -> State:
-    """The state of one object, read from its fields (the rules of :func:`states`)."""
-    if getattr(obj, target.active):
-        key = ACTIVE
-    elif target.error is None:
-        key = DEACTIVATED
-    elif target.probes and (
-        getattr(obj, str(target.next_probe_at)) or getattr(obj, str(target.probing_since))
-    ):
-        key = PROBING
-    else:
-        key = BY_ERROR if getattr(obj, target.error) else BY_HAND
-    return next(state for state in states(target) if state.key == key)
+#: Each state's icon, one of the admin's own images (``admin/img/...``).
+ICONS = {
+    State.ACTIVE: "icon-yes.svg",
+    State.BY_ERROR: "icon-no.svg",
+    State.BY_HAND: "icon-alert.svg",
+    State.DEACTIVATED: "icon-no.svg",
+    State.PROBING: "icon-clock.svg",
+}
 
 
 class DeactivationStateFilter(admin.SimpleListFilter):
-    """The changelist's filter by state: active, deactivated by error, deactivated by hand.
+    """The changelist's filter by state (:func:`celery_deactivate.states.states`): active,
+    deactivated by error, deactivated by hand, probing.
 
     Works on a ``ModelAdmin`` with :class:`DeactivatableAdminMixin` (its ``deactivate_fields``),
     and on any other for a model with the default field names.
@@ -160,17 +98,17 @@ class DeactivationStateFilter(admin.SimpleListFilter):
         model: type[Model],
         model_admin: admin.ModelAdmin[Any],
     ) -> None:
-        self._states = {state.key: state for state in states(_target_of(model_admin))}
+        self._target = _target_of(model_admin)
         super().__init__(request, params, model, model_admin)
 
     def lookups(
         self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]
     ) -> list[tuple[str, StrOrPromise]]:
-        return [(state.key, state.label) for state in self._states.values()]
+        return [(state.value, capfirst(state.label)) for state in states(self._target)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
-        state = self._states.get(self.value() or "")
-        return queryset if state is None else queryset.filter(state.condition)
+        chosen = [state for state in states(self._target) if state.value == self.value()]
+        return queryset.filter(condition(self._target, chosen[0])) if chosen else queryset
 
 
 def _target_of(model_admin: admin.ModelAdmin[Any]) -> Target:
@@ -180,7 +118,8 @@ def _target_of(model_admin: admin.ModelAdmin[Any]) -> Target:
 
 
 class DeactivatableAdminMixin(_ModelAdmin):
-    """Mix into a ``ModelAdmin``: actions to take the selected objects out of scheduling and back.
+    """Mix into a ``ModelAdmin``: the state at a glance, and actions to take the selected objects
+    out of scheduling and back.
 
     "Re-activate selected" and "Deactivate selected" go through :func:`services.reactivate
     <celery_deactivate.services.reactivate>` and :func:`services.deactivate
@@ -274,11 +213,14 @@ class DeactivatableAdminMixin(_ModelAdmin):
     def deactivation_state(self, obj: Model) -> SafeString:
         """The object's state: one of the admin's icons and the state's name (on one line, with
         the admin's own ``nowrap`` class)."""
-        state = state_of(self.deactivation_target, obj)
+        target = self.deactivation_target
+        state = state_of(target, obj)
+        extra = detail(target, obj)
         return format_html(
-            '<span class="nowrap"><img src="{}" alt="" width="13" height="13"> {}</span>',
-            static(f"admin/img/{state.icon}"),
-            state.label,
+            '<span class="nowrap"><img src="{}" alt="" width="13" height="13"> {}{}</span>',
+            static(f"admin/img/{ICONS[state]}"),
+            capfirst(state.label),
+            f" ({extra})" if extra else "",
         )
 
     @admin.display(description=_("error"))
