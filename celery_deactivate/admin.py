@@ -15,7 +15,9 @@ puts them together.  Neither registers anything::
         search_fields = ("title",)  # the error message is searched as well
 
 Both show an object's state with the names of :mod:`celery_deactivate.states` (the command and
-the other operators' views use the same).
+the other operators' views use the same), and keep the library's fields read-only in the change
+form (the state changes only through the actions, which go through the services and send the
+signals; ``celery_deactivate.E005`` reports one in ``list_editable``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
+from django.core import checks
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 from django.templatetags.static import static
@@ -129,6 +132,11 @@ class DeactivatableAdminMixin(_ModelAdmin):
     ``actions`` (and Django's site-wide actions such as "Delete selected" stay); ``actions = None``
     still turns every action off.
 
+    The library's fields (every role of :data:`~celery_deactivate.target.ROLES` the model has)
+    are read-only in the change form, besides the class's own ``readonly_fields``: ticking
+    ``active`` there would skip the services (no signal, no beat rows re-enabled).  One of them
+    in ``list_editable`` is the system check error ``celery_deactivate.E005``.
+
     The columns ``deactivation_state`` (an icon and the state's name) and
     ``deactivation_message`` (the error's first line, shortened; its head on hover) and
     the :class:`DeactivationStateFilter` can be named in ``list_display`` / ``list_filter``.
@@ -159,6 +167,32 @@ class DeactivatableAdminMixin(_ModelAdmin):
     def deactivation_target(self) -> Target:
         """The model and its deactivation fields by role (after ``deactivate_fields``)."""
         return services.target_for(self.model, self.deactivate_fields)
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: Model | None = None
+    ) -> tuple[str, ...]:
+        """The class's ``readonly_fields``, the library's fields and the ``deactivation_state``."""
+        fields = tuple(super().get_readonly_fields(request, obj))
+        ours = ("deactivation_state", *self.deactivation_target.recorded())
+        return fields + tuple(name for name in ours if name not in fields)
+
+    def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
+        """Django's checks of the class, and ``celery_deactivate.E005`` for a field of the library
+        in ``list_editable`` (the changelist would write it, skipping the services)."""
+        errors = list(super().check(**kwargs))
+        ours = set(self.deactivation_target.recorded())
+        errors += [
+            checks.Error(
+                f"{type(self).__qualname__}.list_editable names {name!r}, a field "
+                f"celery-deactivate records on {self.model._meta.label}",
+                hint="Remove it: the state changes through the actions, which send the signals.",
+                obj=type(self),
+                id="celery_deactivate.E005",
+            )
+            for name in self.list_editable
+            if name in ours
+        ]
+        return errors
 
     # ---- actions -------------------------------------------------------------------------------
 
@@ -237,14 +271,14 @@ class DeactivatableAdminMixin(_ModelAdmin):
 
 
 class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
-    """A ready ``ModelAdmin`` for a deactivatable model (register it yourself).
+    """A ready ``ModelAdmin`` for a deactivatable model (register it yourself): the mixin (its
+    actions and read-only fields) and the list defaults.
 
     Unless the class sets them: the changelist shows the object, its state, when it was
     deactivated and its error (``list_display``) and filters by state (``list_filter``).  Always:
-    the error message is searched besides ``search_fields``, and the library's fields are
-    read-only, so that the state changes only through the actions, which send the signals; the
-    change page shows them, the full error included, in a "Deactivation" section (unless the class
-    sets ``fieldsets``).
+    the error message is searched besides ``search_fields``; the change page shows the library's
+    fields, the full error included, in a "Deactivation" section (unless the class sets
+    ``fieldsets``).
     """
 
     list_filter = (DeactivationStateFilter,)
@@ -268,14 +302,6 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
         if message and not any(_field_of(lookup) == message for lookup in fields):
             fields += (message,)
         return fields
-
-    def get_readonly_fields(
-        self, request: HttpRequest, obj: Model | None = None
-    ) -> tuple[str, ...]:
-        """The class's ``readonly_fields``, the library's fields and the ``deactivation_state``."""
-        fields = tuple(super().get_readonly_fields(request, obj))
-        ours = ("deactivation_state", *self.deactivation_target.recorded())
-        return fields + tuple(name for name in ours if name not in fields)
 
     def get_fieldsets(
         self, request: HttpRequest, obj: Model | None = None
