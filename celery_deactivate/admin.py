@@ -17,7 +17,8 @@ puts them together.  Neither registers anything::
 Both show an object's state with the names of :mod:`celery_deactivate.states` (the command and
 the other operators' views use the same), and keep the library's fields read-only in the change
 form (the state changes only through the actions, which go through the services and send the
-signals; ``celery_deactivate.E005`` reports one in ``list_editable``).
+signals; ``celery_deactivate.E005`` reports one in ``list_editable``), and record each change
+an action makes in the admin's history (``LogEntry``, as "Delete selected" does).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from django.templatetags.static import static
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.text import Truncator, capfirst
+from django.utils.translation import gettext, ngettext_lazy
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext_lazy
 
 from . import _errors, services
 from .states import State, condition, detail, state_of, states
@@ -130,7 +131,8 @@ class DeactivatableAdminMixin(_ModelAdmin):
     send the same signals as the task.  They need the model's *change* permission: a user who may
     only view the model neither sees them nor can run them.  They are added to the class's own
     ``actions`` (and Django's site-wide actions such as "Delete selected" stay); ``actions = None``
-    still turns every action off.
+    still turns every action off.  Each object an action changes gets an entry in the admin's
+    history (``LogEntry``, through ``log_change()``): who, when and what.
 
     The library's fields (every role of :data:`~celery_deactivate.target.ROLES` the model has)
     are read-only in the change form, besides the class's own ``readonly_fields``: ticking
@@ -221,18 +223,22 @@ class DeactivatableAdminMixin(_ModelAdmin):
         done: StrOrPromise,
         left: StrOrPromise,
     ) -> None:
-        """Apply a service function to each selected object, and say how many it changed.
+        """Apply a service function to each selected object, log each change in the admin's
+        history, and say how many it changed.
 
         What changed is reported at SUCCESS; what was left alone at INFO beside it, at WARNING
         when nothing changed.  ``done`` and ``left`` are plural forms (``ngettext_lazy`` on
         ``"count"``) with ``%(name)s`` / ``%(names)s`` for the model's verbose names.
         """
+        target = self.deactivation_target
         changed = unchanged = 0
-        for pk in list(queryset.values_list("pk", flat=True)):
-            if change(self.model, pk, fields=self.deactivate_fields) is None:
+        for pk, was_active in list(queryset.values_list("pk", target.active)):
+            instance = change(self.model, pk, fields=self.deactivate_fields)
+            if instance is None:
                 unchanged += 1
-            else:
-                changed += 1
+                continue
+            changed += 1
+            self.log_change(request, instance, _history(target, instance, was_active))
         opts = self.model._meta
         names = {"name": opts.verbose_name, "names": opts.verbose_name_plural}
         if changed:
@@ -272,7 +278,7 @@ class DeactivatableAdminMixin(_ModelAdmin):
 
 class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
     """A ready ``ModelAdmin`` for a deactivatable model (register it yourself): the mixin (its
-    actions and read-only fields) and the list defaults.
+    actions, history entries and read-only fields) and the list defaults.
 
     Unless the class sets them: the changelist shows the object, its state, when it was
     deactivated and its error (``list_display``) and filters by state (``list_filter``).  Always:
@@ -321,6 +327,17 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
             *([target.error_message] if target.error_message else []),
         )
         return ((None, own), (_("Deactivation"), {"fields": shown}))
+
+
+def _history(target: Target, instance: Model, was_active: bool) -> str:
+    """What an action did to one object, for its history: "Re-activated.", "Deactivated by
+    hand.", or, for an object a failure had deactivated, its probes turned off."""
+    state = state_of(target, instance)
+    if state is State.ACTIVE:
+        return gettext("Re-activated.")
+    if was_active:
+        return f"{capfirst(state.label)}."
+    return gettext("Cool-down probes turned off; still %(state)s.") % {"state": state.label}
 
 
 def _flat(fields: Sequence[Any]) -> list[str]:
