@@ -30,7 +30,7 @@ from typing import Any
 
 from django.db import transaction
 
-from . import _errors, _guard, _notices, services
+from . import _errors, _guard, _metrics, _notices, services
 from ._options import AnyTask, Options
 from ._store import Failure
 from .target import Target
@@ -109,6 +109,7 @@ def record(
         )
         return None
     _log(task, target, outcome, exc, task_id, identity, options.after)
+    _metrics.failure(task.name, target.label, outcome)
     if outcome.probed:
         return outcome  # a probe's outcome: not a run of the task on a live object
     failed = None

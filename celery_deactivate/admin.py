@@ -38,7 +38,7 @@ from django.utils.translation import gettext, ngettext_lazy
 from django.utils.translation import gettext_lazy as _
 
 from . import _errors, services
-from .states import State, condition, detail, state_of, states
+from .states import Cause, State, condition, detail, state_of, states
 from .target import Target
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ class DeactivatableAdminMixin(_ModelAdmin):
         target = self.deactivation_target
         changed = unchanged = 0
         for pk, was_active in list(queryset.values_list("pk", target.active)):
-            instance = change(self.model, pk, fields=self.deactivate_fields)
+            instance = change(self.model, pk, fields=self.deactivate_fields, cause=Cause.ADMIN)
             if instance is None:
                 unchanged += 1
                 continue

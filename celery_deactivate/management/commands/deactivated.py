@@ -40,6 +40,7 @@ from ... import services
 from ...checks import deactivating_tasks
 from ...exceptions import DeactivateError
 from ...notify import one_line
+from ...states import Cause
 from ...target import Target
 from ._deactivated import (
     COLUMNS,
@@ -245,7 +246,10 @@ class Command(BaseCommand):
         unchanged = []
         with self.progress(len(todo), enabled=not options["json"]) as advance:
             for pk in todo:
-                if services.reactivate(target.model, pk, fields=fields, using=using) is None:
+                reactivated = services.reactivate(
+                    target.model, pk, fields=fields, using=using, cause=Cause.COMMAND
+                )
+                if reactivated is None:
                     unchanged.append(pk)
                 else:
                     done.append(pk)
