@@ -29,7 +29,7 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMet
 from celery_deactivate import probes
 from celery_deactivate.signals import object_reactivated
 from celery_deactivate.tasks import maintain_guard
-from tests.conftest import wait_for
+from tests.conftest import run_to_end, wait_for
 from tests.testapp import outage_tasks, tasks
 from tests.testapp.models import Feed
 
@@ -209,10 +209,11 @@ def test_a_notice_the_notifier_failed_on(
 def test_counted_in_a_real_worker(counts: Counts) -> None:
     feed = Feed.objects.create(title="broken", behaviour="fail")
 
-    tasks.poll.delay(feed.pk)
+    run_to_end(tasks.poll, [(feed.pk,)])  # the failure recorded, its notice sent
 
-    wait_for(lambda: counts("deactivations", task=tasks.poll.name, cause="failure") == 1)
+    assert counts("deactivations", task=tasks.poll.name, model=FEED, cause="failure") == 1
     assert counts("failures", task=tasks.poll.name, model=FEED) == 1
+    wait_for(lambda: counts("notices.sent", task=tasks.poll.name) == 1)
 
 
 @pytest.mark.parametrize(
