@@ -33,7 +33,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from . import _errors, _guard, _notices, _store, services
+from . import _errors, _guard, _metrics, _notices, _store, services
 from ._options import AnyTask, Options
 from ._store import Failure
 from ._transaction import bounded
@@ -117,6 +117,7 @@ def record(
         )
         return None
     _log(task, target, outcome, exc, task_id, identity, options.after)
+    _metrics.failure(task.name, target.label, outcome)
     if outcome.probed:
         return outcome  # a probe's outcome: not a run of the task on a live object
     notify = options.notify and failed is not None and outcome.deactivated

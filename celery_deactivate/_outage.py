@@ -13,8 +13,9 @@ from django.db import transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import _errors, _notices, _store, _transaction, notify, services, signals
+from . import _errors, _metrics, _notices, _store, _transaction, notify, services, signals
 from ._options import AnyTask, Options
+from .states import Cause
 
 if TYPE_CHECKING:
     from .target import Target
@@ -73,6 +74,7 @@ def start_outage(
         len(reactivated),
         error,
     )
+    _metrics.add("celery_deactivate.outages.started", task=name, model=target.label)
     if options.notify:
         notice = notify.outage_started_notice(
             name,
@@ -116,6 +118,7 @@ def end_if_over(task: AnyTask, options: Options, started: datetime, using: str) 
         options.window,
         options.rate * 100,
     )
+    _metrics.add("celery_deactivate.outages.ended", task=name, model=task.target.label)
     if options.notify:
         notice = notify.outage_ended_notice(
             name, started_at=started, ended_at=now, counts=totals, window=options.window
@@ -165,7 +168,9 @@ def reactivate_victims(
                     task.name,
                 )
                 continue
-            instance = services.reactivate(model, pk, fields=fields, using=model_db)
+            instance = services.reactivate(
+                model, pk, fields=fields, using=model_db, cause=Cause.OUTAGE
+            )
             if instance is None:
                 continue
             logger.warning(

@@ -37,7 +37,7 @@ from celery._state import (  # type: ignore[attr-defined]  # not in celery-types
 from celery.exceptions import Ignore, Reject, Retry
 from django.db import DatabaseError, connections, router, transaction
 
-from . import _errors, _guard, _reads, services
+from . import _errors, _guard, _metrics, _reads, services
 from ._options import AnyTask, Options
 from .target import State, Target
 
@@ -244,6 +244,7 @@ def _after_success(
                 target.identity(pk),
                 task.name,
             )
+            _metrics.probe_succeeded(task.name, target.label)
     except Exception as exc:
         logger.error(
             "celery_deactivate: %s succeeded on %s but its state could not be updated (%s)",

@@ -14,31 +14,31 @@ puts them together.  Neither registers anything::
     class FeedAdmin(DeactivatableAdmin):
         search_fields = ("title",)  # the error message is searched as well
 
-An object's state follows from the fields the task records (named by role, see
-``deactivate_fields``): *active*; *deactivated by error* (inactive, its error flag set: a failure
-did it); *deactivated by hand* (inactive without error: the admin, the command or
-``services.deactivate`` without an exception did it).  A model without an error field has only
-*active* and *deactivated*.
+Both show an object's state with the names of :mod:`celery_deactivate.states` (the command and
+the other operators' views use the same), and keep the library's fields read-only in the change
+form (the state changes only through the actions, which go through the services and send the
+signals; ``celery_deactivate.E005`` reports one in ``list_editable``), and record each change
+an action makes in the admin's history (``LogEntry``, as "Delete selected" does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
-from django.db.models import Model, Q, QuerySet
+from django.core import checks
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 from django.templatetags.static import static
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
-from django.utils.text import Truncator
+from django.utils.text import Truncator, capfirst
+from django.utils.translation import gettext, ngettext_lazy
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext_lazy
 
 from . import _errors, services
+from .states import Cause, State, condition, detail, state_of, states
 from .target import Target
 
 if TYPE_CHECKING:
@@ -48,14 +48,7 @@ if TYPE_CHECKING:
 else:
     _ModelAdmin = admin.ModelAdmin
 
-__all__ = [
-    "DeactivatableAdmin",
-    "DeactivatableAdminMixin",
-    "DeactivationStateFilter",
-    "State",
-    "state_of",
-    "states",
-]
+__all__ = ["DeactivatableAdmin", "DeactivatableAdminMixin", "DeactivationStateFilter"]
 
 #: The mixin's actions, added to a ``ModelAdmin``'s own ``actions``.
 DEACTIVATION_ACTIONS = ("reactivate_selected", "deactivate_selected")
@@ -78,73 +71,22 @@ _DEACTIVATED = (
     ),
 )
 
-#: The states' keys (the filter's values in the URL: ``?deactivation=error``).
-ACTIVE, BY_ERROR, BY_HAND, DEACTIVATED = "active", "error", "hand", "deactivated"
-PROBING = "probing"
-
 #: Django's default ``list_display``: a class that keeps it gets the state columns.
 DJANGO_LIST_DISPLAY = ("__str__",)
 
-
-@dataclass(frozen=True)
-class State:
-    """One state an object can be in, as the admin shows and filters it.
-
-    ``key`` is the filter's URL value, ``icon`` one of the admin's own images
-    (``admin/img/...``), ``condition`` selects the objects in that state.
-    """
-
-    key: str
-    label: StrOrPromise
-    icon: str
-    condition: Q
-
-
-@lru_cache(maxsize=256)
-def states(target: Target) -> tuple[State, ...]:
-    """The states of the target's objects, in the order the filter lists them."""
-    active = Q(**{target.active: True})
-    inactive = Q(**{target.active: False})
-    if target.error is None:
-        return (
-            State(ACTIVE, _("Active"), "icon-yes.svg", active),
-            State(DEACTIVATED, _("Deactivated"), "icon-no.svg", inactive),
-        )
-    by_error = inactive & Q(**{target.error: True})
-    by_hand = inactive & Q(**{target.error: False})
-    if not target.probes:
-        return (
-            State(ACTIVE, _("Active"), "icon-yes.svg", active),
-            State(BY_ERROR, _("Deactivated by error"), "icon-no.svg", by_error),
-            State(BY_HAND, _("Deactivated by hand"), "icon-alert.svg", by_hand),
-        )
-    # Deactivated by a failure, with a cool-down probe scheduled or out: on its way back.
-    probing = inactive & target.probe_pending()
-    return (
-        State(ACTIVE, _("Active"), "icon-yes.svg", active),
-        State(PROBING, _("Probing (cool-down)"), "icon-clock.svg", probing),
-        State(BY_ERROR, _("Deactivated by error"), "icon-no.svg", by_error & ~probing),
-        State(BY_HAND, _("Deactivated by hand"), "icon-alert.svg", by_hand & ~probing),
-    )
-
-
-def state_of(target: Target, obj: Model) -> State:
-    """The state of one object, read from its fields (the rules of :func:`states`)."""
-    if getattr(obj, target.active):
-        key = ACTIVE
-    elif target.error is None:
-        key = DEACTIVATED
-    elif target.probes and (
-        getattr(obj, str(target.next_probe_at)) or getattr(obj, str(target.probing_since))
-    ):
-        key = PROBING
-    else:
-        key = BY_ERROR if getattr(obj, target.error) else BY_HAND
-    return next(state for state in states(target) if state.key == key)
+#: Each state's icon, one of the admin's own images (``admin/img/...``).
+ICONS = {
+    State.ACTIVE: "icon-yes.svg",
+    State.BY_ERROR: "icon-no.svg",
+    State.BY_HAND: "icon-alert.svg",
+    State.DEACTIVATED: "icon-no.svg",
+    State.PROBING: "icon-clock.svg",
+}
 
 
 class DeactivationStateFilter(admin.SimpleListFilter):
-    """The changelist's filter by state: active, deactivated by error, deactivated by hand.
+    """The changelist's filter by state (:func:`celery_deactivate.states.states`): active,
+    deactivated by error, deactivated by hand, probing.
 
     Works on a ``ModelAdmin`` with :class:`DeactivatableAdminMixin` (its ``deactivate_fields``),
     and on any other for a model with the default field names.
@@ -160,17 +102,17 @@ class DeactivationStateFilter(admin.SimpleListFilter):
         model: type[Model],
         model_admin: admin.ModelAdmin[Any],
     ) -> None:
-        self._states = {state.key: state for state in states(_target_of(model_admin))}
+        self._target = _target_of(model_admin)
         super().__init__(request, params, model, model_admin)
 
     def lookups(
         self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]
     ) -> list[tuple[str, StrOrPromise]]:
-        return [(state.key, state.label) for state in self._states.values()]
+        return [(state.value, capfirst(state.label)) for state in states(self._target)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
-        state = self._states.get(self.value() or "")
-        return queryset if state is None else queryset.filter(state.condition)
+        chosen = [state for state in states(self._target) if state.value == self.value()]
+        return queryset.filter(condition(self._target, chosen[0])) if chosen else queryset
 
 
 def _target_of(model_admin: admin.ModelAdmin[Any]) -> Target:
@@ -180,7 +122,8 @@ def _target_of(model_admin: admin.ModelAdmin[Any]) -> Target:
 
 
 class DeactivatableAdminMixin(_ModelAdmin):
-    """Mix into a ``ModelAdmin``: actions to take the selected objects out of scheduling and back.
+    """Mix into a ``ModelAdmin``: the state at a glance, and actions to take the selected objects
+    out of scheduling and back.
 
     "Re-activate selected" and "Deactivate selected" go through :func:`services.reactivate
     <celery_deactivate.services.reactivate>` and :func:`services.deactivate
@@ -188,7 +131,13 @@ class DeactivatableAdminMixin(_ModelAdmin):
     send the same signals as the task.  They need the model's *change* permission: a user who may
     only view the model neither sees them nor can run them.  They are added to the class's own
     ``actions`` (and Django's site-wide actions such as "Delete selected" stay); ``actions = None``
-    still turns every action off.
+    still turns every action off.  Each object an action changes gets an entry in the admin's
+    history (``LogEntry``, through ``log_change()``): who, when and what.
+
+    The library's fields (every role of :data:`~celery_deactivate.target.ROLES` the model has)
+    are read-only in the change form, besides the class's own ``readonly_fields``: ticking
+    ``active`` there would skip the services (no signal, no beat rows re-enabled).  One of them
+    in ``list_editable`` is the system check error ``celery_deactivate.E005``.
 
     The columns ``deactivation_state`` (an icon and the state's name) and
     ``deactivation_message`` (the error's first line, shortened; its head on hover) and
@@ -221,6 +170,32 @@ class DeactivatableAdminMixin(_ModelAdmin):
         """The model and its deactivation fields by role (after ``deactivate_fields``)."""
         return services.target_for(self.model, self.deactivate_fields)
 
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: Model | None = None
+    ) -> tuple[str, ...]:
+        """The class's ``readonly_fields``, the library's fields and the ``deactivation_state``."""
+        fields = tuple(super().get_readonly_fields(request, obj))
+        ours = ("deactivation_state", *self.deactivation_target.recorded())
+        return fields + tuple(name for name in ours if name not in fields)
+
+    def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
+        """Django's checks of the class, and ``celery_deactivate.E005`` for a field of the library
+        in ``list_editable`` (the changelist would write it, skipping the services)."""
+        errors = list(super().check(**kwargs))
+        ours = set(self.deactivation_target.recorded())
+        errors += [
+            checks.Error(
+                f"{type(self).__qualname__}.list_editable names {name!r}, a field "
+                f"celery-deactivate records on {self.model._meta.label}",
+                hint="Remove it: the state changes through the actions, which send the signals.",
+                obj=type(self),
+                id="celery_deactivate.E005",
+            )
+            for name in self.list_editable
+            if name in ours
+        ]
+        return errors
+
     # ---- actions -------------------------------------------------------------------------------
 
     @admin.action(
@@ -248,18 +223,22 @@ class DeactivatableAdminMixin(_ModelAdmin):
         done: StrOrPromise,
         left: StrOrPromise,
     ) -> None:
-        """Apply a service function to each selected object, and say how many it changed.
+        """Apply a service function to each selected object, log each change in the admin's
+        history, and say how many it changed.
 
         What changed is reported at SUCCESS; what was left alone at INFO beside it, at WARNING
         when nothing changed.  ``done`` and ``left`` are plural forms (``ngettext_lazy`` on
         ``"count"``) with ``%(name)s`` / ``%(names)s`` for the model's verbose names.
         """
+        target = self.deactivation_target
         changed = unchanged = 0
-        for pk in list(queryset.values_list("pk", flat=True)):
-            if change(self.model, pk, fields=self.deactivate_fields) is None:
+        for pk, was_active in list(queryset.values_list("pk", target.active)):
+            instance = change(self.model, pk, fields=self.deactivate_fields, cause=Cause.ADMIN)
+            if instance is None:
                 unchanged += 1
-            else:
-                changed += 1
+                continue
+            changed += 1
+            self.log_change(request, instance, _history(target, instance, was_active))
         opts = self.model._meta
         names = {"name": opts.verbose_name, "names": opts.verbose_name_plural}
         if changed:
@@ -274,11 +253,14 @@ class DeactivatableAdminMixin(_ModelAdmin):
     def deactivation_state(self, obj: Model) -> SafeString:
         """The object's state: one of the admin's icons and the state's name (on one line, with
         the admin's own ``nowrap`` class)."""
-        state = state_of(self.deactivation_target, obj)
+        target = self.deactivation_target
+        state = state_of(target, obj)
+        extra = detail(target, obj)
         return format_html(
-            '<span class="nowrap"><img src="{}" alt="" width="13" height="13"> {}</span>',
-            static(f"admin/img/{state.icon}"),
-            state.label,
+            '<span class="nowrap"><img src="{}" alt="" width="13" height="13"> {}{}</span>',
+            static(f"admin/img/{ICONS[state]}"),
+            capfirst(state.label),
+            f" ({extra})" if extra else "",
         )
 
     @admin.display(description=_("error"))
@@ -295,14 +277,14 @@ class DeactivatableAdminMixin(_ModelAdmin):
 
 
 class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
-    """A ready ``ModelAdmin`` for a deactivatable model (register it yourself).
+    """A ready ``ModelAdmin`` for a deactivatable model (register it yourself): the mixin (its
+    actions, history entries and read-only fields) and the list defaults.
 
     Unless the class sets them: the changelist shows the object, its state, when it was
     deactivated and its error (``list_display``) and filters by state (``list_filter``).  Always:
-    the error message is searched besides ``search_fields``, and the library's fields are
-    read-only, so that the state changes only through the actions, which send the signals; the
-    change page shows them, the full error included, in a "Deactivation" section (unless the class
-    sets ``fieldsets``).
+    the error message is searched besides ``search_fields``; the change page shows the library's
+    fields, the full error included, in a "Deactivation" section (unless the class sets
+    ``fieldsets``).
     """
 
     list_filter = (DeactivationStateFilter,)
@@ -327,14 +309,6 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
             fields += (message,)
         return fields
 
-    def get_readonly_fields(
-        self, request: HttpRequest, obj: Model | None = None
-    ) -> tuple[str, ...]:
-        """The class's ``readonly_fields``, the library's fields and the ``deactivation_state``."""
-        fields = tuple(super().get_readonly_fields(request, obj))
-        ours = ("deactivation_state", *self.deactivation_target.recorded())
-        return fields + tuple(name for name in ours if name not in fields)
-
     def get_fieldsets(
         self, request: HttpRequest, obj: Model | None = None
     ) -> tuple[tuple[StrOrPromise | None, Any], ...]:
@@ -353,6 +327,17 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
             *([target.error_message] if target.error_message else []),
         )
         return ((None, own), (_("Deactivation"), {"fields": shown}))
+
+
+def _history(target: Target, instance: Model, was_active: bool) -> str:
+    """What an action did to one object, for its history: "Re-activated.", "Deactivated by
+    hand.", or, for an object a failure had deactivated, its probes turned off."""
+    state = state_of(target, instance)
+    if state is State.ACTIVE:
+        return gettext("Re-activated.")
+    if was_active:
+        return f"{capfirst(state.label)}."
+    return gettext("Cool-down probes turned off; still %(state)s.") % {"state": state.label}
 
 
 def _flat(fields: Sequence[Any]) -> list[str]:

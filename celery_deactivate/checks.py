@@ -21,6 +21,9 @@ hint.  They are tagged ``celery_deactivate`` (``manage.py check --tag celery_dea
     the current Celery app (``app.conf.deactivate_outage_object``) or in Django settings under
     the ``CELERY`` namespace (``CELERY_DEACTIVATE_OUTAGE_OBJECT``, ``CELERY_DEACTIVATION_AFTER``);
     the message names the closest option's setting.
+``celery_deactivate.E005``
+    A ``ModelAdmin`` with :class:`~celery_deactivate.admin.DeactivatableAdminMixin` names a field
+    the library records in ``list_editable`` (reported by the admin's own checks).
 
 ``celery_deactivate.W001``
     A database the library writes to is of a backend it does not support (PostgreSQL, MySQL or

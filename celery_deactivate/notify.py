@@ -79,6 +79,7 @@ from typing import Any
 from django.core import mail
 from django.db.models import Model
 
+from . import _metrics
 from ._errors import describe
 from ._notice import (
     DEACTIVATED,
@@ -161,7 +162,9 @@ def deliver(
             describe(error),
             exc_info=error,
         )
+        _metrics.notice(notice.task, notice.kind, delivered=False)
         return False
+    _metrics.notice(notice.task, notice.kind, delivered=True)
     logger.info(
         "celery_deactivate: %s notice of %s sent (%d object(s))",
         notice.kind,

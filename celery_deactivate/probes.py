@@ -21,7 +21,7 @@ from typing import Any, cast
 from django.db.models import Q
 from django.utils import timezone
 
-from . import _reads, services
+from . import _metrics, _reads, services
 from ._options import Options
 from .target import Target
 from .task import DeactivatingTask
@@ -87,6 +87,7 @@ def send_due_probes(
             )
             continue
         logger.info("celery_deactivate: %s: probe sent for %s", task.name, target.identity(pk))
+        _metrics.add("celery_deactivate.probes.sent", task=task.name, model=target.label)
         sent += 1
     return sent
 

@@ -25,10 +25,11 @@ from django.db import router, transaction
 from django.db.models import Case, F, Model, Q, Value, When
 from django.utils import timezone
 
-from . import _charset, signals
+from . import _charset, _metrics, signals
 from ._errors import ERROR_LENGTH, fit, format_error
 from ._reads import field_of, object_row, read_changed
 from ._transaction import bounded, send
+from .states import Cause
 from .target import PROBE_ROLES, ROLES, Target, resolve_target
 
 __all__ = ["ERROR_LENGTH", "FailureOutcome", "deactivate", "reactivate", "record_failure"]
@@ -122,6 +123,7 @@ def deactivate(
     exception: BaseException | str | None = None,
     fields: Mapping[str, str | None] | None = None,
     using: str | None = None,
+    cause: str = Cause.CODE,
 ) -> Model | None:
     """Deactivate one object by hand (admin, command, ``instance.deactivate()``); ``None`` if
     nothing changed.
@@ -136,6 +138,9 @@ def deactivate(
     re-activate it: ``end_probe()`` needs it to be still out).  Its error and the time of its
     deactivation stay as the failure recorded them, and no signal is sent: it was deactivated
     already.  An inactive object without a probe is left alone.
+
+    ``cause``: who asked (a :class:`~celery_deactivate.states.Cause`: the admin, code), for the
+    metrics.
     """
     target = target_for(model, fields)
     using = using or db_for(target)
@@ -153,6 +158,7 @@ def deactivate(
             task_id=None,
             failure_count=target.count_of(instance),
         )
+    _metrics.changed("celery_deactivate.deactivations", target.label, cause, instance)
     return instance
 
 
@@ -179,14 +185,19 @@ def reactivate(
     *,
     fields: Mapping[str, str | None] | None = None,
     using: str | None = None,
+    cause: str = Cause.CODE,
 ) -> Model | None:
-    """Make one inactive object active again and clear its error; ``None`` if it was active."""
+    """Make one inactive object active again and clear its error; ``None`` if it was active.
+
+    ``cause``: who asked (a :class:`~celery_deactivate.states.Cause`: the admin, the command,
+    the outage guard, code), for the metrics."""
     target = target_for(model, fields)
     using = using or db_for(target)
     with transaction.atomic(using=using):
         instance = _change(target, pk, _reactivation(target), False, using)
         if instance is not None:
             send(signals.object_reactivated, target, model, instance)
+    _metrics.changed("celery_deactivate.reactivations", target.label, cause, instance)
     return instance
 
 

@@ -30,6 +30,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "myst_parser",
     "options_table",
+    "metrics_table",
     "house_docstrings",
 ]
 

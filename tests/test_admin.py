@@ -382,9 +382,9 @@ def test_the_filter_choices(admin_client: Client) -> None:
 
     assert choices(FEEDS) == [
         "Active",
-        "Probing (cool-down)",
         "Deactivated by error",
         "Deactivated by hand",
+        "Probing",
     ]
     # The seed recipe's model has no cool-down fields: no probing state.
     assert choices("/admin/testapp/recipeobject/") == [
@@ -392,22 +392,32 @@ def test_the_filter_choices(admin_client: Client) -> None:
         "Deactivated by error",
         "Deactivated by hand",
     ]
-    # A model that records no error has only two states.
-    assert choices("/admin/testapp/proxyfeed/") == ["Active", "Deactivated"]
+    # A model that records no error has no "by error" nor "by hand"; it has probes.
+    assert choices("/admin/testapp/proxyfeed/") == ["Active", "Deactivated", "Probing"]
 
 
-def test_an_object_waiting_for_its_probe_is_probing(admin_client: Client) -> None:
+def test_an_object_waiting_for_its_probe_is_deactivated_by_error(admin_client: Client) -> None:
+    # Given a feed a failure deactivated, its probe scheduled, and one whose probe is out
     waiting = broken_feed("waiting")
-    Feed.objects.filter(pk=waiting.pk).update(next_probe_at=timezone.now(), cooldown=60)
-    broken_feed("broken")
+    due = timezone.now() + datetime.timedelta(minutes=10)
+    Feed.objects.filter(pk=waiting.pk).update(next_probe_at=due, cooldown=600)
+    out = broken_feed("out")
+    Feed.objects.filter(pk=out.pk).update(next_probe_at=due, probing_since=timezone.now())
 
-    response = admin_client.get(FEEDS, {"deactivation": "probing"})
-
-    [(feed, row)] = zip_rows(response)
-    assert str(feed) == "waiting"
-    assert "icon-clock.svg" in row and cell(row, "deactivation_state") == "Probing (cool-down)"
     by_error = admin_client.get(FEEDS, {"deactivation": "error"})
-    assert [str(feed) for feed, _ in zip_rows(by_error)] == ["broken"]
+    probing = admin_client.get(FEEDS, {"deactivation": "probing"})
+
+    # Then the waiting one stays "deactivated by error", with its probe's time; only the one
+    # whose probe is in flight is "probing"
+    [(feed, row)] = zip_rows(by_error)
+    assert str(feed) == "waiting"
+    at = timezone.localtime(due).strftime("%H:%M")
+    if timezone.localdate(due) != timezone.localdate():
+        at = timezone.localtime(due).strftime("%Y-%m-%d %H:%M")
+    assert cell(row, "deactivation_state") == f"Deactivated by error (probe at {at})"
+    [(feed, row)] = zip_rows(probing)
+    assert str(feed) == "out"
+    assert "icon-clock.svg" in row and cell(row, "deactivation_state").startswith("Probing (since ")
 
 
 def test_a_model_without_an_error_field(admin_client: Client) -> None:

@@ -88,7 +88,7 @@ def test_lists_one_model_as_an_aligned_table() -> None:
             "MODEL": "testapp.Feed",
             "PK": str(off.pk),
             "OBJECT": "broken",
-            "STATE": "error",
+            "STATE": "deactivated by error",
             "WHEN": "2025-03-04 05:06:07+00:00",
             "ERROR": "Boom: " + "x" * 53 + "…",  # shortened to 60 characters
         },
@@ -96,7 +96,7 @@ def test_lists_one_model_as_an_aligned_table() -> None:
             "MODEL": "testapp.Feed",
             "PK": str(by_hand.pk),
             "OBJECT": "paused",
-            "STATE": "by hand",
+            "STATE": "deactivated by hand",
             "WHEN": "",
             "ERROR": "",
         },
@@ -128,13 +128,13 @@ def test_lists_every_model_with_deactivation_fields() -> None:
     output = run()
 
     assert [(row["MODEL"], row["PK"], row["STATE"], row["ERROR"]) for row in table(output)] == [
-        ("testapp.Feed", str(feed.pk), "error", "Boom: broken is broken …"),
-        ("testapp.Feed", str(special.pk), "by hand", ""),
-        ("testapp.KeyedFeed", "'feed/1'", "by hand", ""),
+        ("testapp.Feed", str(feed.pk), "deactivated by error", "Boom: broken is broken …"),
+        ("testapp.Feed", str(special.pk), "deactivated by hand", ""),
+        ("testapp.KeyedFeed", "'feed/1'", "deactivated by hand", ""),
         # no DeactivatableModel: the models of tasks, with the fields they name
-        ("testapp.RecipeObject", str(recipe.pk), "by hand", ""),
-        ("testapp.Renamed", str(renamed.pk), "error", "E: r"),
-        ("testapp.UuidFeed", str(uuid_feed.pk), "error", "E: u"),
+        ("testapp.RecipeObject", str(recipe.pk), "deactivated by hand", ""),
+        ("testapp.Renamed", str(renamed.pk), "deactivated by error", "E: r"),
+        ("testapp.UuidFeed", str(uuid_feed.pk), "deactivated by error", "E: u"),
     ]
     assert output.splitlines()[-1] == "6 deactivated objects."  # SpecialFeed, ProxyFeed: as Feed
     assert keyed.pk == "feed/1"
@@ -155,10 +155,13 @@ def test_json_is_one_document_with_full_messages_and_iso_dates() -> None:
                 "pk": feed.pk,
                 "object": "broken",
                 "state": "error",
+                "state_label": "deactivated by error",
                 "deactivated_at": "2025-03-04T05:06:07.890Z",
                 "error": True,
                 "error_message": "Boom: broken is broken\nTraceback line",
                 "failure_count": 3,
+                "next_probe_at": None,
+                "probing_since": None,
             }
         ],
     }
@@ -177,7 +180,9 @@ def test_renamed_fields_come_from_the_task_or_the_active_field_option(sent: list
     obj = Renamed.objects.create(title="r", enabled=False, broken=True, last_error="E", failures=2)
 
     assert table(run("testapp.Renamed"))[0]["ERROR"] == "E"
-    assert table(run("testapp.Renamed", "--active-field", "enabled"))[0]["STATE"] == "error"
+    assert table(run("testapp.Renamed", "--active-field", "enabled"))[0]["STATE"] == (
+        "deactivated by error"
+    )
     run("testapp.Renamed", "--reactivate", str(obj.pk))
 
     obj.refresh_from_db()

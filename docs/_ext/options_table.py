@@ -62,25 +62,37 @@ class OptionsTable(SphinxDirective):
         from celery_deactivate import conf
 
         self.env.note_dependency(conf.__file__)  # rebuild the page when the options change
-        group = nodes.tgroup(cols=len(HEADER))
-        for width in WIDTHS:
-            group += nodes.colspec(colwidth=width)
-        head = nodes.thead()
-        head += row(*([[nodes.Text(title)]] for title in HEADER))
-        group += head
-        body = nodes.tbody()
+        rows = []
         for name, option in conf.OPTIONS.items():
             default = format_default(option.default)
             setting = f"CELERY_{name.upper()}"
-            body += row(
-                [[nodes.literal(name, name)], [nodes.literal(setting, setting)]],
-                [[nodes.literal(default, default)]],
-                [inline(option.doc)],
+            rows.append(
+                row(
+                    [[nodes.literal(name, name)], [nodes.literal(setting, setting)]],
+                    [[nodes.literal(default, default)]],
+                    [inline(option.doc)],
+                )
             )
-        group += body
-        table = nodes.table(classes=["deactivate-options", "colwidths-given"])
-        table += group
-        return [table]
+        return [table("deactivate-options", HEADER, WIDTHS, rows)]
+
+
+def table(
+    name: str, header: tuple[str, ...], widths: tuple[int, ...], rows: list[nodes.row]
+) -> nodes.table:
+    """A table of class ``name``: the header's titles, the columns' relative widths, the rows."""
+    group = nodes.tgroup(cols=len(header))
+    for width in widths:
+        group += nodes.colspec(colwidth=width)
+    head = nodes.thead()
+    head += row(*([[nodes.Text(title)]] for title in header))
+    group += head
+    body = nodes.tbody()
+    for line in rows:
+        body += line
+    group += body
+    result = nodes.table(classes=[name, "colwidths-given"])
+    result += group
+    return result
 
 
 def setup(app: Sphinx) -> dict[str, Any]:

@@ -42,5 +42,12 @@ class UnrecordedErrorAdmin(DeactivatableAdmin):
     deactivate_fields = {"error": None}
 
 
-admin.site.register(UuidFeed, DeactivatableAdmin)
+@admin.register(UuidFeed)
+class UuidFeedAdmin(DeactivatableAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """The mixin alone on a DeactivatableModel (every field role), with read-only fields of its
+    own."""
+
+    readonly_fields = ("behaviour",)
+
+
 admin.site.register(KeyedFeed, DeactivatableAdmin)

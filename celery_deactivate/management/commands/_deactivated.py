@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from ... import services
 from ...models import DeactivatableModel
+from ...states import describe, state_of
 from ...target import Target
 
 COLUMNS = (("MODEL", None), ("PK", 36), ("OBJECT", 40), ("STATE", None), ("WHEN", None))
@@ -36,11 +37,16 @@ class Row:
     model: str
     pk: Any
     object: str
+    #: The state's key (``error``, ``hand``, ``probing``, ``deactivated``).
     state: str
+    #: Its name and detail, as the admin shows it: ``deactivated by error (probe at 14:05)``.
+    state_label: str
     deactivated_at: datetime | None
     error: bool | None
     error_message: str | None
     failure_count: int | None
+    next_probe_at: datetime | None
+    probing_since: datetime | None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,17 +151,22 @@ def deactivated_of(target: Target) -> QuerySet[Any]:
 def target_rows(target: Target, queryset: QuerySet[Any] | None = None) -> Iterator[Row]:
     if queryset is None:
         queryset = deactivated_of(target)
+    now = timezone.now()
+    names = target.fields().items()
     for obj in queryset.iterator(chunk_size=1000):
-        error = getattr(obj, target.error) if target.error else None
+        fields = {role: getattr(obj, name) if name else None for role, name in names}
         yield Row(
             model=target.label,
             pk=obj.pk,
             object=str(obj),
-            state="deactivated" if error is None else ("error" if error else "by hand"),
-            deactivated_at=getattr(obj, target.deactivated_at) if target.deactivated_at else None,
-            error=error,
-            error_message=getattr(obj, target.error_message) if target.error_message else None,
-            failure_count=getattr(obj, target.failure_count) if target.failure_count else None,
+            state=state_of(target, obj).value,
+            state_label=describe(target, obj, now=now),
+            deactivated_at=fields["deactivated_at"],
+            error=fields["error"],
+            error_message=fields["error_message"],
+            failure_count=fields["failure_count"],
+            next_probe_at=fields["next_probe_at"],
+            probing_since=fields["probing_since"],
         )
 
 

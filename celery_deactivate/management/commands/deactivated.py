@@ -15,10 +15,13 @@ same fields and sends the same ``object_reactivated`` signal as the admin's acti
 mistake (a ``--filter`` the database refuses too) is a
 :exc:`~django.core.management.base.CommandError` raised before anything changes.
 
-An object's state is ``error`` (deactivated by a failure: its error flag is set), ``by hand``
-(its error flag is clear) or ``deactivated`` (the model records no error flag).  ``--json``
-writes ``{"count": N, "objects": [{"model", "pk", "object", "state", "deactivated_at", "error",
-"error_message", "failure_count"}, ...]}`` (``null`` for a role the model does not record), and
+An object's state is named as in the admin (:mod:`celery_deactivate.states`): ``deactivated by
+error`` (with ``probe at 14:05`` when a cool-down probe is scheduled), ``deactivated by hand``,
+``probing`` (a probe is in flight), or ``deactivated`` (the model records no error flag).
+``--json`` writes ``{"count": N, "objects": [{"model", "pk", "object", "state", "state_label",
+"deactivated_at", "error", "error_message", "failure_count", "next_probe_at", "probing_since"},
+...]}`` (``state``: the state's key, ``error``, ``hand``, ``probing`` or ``deactivated``;
+``null`` for a role the model does not record), and
 for a re-activation ``{"model", "dry_run", "reactivated": [pk, ...], "unchanged": [pk, ...]}``
 (with ``--dry-run``, what would be re-activated, and its ``"objects"``).
 """
@@ -37,6 +40,7 @@ from ... import services
 from ...checks import deactivating_tasks
 from ...exceptions import DeactivateError
 from ...notify import one_line
+from ...states import Cause
 from ...target import Target
 from ._deactivated import (
     COLUMNS,
@@ -186,7 +190,7 @@ class Command(BaseCommand):
                 row.model,
                 shorten(shown(row.pk), COLUMNS[1][1]),
                 shorten(one_line(row.object), COLUMNS[2][1]),
-                row.state,
+                row.state_label,
                 when(row.deactivated_at),
                 shorten(first_line(row.error_message or ""), ERROR_WIDTH),
             ]
@@ -242,7 +246,10 @@ class Command(BaseCommand):
         unchanged = []
         with self.progress(len(todo), enabled=not options["json"]) as advance:
             for pk in todo:
-                if services.reactivate(target.model, pk, fields=fields, using=using) is None:
+                reactivated = services.reactivate(
+                    target.model, pk, fields=fields, using=using, cause=Cause.COMMAND
+                )
+                if reactivated is None:
                     unchanged.append(pk)
                 else:
                     done.append(pk)
