@@ -256,7 +256,7 @@ class DeactivatableAdminMixin(_ModelAdmin):
         """
         changed = unchanged = 0
         for pk in list(queryset.values_list("pk", flat=True)):
-            if change(self.model, pk, fields=self.deactivate_fields) is None:
+            if change(self.model, pk, fields=self.deactivate_fields, by=request.user) is None:
                 unchanged += 1
             else:
                 changed += 1

@@ -242,7 +242,10 @@ class Command(BaseCommand):
         unchanged = []
         with self.progress(len(todo), enabled=not options["json"]) as advance:
             for pk in todo:
-                if services.reactivate(target.model, pk, fields=fields, using=using) is None:
+                changed = services.reactivate(
+                    target.model, pk, fields=fields, using=using, by="command"
+                )
+                if changed is None:
                     unchanged.append(pk)
                 else:
                     done.append(pk)
