@@ -12,7 +12,8 @@ with its task), or, for :func:`services.deactivate <celery_deactivate.services.d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any, Literal
 
 from django.apps import apps
