@@ -38,7 +38,7 @@ Kind = Literal[
 Cause = Literal["failure", "hand", "probe", "outage"]
 
 #: What happened (``HistoryEvent.kind``), with the words the admin and the command show.
-KINDS: dict[Kind, str] = {
+KINDS: dict[str, str] = {
     "deactivated": "deactivated",
     "reactivated": "re-activated",
     "probes_off": "probes turned off",
@@ -51,7 +51,7 @@ KINDS: dict[Kind, str] = {
 #: Why (``HistoryEvent.cause``): a final failure of the task, a person or a program by hand
 #: (``actor``: the admin user, ``"command"``; empty: code that did not say), a cool-down probe,
 #: the outage guard.
-CAUSES: dict[Cause, str] = {
+CAUSES: dict[str, str] = {
     "failure": "by a failure",
     "hand": "by hand",
     "probe": "by a probe",
@@ -167,6 +167,24 @@ def per_hour(model: type[Model], now: datetime, hours: int) -> dict[str, dict[da
 
 def _hour(moment: datetime) -> datetime:
     return moment.astimezone(dt_timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+
+# -- in words -------------------------------------------------------------------------------------
+
+
+def who(event: Any) -> str:
+    """``tests.tasks.poll[0f8e…]``, ``alice``, ``command``; the task alone for an outage."""
+    if event.task:
+        return f"{event.task}[{event.task_id}]" if event.task_id else str(event.task)
+    return str(event.actor)
+
+
+def what(event: Any) -> str:
+    """``deactivated by a failure``, ``re-activated by hand``, ``probe sent``."""
+    kind = KINDS.get(event.kind, str(event.kind))
+    if event.kind in ("deactivated", "reactivated", "probes_off"):
+        return f"{kind} {CAUSES.get(event.cause, event.cause)}"
+    return kind
 
 
 # -- pruning --------------------------------------------------------------------------------------

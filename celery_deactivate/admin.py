@@ -38,7 +38,8 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext_lazy
 
-from . import _errors, services
+from . import _errors, _history_admin, services
+from .models import HistoryEvent
 from .target import Target
 
 if TYPE_CHECKING:
@@ -281,6 +282,11 @@ class DeactivatableAdminMixin(_ModelAdmin):
             state.label,
         )
 
+    @admin.display(description=_("history"))
+    def deactivation_history(self, obj: Model) -> SafeString:
+        """The object's newest events, with a link to all of them (name it in ``fieldsets``)."""
+        return _history_admin.history_table(self.admin_site, obj)
+
     @admin.display(description=_("error"))
     def deactivation_message(self, obj: Model) -> SafeString | str:
         """The error message's first line, shortened; its head as the tooltip (at most
@@ -332,7 +338,7 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
     ) -> tuple[str, ...]:
         """The class's ``readonly_fields``, the library's fields and the ``deactivation_state``."""
         fields = tuple(super().get_readonly_fields(request, obj))
-        ours = ("deactivation_state", *self.deactivation_target.recorded())
+        ours = ("deactivation_state", "deactivation_history", *self.deactivation_target.recorded())
         return fields + tuple(name for name in ours if name not in fields)
 
     def get_fieldsets(
@@ -343,7 +349,7 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
         if self.fieldsets:
             return tuple(super().get_fieldsets(request, obj))
         target = self.deactivation_target
-        ours = {"deactivation_state", *target.recorded()}
+        ours = {"deactivation_state", "deactivation_history", *target.recorded()}
         own = {"fields": tuple(f for f in _flat(self.get_fields(request, obj)) if f not in ours)}
         if obj is None:
             return ((None, own),)
@@ -352,7 +358,8 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
             *(name for name in (target.deactivated_at, target.failure_count) if name),
             *([target.error_message] if target.error_message else []),
         )
-        return ((None, own), (_("Deactivation"), {"fields": shown}))
+        history = (_("History"), {"fields": ("deactivation_history",)})
+        return ((None, own), (_("Deactivation"), {"fields": shown}), history)
 
 
 def _flat(fields: Sequence[Any]) -> list[str]:
@@ -366,3 +373,6 @@ def _field_of(lookup: str) -> str:
     """The field a ``search_fields`` entry searches: ``"^title"`` and ``"title__iexact"``
     search ``title``."""
     return lookup.lstrip("^=@").split("__", 1)[0]
+
+
+admin.site.register(HistoryEvent, _history_admin.HistoryEventAdmin)

@@ -3,14 +3,17 @@ transaction; pruned by ``celery_deactivate.maintain`` in bounded batches."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
+from io import StringIO
 from typing import Any, get_args
 
 import pytest
 from celery import Celery
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import transaction
 from django.test import Client
 from django.utils import timezone
@@ -313,3 +316,100 @@ def test_the_days_are_a_worker_wide_setting(celery_app: Celery, conf: Callable[.
 def test_every_kind_and_cause_has_its_words() -> None:
     assert set(_history.KINDS) == set(get_args(_history.Kind))
     assert set(_history.CAUSES) == set(get_args(_history.Cause))
+
+
+# -- shown: the admin's change page and changelist, the command ---------------------------------
+
+
+def staff(username: str, *codenames: str) -> Client:
+    user = User.objects.create_user(username, is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_the_change_page_shows_the_newest_events_and_links_to_all() -> None:
+    feed = Feed.objects.create(title="f")
+    other = Feed.objects.create(title="other")
+    services.deactivate(Feed, other.pk, exception="not this one")
+    for n in range(12):  # 24 events, the last one a deactivation with an error
+        services.deactivate(Feed, feed.pk, by="command", exception=f"error {n}")
+        if n < 11:
+            services.reactivate(Feed, feed.pk, by="command")
+    services.reactivate(Feed, feed.pk)
+    client = staff("viewer", "view_feed")
+
+    html = client.get(f"/admin/testapp/feed/{feed.pk}/change/").content.decode()
+
+    table = html[html.index('<table class="deactivation-history">') :]
+    table = table[: table.index("</table>")]
+    kinds = [part.split('"')[0] for part in table.split('data-kind="')[1:]]
+    assert len(kinds) == 20  # bounded, the newest first
+    assert kinds[:3] == ["reactivated", "deactivated", "reactivated"]
+    assert "re-activated by hand" in table and "error 11" in table and "not this one" not in table
+    link = f"/admin/celery_deactivate/historyevent/?model=testapp.Feed&amp;object_pk={feed.pk}"
+    assert f'<a href="{link}">All events</a>' in html
+
+    # The link lists them all, for a user who may view feeds.
+    listing = client.get(link.replace("&amp;", "&"))
+    assert listing.status_code == 200
+    assert listing.context["cl"].result_count == 24
+
+
+def test_the_history_list_shows_only_the_models_a_user_may_view() -> None:
+    feed = Feed.objects.create(title="f")
+    services.deactivate(Feed, feed.pk)
+    url = "/admin/celery_deactivate/historyevent/"
+
+    assert staff("nobody").get(url).status_code == 403
+    assert staff("viewer", "view_feed").get(url).context["cl"].result_count == 1
+    other = staff("other", "view_renamed")
+    assert other.get(url).context["cl"].result_count == 0  # nothing of the feeds
+    assert staff("auditor", "view_historyevent").get(url).context["cl"].result_count == 1
+    index = staff("viewer2", "view_feed").get("/admin/").content.decode()
+    assert url in index
+    event = HistoryEvent.objects.get()
+    assert other.get(f"{url}{event.pk}/change/").status_code in (302, 403)
+
+
+def test_a_change_page_without_events() -> None:
+    feed = Feed.objects.create(title="f")
+    html = staff("viewer", "view_feed").get(f"/admin/testapp/feed/{feed.pk}/change/")
+    assert "No event recorded." in html.content.decode()
+
+
+def test_the_command_lists_an_object_s_history(eager: Celery) -> None:
+    feed = Feed.objects.create(title="b", behaviour="fail")
+    result = tasks.poll.delay(feed.pk)
+    call_command("deactivated", "testapp.Feed", "--reactivate", str(feed.pk), stdout=StringIO())
+
+    out = StringIO()
+    call_command("deactivated", "testapp.Feed", str(feed.pk), "--history", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["WHEN", "WHAT", "BY", "ERROR"]
+    assert "re-activated by hand" in lines[1] and "command" in lines[1]
+    assert "deactivated by a failure" in lines[2]
+    assert f"{tasks.poll.name}[{result.id}]" in lines[2] and "Boom: b is broken" in lines[2]
+    assert lines[-1] == f"2 events of testapp.Feed pk={feed.pk}."
+
+    out = StringIO()
+    call_command("deactivated", "testapp.Feed", str(feed.pk), "--history", "--json", stdout=out)
+    document = json.loads(out.getvalue())
+    assert (document["model"], document["pk"], document["count"]) == ("testapp.Feed", feed.pk, 2)
+    first, second = document["events"]
+    assert (first["kind"], first["cause"], first["actor"]) == ("reactivated", "hand", "command")
+    assert (second["kind"], second["task_id"], second["error"]) == (
+        "deactivated",
+        result.id,
+        "Boom: b is broken",
+    )
+
+
+def test_the_command_s_history_needs_a_model_and_a_pk() -> None:
+    with pytest.raises(CommandError, match="PK --history"):
+        call_command("deactivated", "testapp.Feed", "--history")
+    with pytest.raises(CommandError, match="PK --history"):
+        call_command("deactivated", "testapp.Feed", "1")
+    with pytest.raises(CommandError, match="not a testapp.Feed primary key"):
+        call_command("deactivated", "testapp.Feed", "x", "--history")
