@@ -310,7 +310,9 @@ def test_the_days_are_a_worker_wide_setting(celery_app: Celery, conf: Callable[.
     def body(pk: int) -> None: ...
 
     with pytest.raises(DeactivateConfigError, match="is a worker-wide setting"):
-        app.task(base=DeactivatingTask, model=Feed, lazy=False, deactivate_history_days=7)(body)
+        app.task(
+            base=DeactivatingTask, model=Feed, lazy=False, shared=False, deactivate_history_days=7
+        )(body)
 
 
 def test_every_kind_and_cause_has_its_words() -> None:
