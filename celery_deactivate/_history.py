@@ -153,7 +153,7 @@ def per_hour(model: type[Model], now: datetime, hours: int) -> dict[str, dict[da
     UTC) over the last ``hours`` hours: ``{kind: {hour: count}}``.  One query of the events'
     times, counted here (no database's date functions: MySQL's need its time zone tables)."""
     HistoryEvent = events()
-    since = _hour(now) - timedelta(hours=hours - 1)
+    since = first_hour(now, hours)
     kinds = ("deactivated", "reactivated")
     counts: dict[str, dict[datetime, int]] = {kind: {} for kind in kinds}
     rows = HistoryEvent._default_manager.using(router.db_for_write(model)).filter(
@@ -163,6 +163,11 @@ def per_hour(model: type[Model], now: datetime, hours: int) -> dict[str, dict[da
         hour = _hour(at)
         counts[kind][hour] = counts[kind].get(hour, 0) + 1
     return counts
+
+
+def first_hour(now: datetime, hours: int) -> datetime:
+    """The start (UTC) of the first of the last ``hours`` hours, the current one included."""
+    return _hour(now) - timedelta(hours=hours - 1)
 
 
 def _hour(moment: datetime) -> datetime:

@@ -38,8 +38,8 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext_lazy
 
-from . import _errors, _history_admin, services
-from .models import HistoryEvent
+from . import _errors, _history_admin, _status, services
+from .models import HistoryEvent, TaskStatus
 from .target import Target
 
 if TYPE_CHECKING:
@@ -376,3 +376,10 @@ def _field_of(lookup: str) -> str:
 
 
 admin.site.register(HistoryEvent, _history_admin.HistoryEventAdmin)
+
+
+@admin.register(TaskStatus)
+class TaskStatusAdmin(_status.TaskStatusAdmin):
+    """The status page of the deactivating tasks, in this module's state vocabulary."""
+
+    states = staticmethod(states)
