@@ -60,6 +60,7 @@ def svg(counts: dict[str, dict[datetime, int]], first_hour: datetime, hours: int
         for slot in range(hours)
         if (first_hour + timedelta(hours=slot)).hour == 0
         for x in [slot * BAR]
+        if x + 40 <= width  # a label that fits
     ]
     totals = {kind: sum(counts.get(kind, {}).values()) for kind, *_ in KINDS}
     return format_html(
