@@ -5,7 +5,7 @@ of the same name (``app.conf.deactivate_after = 3``; ``CELERY_DEACTIVATE_AFTER =
 settings under the ``CELERY`` namespace).  The per-task value wins; ``None`` means "not set here".
 Values are read when they are needed, never at import time, so per-test configuration works.
 A few options concern the library's tables rather than a task (``deactivate_history_days``): they
-are worker-wide settings only (:func:`setting`), and a task keyword of that name is an error.
+are worker-wide settings only (read by ``setting()``), and a task keyword of that name is an error.
 """
 
 from __future__ import annotations
