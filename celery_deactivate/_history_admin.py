@@ -26,7 +26,7 @@ from . import _history
 from .models import HistoryEvent
 
 if TYPE_CHECKING:
-    _ModelAdmin = admin.ModelAdmin[HistoryEvent]
+    _ModelAdmin = admin.ModelAdmin[Any]
 else:
     _ModelAdmin = admin.ModelAdmin
 
@@ -95,7 +95,24 @@ def viewable_labels(request: HttpRequest) -> set[str]:
     }
 
 
-class HistoryEventAdmin(_ModelAdmin):
+class ReadOnlyAdmin(_ModelAdmin):
+    """A ``ModelAdmin`` to read with: shown on the index to whoever may view it; nothing to add,
+    change or delete."""
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return self.has_view_permission(request)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class HistoryEventAdmin(ReadOnlyAdmin):
     """The history, read-only: filter it by model and object (``?model=app.Model&object_pk=42``,
     the change page's link), by kind and by cause; search the task, the person and the error."""
 
@@ -132,15 +149,3 @@ class HistoryEventAdmin(_ModelAdmin):
             return True
         labels = viewable_labels(request)
         return bool(labels) if obj is None else obj.model in labels
-
-    def has_module_permission(self, request: HttpRequest) -> bool:
-        return self.has_view_permission(request)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False

@@ -30,16 +30,13 @@ from django.utils import timezone
 from django.utils.safestring import SafeString
 
 from . import _chart, _guard, _history, _store
+from ._history_admin import ReadOnlyAdmin
 from ._options import Options
 from .checks import deactivating_tasks
 from .target import Target
 
 if TYPE_CHECKING:
     from .task import DeactivatingTask
-
-    _ModelAdmin = admin.ModelAdmin[Any]
-else:
-    _ModelAdmin = admin.ModelAdmin
 
 #: The chart's span, in hours (7 days).
 CHART_HOURS = 7 * 24
@@ -179,7 +176,7 @@ def task_row(
     return row
 
 
-class TaskStatusAdmin(_ModelAdmin):
+class TaskStatusAdmin(ReadOnlyAdmin):
     """The status page, as the changelist of the ``TaskStatus`` proxy: read-only, for staff
     users who may view the model of at least one deactivating task (a task's row shows only to
     those who may view its model).  ``celery_deactivate.admin`` registers it with its state
@@ -190,18 +187,6 @@ class TaskStatusAdmin(_ModelAdmin):
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return bool(request.user.is_active and request.user.is_staff and visible_tasks(request))
-
-    def has_module_permission(self, request: HttpRequest) -> bool:
-        return self.has_view_permission(request)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_urls(self) -> list[Any]:
         from django.urls import path

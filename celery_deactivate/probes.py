@@ -114,12 +114,8 @@ def claim_probe(
     callers try at once, one wins; the winner records "probe sent" (the probe ``task_id`` of
     ``task``) in its transaction."""
     rows = _reads.object_row(target, pk, using).filter(probe_due(target, now, stale_before))
-    with transaction.atomic(using=using):
-        if not rows.update(**{cast(str, target.probing_since): now}):
-            return False
-        by = _history.By.run("probe", task, task_id)
-        _history.record(using, target.model, pk, "probe_sent", by)
-    return True
+    by = _history.By.run("probe", task, task_id)
+    return _probe_change(target, pk, rows, now, using, "probe_sent", by, None)
 
 
 def release_probe(
@@ -136,12 +132,27 @@ def release_probe(
     (``error``), which the object's history says as "probe failed"."""
     probing = cast(str, target.probing_since)
     rows = _reads.object_row(target, pk, using).filter(**{probing: claimed_at})
+    by = _history.By.run("probe", task, task_id)
+    text = f"not sent: {_errors.describe(error)}"
+    return _probe_change(target, pk, rows, None, using, "probe_failed", by, text)
+
+
+def _probe_change(
+    target: Target,
+    pk: Any,
+    rows: Any,
+    probing_since: Any,
+    using: str,
+    kind: _history.Kind,
+    by: _history.By,
+    error: str | None,
+) -> bool:
+    """Set ``probing_since`` on ``rows`` and, if that changed the row, record the event, in one
+    transaction."""
     with transaction.atomic(using=using):
-        if not rows.update(**{probing: None}):
+        if not rows.update(**{cast(str, target.probing_since): probing_since}):
             return False
-        text = f"not sent: {_errors.describe(error)}"
-        by = _history.By.run("probe", task, task_id)
-        _history.record(using, target.model, pk, "probe_failed", by, text)
+        _history.record(using, target.model, pk, kind, by, error)
     return True
 
 

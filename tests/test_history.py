@@ -11,7 +11,7 @@ from typing import Any, get_args
 
 import pytest
 from celery import Celery
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import transaction
@@ -23,6 +23,7 @@ from celery_deactivate.exceptions import DeactivateConfigError
 from celery_deactivate.models import HistoryEvent
 from celery_deactivate.signals import object_deactivated
 from celery_deactivate.tasks import maintain, maintain_history
+from tests.conftest import staff_client as staff
 from tests.conftest import statements
 from tests.testapp import outage_tasks, tasks
 from tests.testapp.models import Feed, ProxyFeed
@@ -321,14 +322,6 @@ def test_every_kind_and_cause_has_its_words() -> None:
 
 
 # -- shown: the admin's change page and changelist, the command ---------------------------------
-
-
-def staff(username: str, *codenames: str) -> Client:
-    user = User.objects.create_user(username, is_staff=True)
-    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def test_the_change_page_shows_the_newest_events_and_links_to_all() -> None:
