@@ -4,8 +4,8 @@ The task, the worker's crash handler, the admin actions and the management comma
 so they all write the same fields and send the same signals.  Each change is one ORM ``UPDATE``
 of the library's own columns, conditioned on the row's active flag (so concurrent callers change
 a row once), a read of the row and the object's history event (one ``INSERT``, ``_history``) in
-the same transaction; the signal is sent in that transaction, like Django's model signals.  Everything goes through Django's ``QuerySet``, on
-every backend.
+the same transaction; the signal is sent in that transaction, like Django's model signals.
+Everything goes through Django's ``QuerySet``, on every backend.
 
 The fields each change writes are looked up by role (:data:`~celery_deactivate.target.ROLES`).
 The row's reads live in ``_reads``, the statements' bound and the signals' savepoint in
