@@ -9,7 +9,7 @@ DOCS_STAMP := $(VENV)/.installed-docs
 SPHINXOPTS ?= -n -W --keep-going
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-crash test-matrix demo docs lint typecheck bench clean dist
+.PHONY: help venv test test-crash test-matrix demo docs screenshots lint typecheck bench clean dist
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,10 @@ demo: $(STAMP) ## Run the example project end to end on SQLite + a filesystem br
 docs: $(DOCS_STAMP) ## Build the documentation site into docs/_build/html (Sphinx, warnings as errors)
 	rm -rf docs/_build/html
 	$(PY) -m sphinx $(SPHINXOPTS) -b html docs docs/_build/html
+
+# The pictures of the admin in the docs are taken by its browser tests, never by hand.
+screenshots: $(STAMP) ## Retake docs/images/admin-*.png with the admin's browser tests (headless Chromium)
+	SCREENSHOT_DIR=docs/images $(PY) -m pytest -q tests/test_admin_browser.py $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check celery_deactivate tests examples

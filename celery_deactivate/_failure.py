@@ -75,7 +75,14 @@ def record(
         if _guard.outage_open(options, state):
             assert state is not None
             outcome = services.record_probe_failure(
-                target, pk, exc, cooldown=cooldown, using=using, timeout=timeout
+                target,
+                pk,
+                exc,
+                cooldown=cooldown,
+                using=using,
+                timeout=timeout,
+                sender=task,
+                task_id=task_id,
             )
             if outcome is None:
                 assert state.outage_started_at is not None

@@ -43,6 +43,11 @@ def check_option_names(task_class: type[Any]) -> None:
             continue
         if not is_misspelt_option(name):
             continue
+        if name in OPTIONS:
+            raise DeactivateConfigError(
+                f"{name} is a worker-wide setting (app.conf.{name}), not a task option",
+                task=task_name,
+            )
         closest = closest_option(name)
         guess = "" if closest is None else f" (did you mean {closest!r}?)"
         raise DeactivateConfigError(

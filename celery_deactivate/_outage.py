@@ -13,7 +13,17 @@ from django.db import transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from . import _errors, _metrics, _notices, _store, _transaction, notify, services, signals
+from . import (
+    _errors,
+    _history,
+    _metrics,
+    _notices,
+    _store,
+    _transaction,
+    notify,
+    services,
+    signals,
+)
 from ._options import AnyTask, Options
 from .states import Cause
 
@@ -36,6 +46,7 @@ def start_outage(
     from .models import TaskState
 
     name, target = task.name, task.target
+    outage = _history.By.run("outage", task, None)
     runs, failures = _store.sums(name, options.window, using, since)
     totals = {
         "runs": runs,
@@ -46,6 +57,7 @@ def start_outage(
         rows = TaskState.objects.using(using).filter(task=name, outage_started_at__isnull=True)
         if not rows.update(outage_started_at=now):
             return False
+        _history.record(using, target.model, None, "outage_started", outage, exc)
         victims = _victims(name, since, using)
         reactivated = reactivate_victims(task, target, options, victims, using)
         _send(
@@ -107,6 +119,9 @@ def end_if_over(task: AnyTask, options: Options, started: datetime, using: str) 
         rows = TaskState.objects.using(using).filter(task=name, outage_started_at=started)
         if not rows.update(outage_started_at=None, outage_ended_at=now):
             return False  # ended by another process
+        _history.record(
+            using, task.target.model, None, "outage_ended", _history.By.run("outage", task, None)
+        )
         _send(signals.outage_ended, task, started_at=started, ended_at=now, counts=totals)
     logger.warning(
         "celery_deactivate: outage of %s ended after %s: %d of %d finished runs failed for good "
@@ -168,8 +183,9 @@ def reactivate_victims(
                     task.name,
                 )
                 continue
+            by = _history.By.run("outage", task, None)
             instance = services.reactivate(
-                model, pk, fields=fields, using=model_db, cause=Cause.OUTAGE
+                model, pk, fields=fields, using=model_db, cause=Cause.OUTAGE, by=by
             )
             if instance is None:
                 continue

@@ -37,7 +37,7 @@ from celery._state import (  # type: ignore[attr-defined]  # not in celery-types
 from celery.exceptions import Ignore, Reject, Retry
 from django.db import DatabaseError, connections, router, transaction
 
-from . import _errors, _guard, _metrics, _reads, services
+from . import _errors, _guard, _history, _metrics, _reads, services
 from ._options import AnyTask, Options
 from .target import State, Target
 
@@ -238,13 +238,15 @@ def _after_success(
     try:
         if state.active:
             services.reset_failures(target, pk, using=using)
-        elif services.end_probe(target, pk, using=using) is not None:
-            logger.warning(
-                "celery_deactivate: %s re-activated: its probe %s succeeded",
-                target.identity(pk),
-                task.name,
-            )
-            _metrics.probe_succeeded(task.name, target.label)
+        else:
+            probe = _history.By.run("probe", task, task.request.id)
+            if services.end_probe(target, pk, using=using, by=probe) is not None:
+                logger.warning(
+                    "celery_deactivate: %s re-activated: its probe %s succeeded",
+                    target.identity(pk),
+                    task.name,
+                )
+                _metrics.probe_succeeded(task.name, target.label)
     except Exception as exc:
         logger.error(
             "celery_deactivate: %s succeeded on %s but its state could not be updated (%s)",

@@ -37,7 +37,8 @@ from django.utils.text import Truncator, capfirst
 from django.utils.translation import gettext, ngettext_lazy
 from django.utils.translation import gettext_lazy as _
 
-from . import _errors, services
+from . import _errors, _history_admin, _status, services
+from .models import HistoryEvent, TaskStatus
 from .states import Cause, State, condition, detail, state_of, states
 from .target import Target
 
@@ -173,9 +174,11 @@ class DeactivatableAdminMixin(_ModelAdmin):
     def get_readonly_fields(
         self, request: HttpRequest, obj: Model | None = None
     ) -> tuple[str, ...]:
-        """The class's ``readonly_fields``, the library's fields and the ``deactivation_state``."""
+        """The class's ``readonly_fields``, the library's fields, the ``deactivation_state`` and,
+        on a change page, the ``deactivation_history``."""
         fields = tuple(super().get_readonly_fields(request, obj))
-        ours = ("deactivation_state", *self.deactivation_target.recorded())
+        history = ("deactivation_history",) if obj is not None else ()
+        ours = ("deactivation_state", *history, *self.deactivation_target.recorded())
         return fields + tuple(name for name in ours if name not in fields)
 
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -233,7 +236,9 @@ class DeactivatableAdminMixin(_ModelAdmin):
         target = self.deactivation_target
         changed = unchanged = 0
         for pk, was_active in list(queryset.values_list("pk", target.active)):
-            instance = change(self.model, pk, fields=self.deactivate_fields, cause=Cause.ADMIN)
+            instance = change(
+                self.model, pk, fields=self.deactivate_fields, cause=Cause.ADMIN, by=request.user
+            )
             if instance is None:
                 unchanged += 1
                 continue
@@ -262,6 +267,11 @@ class DeactivatableAdminMixin(_ModelAdmin):
             capfirst(state.label),
             f" ({extra})" if extra else "",
         )
+
+    @admin.display(description=_("history"))
+    def deactivation_history(self, obj: Model) -> SafeString:
+        """The object's newest events, with a link to all of them (name it in ``fieldsets``)."""
+        return _history_admin.history_table(self.admin_site, obj)
 
     @admin.display(description=_("error"))
     def deactivation_message(self, obj: Model) -> SafeString | str:
@@ -317,7 +327,7 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
         if self.fieldsets:
             return tuple(super().get_fieldsets(request, obj))
         target = self.deactivation_target
-        ours = {"deactivation_state", *target.recorded()}
+        ours = {"deactivation_state", "deactivation_history", *target.recorded()}
         own = {"fields": tuple(f for f in _flat(self.get_fields(request, obj)) if f not in ours)}
         if obj is None:
             return ((None, own),)
@@ -326,7 +336,8 @@ class DeactivatableAdmin(DeactivatableAdminMixin, _ModelAdmin):
             *(name for name in (target.deactivated_at, target.failure_count) if name),
             *([target.error_message] if target.error_message else []),
         )
-        return ((None, own), (_("Deactivation"), {"fields": shown}))
+        history = (_("History"), {"fields": ("deactivation_history",)})
+        return ((None, own), (_("Deactivation"), {"fields": shown}), history)
 
 
 def _history(target: Target, instance: Model, was_active: bool) -> str:
@@ -351,3 +362,13 @@ def _field_of(lookup: str) -> str:
     """The field a ``search_fields`` entry searches: ``"^title"`` and ``"title__iexact"``
     search ``title``."""
     return lookup.lstrip("^=@").split("__", 1)[0]
+
+
+admin.site.register(HistoryEvent, _history_admin.HistoryEventAdmin)
+
+
+@admin.register(TaskStatus)
+class TaskStatusAdmin(_status.TaskStatusAdmin):
+    """The status page of the deactivating tasks, in this module's state vocabulary."""
+
+    states = staticmethod(states)

@@ -4,6 +4,8 @@ Every option is set per task as an ``@app.task(...)`` keyword, or worker-wide as
 of the same name (``app.conf.deactivate_after = 3``; ``CELERY_DEACTIVATE_AFTER = 3`` in Django
 settings under the ``CELERY`` namespace).  The per-task value wins; ``None`` means "not set here".
 Values are read when they are needed, never at import time, so per-test configuration works.
+A few options concern the library's tables rather than a task (``deactivate_history_days``): they
+are worker-wide settings only (read by ``setting()``), and a task keyword of that name is an error.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class Option:
     default: Any
     coerce: Callable[[Any], Any]
     doc: str
+    #: A worker-wide setting only (``app.conf``), not a task keyword.
+    worker_wide: bool = False
 
 
 def _positive_int(value: Any) -> int:
@@ -72,6 +76,12 @@ def _rate(value: Any) -> float:
 def _positive_seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError(f"must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _positive_days(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"must be a number of days > 0, got {value!r}")
     return float(value)
 
 
@@ -252,11 +262,21 @@ OPTIONS: Mapping[str, Option] = {
             "should not hold a connection 'idle in transaction'): a failure still counts and "
             "deactivates, but what the body wrote before failing stays.",
         ),
+        Option(
+            "deactivate_history_days",
+            90.0,
+            _positive_days,
+            "Worker-wide only: days each object's history events are kept "
+            "(celery_deactivate.maintain deletes the older ones, in bounded batches).",
+            worker_wide=True,
+        ),
     )
 }
 
 #: Every keyword a deactivating task accepts besides Celery's own.
-KNOWN_OPTIONS = frozenset(OPTIONS) | {"model"}
+KNOWN_OPTIONS = frozenset(name for name, option in OPTIONS.items() if not option.worker_wide) | {
+    "model"
+}
 
 
 def _app_of(task: Any) -> Any:
@@ -281,6 +301,17 @@ def resolve(task: Task[Any, Any] | type[Task[Any, Any]], name: str) -> Any:
         return _coerced(option, value)
     except (ValueError, TypeError, ImportError, AttributeError) as exc:
         raise DeactivateConfigError(f"{name} {exc}", task=task.name) from exc
+
+
+def setting(app: Any, name: str) -> Any:
+    """The value of the worker-wide option ``name`` (``worker_wide``) on ``app``: its setting,
+    else the default; read when needed, as :func:`resolve` reads a task's."""
+    option = OPTIONS[name]
+    value = app.conf.get(name)
+    try:
+        return _coerced(option, option.default if value is None else value)
+    except (ValueError, TypeError) as exc:
+        raise DeactivateConfigError(f"{name} {exc}") from exc
 
 
 #: Coerced option values by ``(option, type, value)``, for values that can be keys (a dotted

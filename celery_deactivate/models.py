@@ -6,13 +6,17 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 from django.db import models
 
+from ._history import CAUSES, KINDS
+
 __all__ = [
     "DeactivatableModel",
     "DeactivatableQuerySet",
+    "HistoryEvent",
     "PausedSchedule",
     "TaskFailure",
     "TaskRuns",
     "TaskState",
+    "TaskStatus",
 ]
 
 _M = TypeVar("_M", bound=models.Model)
@@ -213,3 +217,60 @@ class TaskFailure(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task} pk={self.object_pk}"
+
+
+# -- the operators' view (issue #20) --------------------------------------------------------------
+
+
+class HistoryEvent(models.Model):
+    """One change of an object's state, or of its task's (an outage): the history operators
+    read on the admin change page and with ``manage.py deactivated MODEL PK --history``.
+
+    Written by the library's private ``_history`` module, one ``INSERT`` in the transaction of
+    the change it records (rolled back with it); kept ``deactivate_history_days`` days, pruned
+    by ``celery_deactivate.maintain``.  Read it, never write it by hand.
+    """
+
+    at = models.DateTimeField()
+    #: ``app_label.Model`` of the object (its concrete model); of the task's model for an outage.
+    model = models.CharField(max_length=200)
+    #: The object's primary key, as text (``""``: an outage, an event of the task).
+    object_pk = models.CharField(max_length=255, blank=True, default="")
+    #: What happened: ``_history.KINDS``.
+    kind = models.CharField(max_length=20, choices=list(KINDS.items()))
+    #: Why: ``_history.CAUSES`` (a failure, by hand, a probe, the outage guard).
+    cause = models.CharField(max_length=20, choices=list(CAUSES.items()))
+    task = models.CharField(max_length=255, blank=True, default="")
+    task_id = models.CharField(max_length=255, blank=True, default="")
+    #: Who did it by hand: the admin user's username, ``"command"`` (``manage.py deactivated``).
+    actor = models.CharField(max_length=150, blank=True, default="")
+    #: The admin user's primary key, as text.
+    actor_id = models.CharField(max_length=255, blank=True, default="")
+    #: The error, at most ``celery_deactivate._history.ERROR_LENGTH`` (1,000) characters.
+    error = models.TextField(blank=True, default="")
+
+    class Meta:
+        verbose_name = "history event"
+        ordering = ("-at", "-id")
+        indexes = (
+            # An object's history, newest first.
+            models.Index(fields=("model", "object_pk", "at"), name="celery_deac_history_object"),
+            # A model's events per hour (the status page's chart).
+            models.Index(fields=("model", "at"), name="celery_deac_history_model"),
+            # Pruning by age.
+            models.Index(fields=("at",), name="celery_deac_history_at"),
+        )
+
+    def __str__(self) -> str:
+        about = f"{self.model} pk={self.object_pk}" if self.object_pk else self.task
+        return f"{about} {self.get_kind_display()} {self.get_cause_display()}"
+
+
+class TaskStatus(TaskState):
+    """The admin's status page of the deactivating tasks (``celery_deactivate.admin``): a proxy,
+    so that the page has its place, its URL and its permissions in the admin; no table."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "task status"
+        verbose_name_plural = "task status"

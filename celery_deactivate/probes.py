@@ -18,10 +18,12 @@ import logging
 from datetime import timedelta
 from typing import Any, cast
 
+from celery.utils import uuid
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import _metrics, _reads, services
+from . import _errors, _history, _metrics, _reads, services
 from ._options import Options
 from .target import Target
 from .task import DeactivatingTask
@@ -72,14 +74,15 @@ def send_due_probes(
     )
     sent = 0
     for pk in list(candidates):
-        if not claim_probe(target, pk, now, stale_before, using=using):
+        task_id = uuid()
+        if not claim_probe(target, pk, now, stale_before, using=using, task=task, task_id=task_id):
             continue  # someone else claimed it meanwhile
         try:
-            task.apply_async((pk,))
-        except Exception:
+            task.apply_async((pk,), task_id=task_id)
+        except Exception as exc:
             # Not sent (the broker is down; an eager probe that propagates its failure): give the
             # claim back, so that the next maintain run tries again.
-            release_probe(target, pk, now, using=using)
+            release_probe(target, pk, now, using=using, task=task, task_id=task_id, error=exc)
             logger.exception(
                 "celery_deactivate: %s: the probe of %s could not be sent",
                 task.name,
@@ -92,19 +95,61 @@ def send_due_probes(
     return sent
 
 
-def claim_probe(target: Target, pk: Any, now: Any, stale_before: Any, *, using: str) -> bool:
+def claim_probe(
+    target: Target,
+    pk: Any,
+    now: Any,
+    stale_before: Any,
+    *,
+    using: str,
+    task: Any = None,
+    task_id: str | None = None,
+) -> bool:
     """Mark a probe of this deactivated object as out, if one is due and none is out (or the
     one out is older than ``stale_before``: lost).  One conditioned ``UPDATE``: however many
-    callers try at once, one wins."""
+    callers try at once, one wins; the winner records "probe sent" (the probe ``task_id`` of
+    ``task``) in its transaction."""
     rows = _reads.object_row(target, pk, using).filter(probe_due(target, now, stale_before))
-    return bool(rows.update(**{cast(str, target.probing_since): now}))
+    by = _history.By.run("probe", task, task_id)
+    return _probe_change(target, pk, rows, now, using, "probe_sent", by, None)
 
 
-def release_probe(target: Target, pk: Any, claimed_at: Any, *, using: str) -> bool:
-    """Give back the claim :func:`claim_probe` made at ``claimed_at`` (its probe was not sent)."""
+def release_probe(
+    target: Target,
+    pk: Any,
+    claimed_at: Any,
+    *,
+    using: str,
+    task: Any = None,
+    task_id: str | None = None,
+    error: BaseException | None = None,
+) -> bool:
+    """Give back the claim :func:`claim_probe` made at ``claimed_at``: its probe was not sent
+    (``error``), which the object's history says as "probe failed"."""
     probing = cast(str, target.probing_since)
     rows = _reads.object_row(target, pk, using).filter(**{probing: claimed_at})
-    return bool(rows.update(**{probing: None}))
+    by = _history.By.run("probe", task, task_id)
+    text = f"not sent: {_errors.describe(error)}"
+    return _probe_change(target, pk, rows, None, using, "probe_failed", by, text)
+
+
+def _probe_change(
+    target: Target,
+    pk: Any,
+    rows: Any,
+    probing_since: Any,
+    using: str,
+    kind: _history.Kind,
+    by: _history.By,
+    error: str | None,
+) -> bool:
+    """Set ``probing_since`` on ``rows`` and, if that changed the row, record the event, in one
+    transaction."""
+    with transaction.atomic(using=using):
+        if not rows.update(**{cast(str, target.probing_since): probing_since}):
+            return False
+        _history.record(using, target.model, pk, kind, by, error)
+    return True
 
 
 def probe_due(target: Target, now: Any, stale_before: Any) -> Q:

@@ -3,9 +3,9 @@
 The task, the worker's crash handler, the admin actions and the management command all call them,
 so they all write the same fields and send the same signals.  Each change is one ORM ``UPDATE``
 of the library's own columns, conditioned on the row's active flag (so concurrent callers change
-a row once), and a read of the row in the same transaction; the signal is sent in that
-transaction, like Django's model signals.  Everything goes through Django's ``QuerySet``, on
-every backend.
+a row once), a read of the row and the object's history event (one ``INSERT``, ``_history``) in
+the same transaction; the signal is sent in that transaction, like Django's model signals.
+Everything goes through Django's ``QuerySet``, on every backend.
 
 The fields each change writes are looked up by role (:data:`~celery_deactivate.target.ROLES`).
 The row's reads live in ``_reads``, the statements' bound and the signals' savepoint in
@@ -25,7 +25,7 @@ from django.db import router, transaction
 from django.db.models import Case, F, Model, Q, Value, When
 from django.utils import timezone
 
-from . import _charset, _metrics, signals
+from . import _charset, _history, _metrics, signals
 from ._errors import ERROR_LENGTH, fit, format_error
 from ._reads import field_of, object_row, read_changed
 from ._transaction import bounded, send
@@ -95,10 +95,15 @@ def record_failure(
             if cooldown is not None:
                 probed = _probe_failed(target, pk, exc, cooldown[1], using)
                 if probed is not None:
+                    by = _history.By.run("probe", sender, task_id)
+                    _history.record(using, target.model, pk, "probe_failed", by, exc)
                     return FailureOutcome(probed, False, target.count_of(probed), probed=True)
             return FailureOutcome(None, False, None)
         count = target.count_of(instance)
         deactivated = not getattr(instance, target.active)
+        if deactivated:
+            by = _history.By.run("failure", sender, task_id)
+            _history.record(using, target.model, pk, "deactivated", by, exc)
         signal = signals.object_deactivated if deactivated else signals.failure_counted
         send(signal, target, sender, instance, exception=exc, task_id=task_id, failure_count=count)
     return FailureOutcome(instance, deactivated, count)
@@ -124,6 +129,7 @@ def deactivate(
     fields: Mapping[str, str | None] | None = None,
     using: str | None = None,
     cause: str = Cause.CODE,
+    by: Any = None,
 ) -> Model | None:
     """Deactivate one object by hand (admin, command, ``instance.deactivate()``); ``None`` if
     nothing changed.
@@ -140,7 +146,9 @@ def deactivate(
     already.  An inactive object without a probe is left alone.
 
     ``cause``: who asked (a :class:`~celery_deactivate.states.Cause`: the admin, code), for the
-    metrics.
+    metrics.  ``by`` is who did it, for the object's history: a user (the admin passes
+    ``request.user``) or a text (the management command passes ``"command"``); ``None``: not
+    said.
     """
     target = target_for(model, fields)
     using = using or db_for(target)
@@ -148,7 +156,8 @@ def deactivate(
     with transaction.atomic(using=using):
         instance = _change(target, pk, values, True, using)
         if instance is None:
-            return _stop_probes(target, pk, using)
+            return _stop_probes(target, pk, using, by)
+        _history.record(using, model, pk, "deactivated", _history.By.of(by), exception)
         send(
             signals.object_deactivated,
             target,
@@ -162,7 +171,7 @@ def deactivate(
     return instance
 
 
-def _stop_probes(target: Target, pk: Any, using: str) -> Model | None:
+def _stop_probes(target: Target, pk: Any, using: str, by: Any) -> Model | None:
     """Turn off the probes of a deactivated object (one scheduled or out); ``None`` if it had
     none."""
     if not target.probes:
@@ -171,6 +180,7 @@ def _stop_probes(target: Target, pk: Any, using: str) -> Model | None:
     values = {cast(str, getattr(target, role)): None for role in PROBE_ROLES}
     if not rows.update(**values):
         return None
+    _history.record(using, target.model, pk, "probes_off", _history.By.of(by))
     logger.info(
         "celery_deactivate: %s was deactivated already; deactivated by hand, its cool-down "
         "probes are off",
@@ -186,24 +196,29 @@ def reactivate(
     fields: Mapping[str, str | None] | None = None,
     using: str | None = None,
     cause: str = Cause.CODE,
+    by: Any = None,
 ) -> Model | None:
     """Make one inactive object active again and clear its error; ``None`` if it was active.
 
     ``cause``: who asked (a :class:`~celery_deactivate.states.Cause`: the admin, the command,
-    the outage guard, code), for the metrics."""
+    the outage guard, code), for the metrics; ``by`` is who did it, as for :func:`deactivate`."""
     target = target_for(model, fields)
     using = using or db_for(target)
     with transaction.atomic(using=using):
         instance = _change(target, pk, _reactivation(target), False, using)
         if instance is not None:
+            _history.record(using, model, pk, "reactivated", _history.By.of(by))
             send(signals.object_reactivated, target, model, instance)
     _metrics.changed("celery_deactivate.reactivations", target.label, cause, instance)
     return instance
 
 
-def end_probe(target: Target, pk: Any, *, using: str | None = None) -> Model | None:
+def end_probe(
+    target: Target, pk: Any, *, using: str | None = None, by: _history.By | None = None
+) -> Model | None:
     """A cool-down probe succeeded: re-activate the object (as :func:`reactivate` does, sending
-    :data:`~celery_deactivate.signals.object_reactivated`); ``None`` if no probe was out."""
+    :data:`~celery_deactivate.signals.object_reactivated`); ``None`` if no probe was out.
+    ``by``: the probe's task and task id."""
     using = using or db_for(target)
     assert target.probing_since is not None
     with transaction.atomic(using=using):
@@ -211,6 +226,7 @@ def end_probe(target: Target, pk: Any, *, using: str | None = None) -> Model | N
         if not object_row(target, pk, using, **where).update(**_reactivation(target)):
             return None
         instance = read_changed(target, pk, using)
+        _history.record(using, target.model, pk, "reactivated", by or _history.By("probe"))
         send(signals.object_reactivated, target, target.model, instance)
     return instance
 
@@ -251,6 +267,8 @@ def record_probe_failure(
     cooldown: tuple[float, float] | None,
     using: str | None = None,
     timeout: float | None = None,
+    sender: Any = None,
+    task_id: str | None = None,
 ) -> FailureOutcome | None:
     """Record the failure of the cool-down probe out for this deactivated object (as
     :func:`record_failure` does for one), and nothing else: ``None`` if no probe was out or
@@ -260,6 +278,9 @@ def record_probe_failure(
     using = using or db_for(target)
     with transaction.atomic(using=using), bounded(using, timeout):
         probed = _probe_failed(target, pk, exc, cooldown[1], using)
+        if probed is not None:
+            by = _history.By.run("probe", sender, task_id)
+            _history.record(using, target.model, pk, "probe_failed", by, exc)
     if probed is None:
         return None
     return FailureOutcome(probed, False, target.count_of(probed), probed=True)

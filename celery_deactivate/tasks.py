@@ -12,10 +12,12 @@ from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
+from django.db import router
 from django.utils import timezone
 
-from . import _errors, _notices, _outage, _store, dispatch
+from . import _errors, _history, _notices, _outage, _store, dispatch
 from ._options import Options
+from .conf import setting
 
 __all__ = ["MAINTAIN_TASK", "dispatch_active", "dispatch_range", "maintain", "maintain_entry"]
 
@@ -65,11 +67,17 @@ def maintain(self: Any) -> None:
     * the outage guard and the notice windows: end the outages that are over, send the digests
       whose window ended, delete counts no window needs (:func:`maintain_guard`);
     * cool-down probes: claim and send the probes that are due, except for a task whose outage is
-      open (:func:`celery_deactivate.probes.maintain`).
+      open (:func:`celery_deactivate.probes.maintain`);
+    * the objects' history: delete the events older than ``deactivate_history_days``, in
+      bounded batches (:func:`maintain_history`).
     """
     from . import probes
 
-    for concern, work in (("the outage guard", maintain_guard), ("probes", probes.maintain)):
+    for concern, work in (
+        ("the outage guard", maintain_guard),
+        ("probes", probes.maintain),
+        ("the history", maintain_history),
+    ):
         try:
             work(self.app)
         except Exception:
@@ -129,6 +137,26 @@ def _prune(name: str, options: Options, using: str) -> None:
     TaskFailure.objects.using(using).filter(
         task=name, failed_at__lt=now - horizon, notice_pending=False
     ).delete()
+
+
+def maintain_history(app: Any) -> int:
+    """Delete the history events older than ``deactivate_history_days`` (a worker-wide
+    setting, 90 days by default), on each database they are written to (the library's and those
+    of the app's deactivating tasks' models): at most
+    :data:`~celery_deactivate._history.PRUNE_BATCHES` statements of
+    :data:`~celery_deactivate._history.PRUNE_BATCH` rows per database and run.  How many went."""
+    from .task import DeactivatingTask
+
+    days = setting(app, "deactivate_history_days")
+    databases = {_store.db()}
+    for task in list(app.tasks.values()):
+        if isinstance(task, DeactivatingTask) and task.model is not None:
+            databases.add(router.db_for_write(task.target.model))
+    deleted = sum(_history.prune(using, days) for using in sorted(databases))
+    logger.info(
+        "celery_deactivate.maintain: %d history event(s) older than %g days deleted", deleted, days
+    )
+    return deleted
 
 
 def maintain_entry(every: float = 60.0, **entry_options: Any) -> dict[str, Any]:

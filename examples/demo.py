@@ -11,7 +11,10 @@
 6. the way back: ``manage.py deactivated`` lists the broken feed; its upstream is fixed, and once
    its cool-down has passed (an hour here: the demo asks ``celery_deactivate.maintain``'s probes
    an hour ahead) one probe polls it and re-activates it;
-7. print the feeds, the task results, what the app's receivers logged in the worker and the mails
+7. the operators' view: ``manage.py deactivated feeds.Feed PK --history`` shows the broken feed's
+   history (its failure, the probe, the re-activation), and the admin's status page of
+   ``feeds.tasks.poll`` renders with its chart;
+8. print the feeds, the task results, what the app's receivers logged in the worker and the mails
    to the admins, and check all of it.
 
 Exits 0 when everything is as expected, 1 otherwise.  The worker is always stopped.
@@ -106,10 +109,11 @@ def create_feeds() -> list[Any]:
     from django.core.management import call_command
     from feeds.models import Feed
 
-    from celery_deactivate.models import TaskFailure, TaskRuns, TaskState
+    from celery_deactivate.models import HistoryEvent, TaskFailure, TaskRuns, TaskState
 
     call_command("migrate", verbosity=0)
     Feed.objects.all().delete()  # the entries go with them (a database given by DATABASE_URL)
+    HistoryEvent.objects.filter(model="feeds.Feed").delete()
     for table in (TaskState, TaskRuns, TaskFailure):  # the outage guard's state of poll
         table.objects.filter(task="feeds.tasks.poll").delete()
     return [
@@ -418,6 +422,46 @@ def the_way_back(feeds: Sequence[Any]) -> list[str]:
     return problems
 
 
+def the_operators_view(feeds: Sequence[Any]) -> list[str]:
+    """The broken feed's history (the command), and the status page of the task (rendered by
+    the admin, as a superuser made for it and removed afterwards)."""
+    from io import StringIO
+
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+    from django.test import Client
+
+    from celery_deactivate.models import HistoryEvent
+
+    broken = feeds[FEED_TITLES.index(BROKEN_TITLE)]
+    listing = StringIO()
+    call_command("deactivated", "feeds.Feed", str(broken.pk), "--history", stdout=listing)
+    print(f"\n$ python manage.py deactivated feeds.Feed {broken.pk} --history")
+    print(listing.getvalue().rstrip())
+    problems = []
+    events = HistoryEvent.objects.filter(model="feeds.Feed", object_pk=str(broken.pk))
+    kinds = list(events.order_by("at", "id").values_list("kind", "cause"))
+    expected = [("deactivated", "failure"), ("probe_sent", "probe"), ("reactivated", "probe")]
+    if kinds != expected:
+        problems.append(f"{BROKEN_TITLE}'s history: {kinds}, expected {expected}")
+    user = User.objects.create_superuser("demo-status-page", "", None)
+    try:
+        client = Client(HTTP_HOST="127.0.0.1")
+        client.force_login(user)
+        page = client.get("/admin/celery_deactivate/taskstatus/")
+    finally:
+        user.delete()
+    html = page.content.decode()
+    bars = html.count('<rect class="bar"')
+    print(
+        f"\nThe status page (/admin/celery_deactivate/taskstatus/): HTTP {page.status_code}, "
+        f"{bars} bar(s) in the chart of feeds.tasks.poll"
+    )
+    if page.status_code != 200 or 'data-task="feeds.tasks.poll"' not in html or not bars:
+        problems.append(f"the status page: HTTP {page.status_code}, {bars} bars")
+    return problems
+
+
 def check_signals(feeds: Sequence[Any], lines: Sequence[str]) -> list[str]:
     """Each feed the outage's first failures deactivated was re-activated, and the broken feed by
     its probe; one start, one end."""
@@ -527,6 +571,7 @@ def main() -> int:
 
             # The way back: the operator's list, then the broken feed's cool-down probe.
             problems += the_way_back(feeds)
+            problems += the_operators_view(feeds)
         except TimeoutError:
             stop_worker(worker)
             show_log_tail(log_path)
@@ -552,7 +597,7 @@ def main() -> int:
         "back; when the upstream went down for every feed the guard tripped, no feed was "
         "deactivated and one outage notice was sent instead of a mail per feed; after the "
         f"recovery notice every feed polls again; once fixed, {BROKEN_TITLE} came back through "
-        "its cool-down probe. "
+        "its cool-down probe, and its history and the task's status page show it all. "
         f"Worker log: {log_path.relative_to(ROOT)}"
     )
     return 0

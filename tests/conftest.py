@@ -186,3 +186,15 @@ def mail_kind(subject: str) -> str:
     if "objects deactivated by" in subject:
         return "digest"
     return "deactivated"
+
+
+def staff_client(username: str, *codenames: str) -> Any:
+    """A logged-in staff user of the test client with the given permissions (``view_feed``)."""
+    from django.contrib.auth.models import Permission, User
+    from django.test import Client
+
+    user = User.objects.create_user(username, is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    client = Client()
+    client.force_login(user)
+    return client

@@ -472,6 +472,7 @@ def test_the_change_page_shows_the_full_error_read_only(
     assert sections == {
         None: ("title", "behaviour", "polls", "note"),
         "Deactivation": ("deactivation_state", "deactivated_at", "failure_count", "error_message"),
+        "History": ("deactivation_history",),
     }
     html = response.content.decode()
     assert "TimeoutError: the server did not answer<br>line two" in html

@@ -2,8 +2,11 @@
 through Debian's ``chromium-driver``, against pytest-django's ``live_server``.
 
 An operator logs in, filters the feeds deactivated by an error, opens one and reads its error,
-goes back, re-activates it with the action and sees it active.  With ``SCREENSHOT_DIR`` set, the
-changelist is saved there as ``admin-changelist.png`` (the picture in ``docs/images/``)::
+goes back, re-activates it with the action and sees it active.  Another opens the status page
+from the admin's index, reads its chart and counts, follows a count to the filtered changelist
+and an object's history.  With ``SCREENSHOT_DIR`` set, the pages are saved there as
+``admin-changelist.png``, ``admin-status.png`` and ``admin-history.png`` (the pictures in
+``docs/images/``: ``make screenshots``)::
 
     SCREENSHOT_DIR=docs/images .venv/bin/python -m pytest tests/test_admin_browser.py
 """
@@ -189,3 +192,115 @@ def test_an_operator_finds_a_broken_feed_reads_its_error_and_reactivates_it(
         0,
     )
     assert Feed.objects.filter(active=False).count() == 2
+
+
+def log_in(driver: WebDriver, url: str, username: str, password: str) -> None:
+    driver.get(url)
+    driver.find_element(By.ID, "id_username").send_keys(username)
+    driver.find_element(By.ID, "id_password").send_keys(password)
+    driver.find_element(By.CSS_SELECTOR, "#login-form [type=submit]").click()
+
+
+def test_the_status_page_charts_the_history_and_its_counts_filter_the_changelist(
+    live_server: Any, browser: WebDriver, feeds: dict[str, Feed]
+) -> None:
+    # Given an operator who may view feeds, and a week of history: the broken feeds deactivated
+    # by their failures hours ago, one re-activated by hand, one paused by hand now.
+    from django.contrib.auth.models import Permission
+
+    from celery_deactivate import services
+    from celery_deactivate.models import HistoryEvent
+    from tests.testapp import tasks
+
+    user = User.objects.create_user("ops", password="correct horse", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename="view_feed"))
+    now = timezone.now()
+    HistoryEvent.objects.bulk_create(
+        HistoryEvent(
+            at=now - datetime.timedelta(hours=hours),
+            model="testapp.Feed",
+            object_pk=str(feeds[key].pk),
+            kind=kind,
+            cause="failure" if kind == "deactivated" else "hand",
+            task=tasks.poll.name if kind == "deactivated" else "",
+            actor="" if kind == "deactivated" else "ops",
+        )
+        for key, kind, hours in (
+            ("refused", "deactivated", 50),
+            ("parse", "deactivated", 50),
+            ("refused", "reactivated", 26),
+            ("refused", "deactivated", 5),
+        )
+    )
+    services.deactivate(Feed, Feed.objects.get(title="Celery news").pk, by=user)
+
+    # When they open the status page from the admin's index
+    log_in(browser, f"{live_server.url}/admin/", "ops", "correct horse")
+    wait(browser, expected_conditions.presence_of_element_located((By.ID, "content-main")))
+    browser.find_element(By.LINK_TEXT, "Task status").click()
+    section = wait(
+        browser,
+        expected_conditions.presence_of_element_located(
+            (By.CSS_SELECTOR, f"section[data-task='{tasks.poll.name}']")
+        ),
+    )
+
+    # Then the chart draws the test's events, one bar per hour and kind, with its title
+    def hour(moment: datetime.datetime) -> str:
+        return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:00Z")
+
+    bars = {
+        (bar.get_attribute("data-kind"), bar.get_attribute("data-hour")): (
+            bar.get_attribute("data-count"),
+            bar.find_element(By.TAG_NAME, "title").get_attribute("textContent"),
+        )
+        for bar in section.find_elements(By.CSS_SELECTOR, "svg.deactivation-chart rect.bar")
+    }
+    fifty = now - datetime.timedelta(hours=50)
+    assert {key: count for key, (count, _) in bars.items()} == {
+        ("deactivated", hour(fifty)): "2",
+        ("reactivated", hour(now - datetime.timedelta(hours=26))): "1",
+        ("deactivated", hour(now - datetime.timedelta(hours=5))): "1",
+        ("deactivated", hour(now)): "1",
+    }
+    assert bars[("deactivated", hour(fifty))][1].endswith(":00 UTC: 2 deactivated")
+    svg = section.find_element(By.CSS_SELECTOR, "svg.deactivation-chart")
+    assert svg.size["width"] > 600 and svg.size["height"] > 100  # rendered, not collapsed
+    counts = {
+        item.get_attribute("data-figure"): item.find_element(By.CLASS_NAME, "figure").text
+        for item in section.find_elements(By.CSS_SELECTOR, "li[data-figure]")
+    }
+    assert counts == {
+        "active": "3",
+        "probing": "0",
+        "error": "2",
+        "hand": "2",
+        "probe_waiting": "0",
+        "probe_running": "0",
+    }
+    if os.environ.get("SCREENSHOT_DIR"):
+        folder = Path(os.environ["SCREENSHOT_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        browser.execute_script("arguments[0].scrollIntoView()", section)
+        assert section.screenshot(str(folder / "admin-status.png"))
+
+    # And a count links to the changelist, filtered to what it counts
+    section.find_element(By.CSS_SELECTOR, "li[data-figure='hand'] a").click()
+    wait(browser, expected_conditions.url_contains("deactivation=hand"))
+    assert titles(browser) == {"Old company news", "Celery news"}
+
+    # And the change page shows the object's history, the newest first
+    browser.find_element(By.LINK_TEXT, "Celery news").click()
+    history = wait(
+        browser,
+        expected_conditions.presence_of_element_located(
+            (By.CSS_SELECTOR, "table.deactivation-history")
+        ),
+    )
+    rows = history.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert [row.find_elements(By.TAG_NAME, "td")[1].text for row in rows] == ["deactivated by hand"]
+    assert rows[0].find_elements(By.TAG_NAME, "td")[2].text == "ops"
+    if os.environ.get("SCREENSHOT_DIR"):
+        fieldset = history.find_element(By.XPATH, "ancestor::fieldset")
+        browser.execute_script("arguments[0].scrollIntoView()", fieldset)
+        assert fieldset.screenshot(str(Path(os.environ["SCREENSHOT_DIR"]) / "admin-history.png"))

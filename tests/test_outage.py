@@ -367,6 +367,7 @@ def test_what_a_failure_costs_with_the_guard() -> None:
     assert own(sql[0]) == [
         "SELECT celery_deactivate_taskstate",  # is an outage open, a digest due?
         "INSERT celery_deactivate_taskstate",  # (the task's first failure: its row)
+        "INSERT celery_deactivate_historyevent",  # the deactivation's event (not the guard's)
         "UPDATE celery_deactivate_taskstate",  # a quiet period: the notice window opens
         "INSERT celery_deactivate_taskfailure",  # the object (an upsert)
         "SELECT celery_deactivate_taskfailure",  # distinct objects, up to the threshold
@@ -374,6 +375,7 @@ def test_what_a_failure_costs_with_the_guard() -> None:
     ]
     assert own(sql[1]) == [
         "SELECT celery_deactivate_taskstate",
+        "INSERT celery_deactivate_historyevent",
         "INSERT celery_deactivate_taskfailure",  # its notice waits for the digest
         "SELECT celery_deactivate_taskfailure",
         "SELECT celery_deactivate_taskstate",

@@ -2,7 +2,8 @@
 
 The success path adds to the body's own queries only the transaction and one read of the
 object's state; the failure path adds that read, one conditioned ``UPDATE`` of the library's own
-columns and one read of the changed row, beyond the rollback.
+columns and one read of the changed row, beyond the rollback, and, when the failure changes the
+object's state (a deactivation), one ``INSERT`` of its history event in that transaction.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def test_success_path_with_the_loaded_object_adds_nothing(eager: Celery) -> None
     assert len(task) == len(body)
 
 
-def test_failure_path_adds_a_read_a_write_and_a_read_of_the_change(
+def test_failure_path_adds_a_read_a_write_a_read_of_the_change_and_its_event(
     eager: Celery, no_guard: None
 ) -> None:
     body = task_statements(body_alone(Feed.objects.create(title="a", behaviour="fail").pk))
@@ -80,11 +81,12 @@ def test_failure_path_adds_a_read_a_write_and_a_read_of_the_change(
 
     task = task_statements(lambda: tasks.poll.delay(feed.pk))
 
-    assert len(task) == len(body) + 3
+    assert len(task) == len(body) + 4
     assert verbs(task[:1]) == ["SELECT"]
-    assert verbs(task[1:-2]) == verbs(body)
-    assert verbs(task[-2:]) == ["UPDATE", "SELECT"]
-    assert quoted("active") in task[-2][task[-2].upper().index(" WHERE ") :]  # conditioned on it
+    assert verbs(task[1:-3]) == verbs(body)
+    assert verbs(task[-3:]) == ["UPDATE", "SELECT", "INSERT"]
+    assert quoted("active") in task[-3][task[-3].upper().index(" WHERE ") :]  # conditioned on it
+    assert quoted("celery_deactivate_historyevent") in task[-1]  # the deactivation's event
     assert Feed.objects.get(pk=feed.pk).active is False
 
 
@@ -104,7 +106,7 @@ def test_success_after_failures_resets_the_count_with_one_targeted_update(eager:
 def test_failure_write_touches_only_its_own_columns(eager: Celery, no_guard: None) -> None:
     feed = Feed.objects.create(title="b", behaviour="fail")
     task = task_statements(lambda: tasks.poll.delay(feed.pk))
-    update = task[-2]
+    update = task[-3]  # (then the read of the row, the history's INSERT)
     set_clause = update[update.upper().index(" SET ") : update.upper().index(" WHERE ")]
     for column in ("title", "behaviour", "polls", "note"):
         assert quoted(column) not in set_clause
@@ -148,12 +150,14 @@ def test_failure_is_recorded_in_one_transaction_whoever_listens(
     finally:
         object_deactivated.disconnect(dispatch_uid="q")
 
-    # The state read, the body in its transaction, then the row updated and read in one
-    # transaction, the same statements whether a receiver listens or not (its savepoint aside).
+    # The state read, the body in its transaction, then the row updated and read and the event
+    # inserted in one transaction, the same statements whether a receiver listens or not (its
+    # savepoint aside).
     assert recorded[0] == ("SELECT", False)
     assert recorded[1 : 1 + len(body)] == [(word, True) for word, _ in body]
     recording = [entry for entry in recorded[1 + len(body) :] if entry[0] != "RELEASE"]
-    expected = [("UPDATE", True), ("SELECT", True)] + [("SAVEPOINT", True)] * receiver
+    expected = [("UPDATE", True), ("SELECT", True), ("INSERT", True)]
+    expected += [("SAVEPOINT", True)] * receiver
     assert recording == expected
     assert calls == [True] * receiver
     feed.refresh_from_db()
@@ -168,9 +172,10 @@ def test_failure_with_a_threshold_or_probes_is_recorded_in_a_transaction(
     # takes the row's lock before a probe's failure would be read (SQLite: no lock upgrade).
     feed = Feed.objects.create(title="p", behaviour="fail")
     recorded = in_transaction(lambda: getattr(tasks, task).delay(feed.pk))
-    assert recorded[-2:] == [("UPDATE", True), ("SELECT", True)]
+    probes = task == "poll_cooldown"  # deactivated at once: its event inserted too
+    change = [("UPDATE", True), ("SELECT", True)] + [("INSERT", True)] * probes
+    assert recorded[-len(change) :] == change
     feed.refresh_from_db()
-    probes = task == "poll_cooldown"
     assert (feed.active, feed.failure_count, feed.cooldown) == (
         not probes,
         1,

@@ -133,6 +133,9 @@ CELERY_DEACTIVATE_AFTER = 1
 CELERY_DEACTIVATE_OUTAGE_OBJECTS = 3
 CELERY_DEACTIVATE_OUTAGE_RATE = 0.5
 CELERY_DEACTIVATE_OUTAGE_WINDOW = 5
+# Five feeds: the rate is judged from the first run (default: from 100 runs in the window, which
+# five feeds never reach: no outage would ever start).
+CELERY_DEACTIVATE_OUTAGE_MIN_RUNS = 1
 # The first deactivation of a task in a quiet period is mailed at once; later ones within 5 minutes
 # wait for one digest (sent by celery_deactivate.maintain, in the beat schedule of celery.py).
 CELERY_DEACTIVATE_NOTIFY_WINDOW = 300

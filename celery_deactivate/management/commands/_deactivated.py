@@ -17,7 +17,7 @@ from django.db import DatabaseError, router
 from django.db.models import BooleanField, DateTimeField, Model, QuerySet
 from django.utils import timezone
 
-from ... import services
+from ... import _history, services
 from ...models import DeactivatableModel
 from ...states import describe, state_of
 from ...target import Target
@@ -170,6 +170,21 @@ def target_rows(target: Target, queryset: QuerySet[Any] | None = None) -> Iterat
         )
 
 
+def event_row(event: Any) -> dict[str, Any]:
+    """One history event as listed (``--history``); ``what`` and ``by`` in words for the table."""
+    return {
+        "at": event.at,
+        "kind": event.kind,
+        "cause": event.cause,
+        "task": event.task,
+        "task_id": event.task_id,
+        "actor": event.actor,
+        "error": event.error,
+        "what": _history.what(event),
+        "by": _history.who(event),
+    }
+
+
 # -- what the user typed -----------------------------------------------------------------------
 
 
@@ -241,6 +256,21 @@ def moment(text: str, field: DateTimeField[Any, Any], value: str) -> datetime | 
     if parsed is not None and settings.USE_TZ and timezone.is_naive(parsed):
         parsed = timezone.make_aware(parsed)
     return parsed
+
+
+def one_pk(target: Target, text: str) -> Any:
+    """The primary key typed, converted by the pk field; a :exc:`CommandError` if malformed.  The
+    object need not exist any more: its history outlives it."""
+    field = target.model._meta.pk
+    assert field is not None
+    try:
+        value = field.to_python(text)
+        field.run_validators(value)
+    except ValidationError as exc:
+        raise CommandError(
+            f"not a {target.label} primary key: {text!r} ({' '.join(exc.messages)})"
+        ) from exc
+    return value
 
 
 def existing_pks(target: Target, given: list[str]) -> list[Any]:

@@ -4,6 +4,7 @@
     manage.py deactivated app_label.Model --json             # one model: one JSON document
     manage.py deactivated app_label.Model --reactivate PK [PK ...] [--dry-run]
     manage.py deactivated app_label.Model --reactivate-all [--filter FIELD=VALUE ...] [--dry-run]
+    manage.py deactivated app_label.Model PK --history [--json]   # one object's history
 
 The models are those that subclass :class:`~celery_deactivate.DeactivatableModel` and those a
 deactivating task of the current Celery app works on (the command imports the task modules as a
@@ -23,7 +24,10 @@ error`` (with ``probe at 14:05`` when a cool-down probe is scheduled), ``deactiv
 ...]}`` (``state``: the state's key, ``error``, ``hand``, ``probing`` or ``deactivated``;
 ``null`` for a role the model does not record), and
 for a re-activation ``{"model", "dry_run", "reactivated": [pk, ...], "unchanged": [pk, ...]}``
-(with ``--dry-run``, what would be re-activated, and its ``"objects"``).
+(with ``--dry-run``, what would be re-activated, and its ``"objects"``).  ``--history`` lists
+one object's events, the newest first (those of the last ``deactivate_history_days``):
+``{"model", "pk", "count", "events": [{"at", "kind", "cause", "task", "task_id", "actor",
+"error", "what", "by"}, ...]}`` with ``--json`` (``what`` and ``by``: the table's words).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import QuerySet
 
-from ... import services
+from ... import _history, services
 from ...checks import deactivating_tasks
 from ...exceptions import DeactivateError
 from ...notify import one_line
@@ -48,11 +52,13 @@ from ._deactivated import (
     ProgressBar,
     Row,
     count_of,
+    event_row,
     every_target,
     existing_pks,
     filtered,
     first_line,
     model_target,
+    one_pk,
     pk_list,
     plural,
     shorten,
@@ -78,6 +84,7 @@ class Command(BaseCommand):
             nargs="?",
             help="app_label.ModelName; without it, list every model with deactivation fields",
         )
+        parser.add_argument("pk", nargs="?", help="with --history: the object's primary key")
         action = parser.add_mutually_exclusive_group()
         action.add_argument(
             "--reactivate", nargs="+", metavar="PK", help="re-activate these objects of MODEL"
@@ -86,6 +93,11 @@ class Command(BaseCommand):
             "--reactivate-all",
             action="store_true",
             help="re-activate every deactivated object of MODEL (those matching --filter, if any)",
+        )
+        action.add_argument(
+            "--history",
+            action="store_true",
+            help="list the events of the object PK of MODEL, the newest first",
         )
         parser.add_argument(
             "--filter",
@@ -118,6 +130,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         label: str | None = options["model"]
+        if options["history"] or options["pk"] is not None:
+            self.history(label, options)
+            return
         reactivating = bool(options["reactivate"] or options["reactivate_all"])
         if label is None:
             for flag, given in (
@@ -150,6 +165,40 @@ class Command(BaseCommand):
             pks = existing_pks(target, options["reactivate"])
             deactivated = deactivated.filter(pk__in=pks)
         self.reactivate(target, deactivated, pks, options)
+
+    def history(self, label: str | None, options: Mapping[str, Any]) -> None:
+        """``deactivated app_label.Model PK --history``: the object's events, newest first."""
+        if not (options["history"] and label and options["pk"] is not None):
+            raise CommandError(
+                "the history of one object: deactivated app_label.Model PK --history"
+            )
+        for flag in ("filters", "active_field", "dry_run"):
+            if options[flag]:
+                raise CommandError(
+                    f"--{flag.replace('_', '-').rstrip('s')} does not go with --history"
+                )
+        target = model_target(label, self.task_targets(), None)
+        pk = one_pk(target, options["pk"])
+        events = [event_row(event) for event in _history.of_object(target.model, pk)]
+        if options["json"]:
+            document = {"model": target.label, "pk": pk, "count": len(events), "events": events}
+            self.write_json(document)
+            return
+        header = ["WHEN", "WHAT", "BY", "ERROR"]
+        cells = [
+            [
+                when(row["at"]),
+                row["what"],
+                row["by"],
+                shorten(first_line(row["error"]), ERROR_WIDTH),
+            ]
+            for row in events
+        ]
+        widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header) - 1)]
+        for line in [header, *cells] if cells else []:
+            padded = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+            self.stdout.write("  ".join([*padded, line[-1]]).rstrip())
+        self.stdout.write(f"{len(events)} {plural(len(events), 'event')} of {target.identity(pk)}.")
 
     def task_targets(self) -> list[Target]:
         """The targets of the current Celery app's deactivating tasks, loaded as a worker loads
@@ -247,7 +296,7 @@ class Command(BaseCommand):
         with self.progress(len(todo), enabled=not options["json"]) as advance:
             for pk in todo:
                 reactivated = services.reactivate(
-                    target.model, pk, fields=fields, using=using, cause=Cause.COMMAND
+                    target.model, pk, fields=fields, using=using, cause=Cause.COMMAND, by="command"
                 )
                 if reactivated is None:
                     unchanged.append(pk)
