@@ -22,6 +22,7 @@ from django.db.models import Model, QuerySet
 from django.utils import timezone
 
 from . import _charset, _errors
+from .states import Cause as StateCause
 
 #: Characters of an error an event keeps (its head, ending with "…").
 ERROR_LENGTH = 1000
@@ -85,6 +86,16 @@ class By:
             return cls("hand", actor=by[:150])
         username = by.get_username() if hasattr(by, "get_username") else str(by)
         return cls("hand", actor=str(username)[:150], actor_id=str(getattr(by, "pk", "") or ""))
+
+    @property
+    def source(self) -> str:
+        """The :class:`~celery_deactivate.states.Cause` the metrics count the change by: the
+        library's own causes as they are; by hand, the admin (a user), the command, or code."""
+        if self.cause != "hand":
+            return self.cause
+        if self.actor_id:
+            return StateCause.ADMIN
+        return StateCause.COMMAND if self.actor == "command" else StateCause.CODE
 
     @classmethod
     def run(cls, cause: Cause, task: Any, task_id: str | None) -> By:

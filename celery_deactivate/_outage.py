@@ -25,7 +25,6 @@ from . import (
     signals,
 )
 from ._options import AnyTask, Options
-from .states import Cause
 
 if TYPE_CHECKING:
     from .target import Target
@@ -184,9 +183,7 @@ def reactivate_victims(
                 )
                 continue
             by = _history.By.run("outage", task, None)
-            instance = services.reactivate(
-                model, pk, fields=fields, using=model_db, cause=Cause.OUTAGE, by=by
-            )
+            instance = services.reactivate(model, pk, fields=fields, using=model_db, by=by)
             if instance is None:
                 continue
             logger.warning(

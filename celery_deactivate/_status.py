@@ -15,7 +15,6 @@ its URL (``admin:celery_deactivate_taskstatus_changelist``) like any model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from . import _chart, _guard, _history, _store
 from ._history_admin import ReadOnlyAdmin
 from ._options import Options
 from .checks import deactivating_tasks
-from .target import Target
+from .states import State, condition, states
 
 if TYPE_CHECKING:
     from .task import DeactivatingTask
@@ -112,21 +111,18 @@ def change_page(site: admin.AdminSite, model: type[Model], pk: Any) -> str | Non
     )
 
 
-def task_row(
-    task: DeactivatingTask,
-    site: admin.AdminSite,
-    states: Callable[[Target], Sequence[Any]],
-    now: datetime,
-) -> TaskRow:
+def task_row(task: DeactivatingTask, site: admin.AdminSite, now: datetime) -> TaskRow:
     """What the page shows of one task."""
     target = task.target
     model = target.model
     row = TaskRow(task.name, target.label)
     base = changelist(site, model)
     manager = model._base_manager.db_manager(router.db_for_write(model))
-    shown = list(states(target))
+    shown = states(target)
     # Named apart from the model's fields (an aggregate may not be called "active").
-    aggregates = {f"n_{state.key}": Count("pk", filter=state.condition) for state in shown}
+    aggregates = {
+        f"n_{state.value}": Count("pk", filter=condition(target, state)) for state in shown
+    }
     inactive = Q(**{target.active: False})
     if target.probes:
         waiting = Q(
@@ -138,23 +134,25 @@ def task_row(
         )
     counts = manager.aggregate(**aggregates)
     for state in shown:
-        url = f"{base}?deactivation={state.key}" if base else None
-        row.figures.append(Figure(str(state.label), counts[f"n_{state.key}"], url, state.key))
-    probing = next((state.key for state in shown if state.key == "probing"), None)
-    probe_url = f"{base}?deactivation={probing}" if base and probing else None
-    for key, label in (
-        ("probe_waiting", "waiting for a probe"),
-        ("probe_running", "probe running"),
+        url = f"{base}?deactivation={state.value}" if base else None
+        count = counts[f"n_{state.value}"]
+        row.figures.append(Figure(str(state.label), count, url, state.value))
+    # An object waiting for its probe is deactivated (by error), one whose probe runs is probing.
+    waiting = State.BY_ERROR if State.BY_ERROR in shown else State.DEACTIVATED
+    for key, label, state in (
+        ("probe_waiting", "waiting for a probe", waiting),
+        ("probe_running", "probe running", State.PROBING),
     ):
         if f"n_{key}" in counts:
-            row.figures.append(Figure(label, counts[f"n_{key}"], probe_url, key))
+            url = f"{base}?deactivation={state.value}" if base else None
+            row.figures.append(Figure(label, counts[f"n_{key}"], url, key))
     options = Options(task)
     using = _store.db()
     if options.records:
-        state = _store.read_state(task.name, using, create=False)
-        if state is not None:
-            row.outage_since = state.outage_started_at
-            row.digest_due = state.notify_until
+        task_state = _store.read_state(task.name, using, create=False)
+        if task_state is not None:
+            row.outage_since = task_state.outage_started_at
+            row.digest_due = task_state.notify_until
         if options.guard_on:
             row.guard = dict(_guard.counts_now(task))
         from .models import TaskFailure
@@ -179,11 +177,8 @@ def task_row(
 class TaskStatusAdmin(ReadOnlyAdmin):
     """The status page, as the changelist of the ``TaskStatus`` proxy: read-only, for staff
     users who may view the model of at least one deactivating task (a task's row shows only to
-    those who may view its model).  ``celery_deactivate.admin`` registers it with its state
-    vocabulary (:attr:`states`)."""
-
-    #: The states of a target's objects, as the admin's filter lists them.
-    states: Callable[[Target], Sequence[Any]]
+    those who may view its model).  Its counts name the states as the admin's filter does
+    (:mod:`celery_deactivate.states`)."""
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return bool(request.user.is_active and request.user.is_staff and visible_tasks(request))
@@ -202,8 +197,7 @@ class TaskStatusAdmin(ReadOnlyAdmin):
         if not self.has_view_permission(request):
             raise PermissionDenied
         now = timezone.now()
-        states = type(self).states
-        rows = [task_row(task, self.admin_site, states, now) for task in visible_tasks(request)]
+        rows = [task_row(task, self.admin_site, now) for task in visible_tasks(request)]
         context = {
             **self.admin_site.each_context(request),
             "title": "Deactivating tasks",

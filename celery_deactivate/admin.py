@@ -39,7 +39,7 @@ from django.utils.translation import gettext_lazy as _
 
 from . import _errors, _history_admin, _status, services
 from .models import HistoryEvent, TaskStatus
-from .states import Cause, State, condition, detail, state_of, states
+from .states import State, condition, detail, state_of, states
 from .target import Target
 
 if TYPE_CHECKING:
@@ -236,9 +236,7 @@ class DeactivatableAdminMixin(_ModelAdmin):
         target = self.deactivation_target
         changed = unchanged = 0
         for pk, was_active in list(queryset.values_list("pk", target.active)):
-            instance = change(
-                self.model, pk, fields=self.deactivate_fields, cause=Cause.ADMIN, by=request.user
-            )
+            instance = change(self.model, pk, fields=self.deactivate_fields, by=request.user)
             if instance is None:
                 unchanged += 1
                 continue
@@ -369,6 +367,4 @@ admin.site.register(HistoryEvent, _history_admin.HistoryEventAdmin)
 
 @admin.register(TaskStatus)
 class TaskStatusAdmin(_status.TaskStatusAdmin):
-    """The status page of the deactivating tasks, in this module's state vocabulary."""
-
-    states = staticmethod(states)
+    """The status page of the deactivating tasks."""

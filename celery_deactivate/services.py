@@ -29,7 +29,6 @@ from . import _charset, _history, _metrics, signals
 from ._errors import ERROR_LENGTH, fit, format_error
 from ._reads import field_of, object_row, read_changed
 from ._transaction import bounded, send
-from .states import Cause
 from .target import PROBE_ROLES, ROLES, Target, resolve_target
 
 __all__ = ["ERROR_LENGTH", "FailureOutcome", "deactivate", "reactivate", "record_failure"]
@@ -128,7 +127,6 @@ def deactivate(
     exception: BaseException | str | None = None,
     fields: Mapping[str, str | None] | None = None,
     using: str | None = None,
-    cause: str = Cause.CODE,
     by: Any = None,
 ) -> Model | None:
     """Deactivate one object by hand (admin, command, ``instance.deactivate()``); ``None`` if
@@ -145,19 +143,19 @@ def deactivate(
     deactivation stay as the failure recorded them, and no signal is sent: it was deactivated
     already.  An inactive object without a probe is left alone.
 
-    ``cause``: who asked (a :class:`~celery_deactivate.states.Cause`: the admin, code), for the
-    metrics.  ``by`` is who did it, for the object's history: a user (the admin passes
-    ``request.user``) or a text (the management command passes ``"command"``); ``None``: not
-    said.
+    ``by`` is who did it, for the object's history and the metrics: a user (the admin passes
+    ``request.user``) or a text (the management command passes ``"command"``); ``None``: code
+    that did not say.
     """
     target = target_for(model, fields)
     using = using or db_for(target)
     values = _deactivation(target, exception, error=exception is not None)
+    who = _history.By.of(by)
     with transaction.atomic(using=using):
         instance = _change(target, pk, values, True, using)
         if instance is None:
-            return _stop_probes(target, pk, using, by)
-        _history.record(using, model, pk, "deactivated", _history.By.of(by), exception)
+            return _stop_probes(target, pk, using, who)
+        _history.record(using, model, pk, "deactivated", who, exception)
         send(
             signals.object_deactivated,
             target,
@@ -167,11 +165,11 @@ def deactivate(
             task_id=None,
             failure_count=target.count_of(instance),
         )
-    _metrics.changed("celery_deactivate.deactivations", target.label, cause, instance)
+    _metrics.changed("celery_deactivate.deactivations", target.label, who.source, instance)
     return instance
 
 
-def _stop_probes(target: Target, pk: Any, using: str, by: Any) -> Model | None:
+def _stop_probes(target: Target, pk: Any, using: str, by: _history.By) -> Model | None:
     """Turn off the probes of a deactivated object (one scheduled or out); ``None`` if it had
     none."""
     if not target.probes:
@@ -180,7 +178,7 @@ def _stop_probes(target: Target, pk: Any, using: str, by: Any) -> Model | None:
     values = {cast(str, getattr(target, role)): None for role in PROBE_ROLES}
     if not rows.update(**values):
         return None
-    _history.record(using, target.model, pk, "probes_off", _history.By.of(by))
+    _history.record(using, target.model, pk, "probes_off", by)
     logger.info(
         "celery_deactivate: %s was deactivated already; deactivated by hand, its cool-down "
         "probes are off",
@@ -195,21 +193,20 @@ def reactivate(
     *,
     fields: Mapping[str, str | None] | None = None,
     using: str | None = None,
-    cause: str = Cause.CODE,
     by: Any = None,
 ) -> Model | None:
     """Make one inactive object active again and clear its error; ``None`` if it was active.
 
-    ``cause``: who asked (a :class:`~celery_deactivate.states.Cause`: the admin, the command,
-    the outage guard, code), for the metrics; ``by`` is who did it, as for :func:`deactivate`."""
+    ``by`` is who did it, as for :func:`deactivate`."""
     target = target_for(model, fields)
     using = using or db_for(target)
+    who = _history.By.of(by)
     with transaction.atomic(using=using):
         instance = _change(target, pk, _reactivation(target), False, using)
         if instance is not None:
-            _history.record(using, model, pk, "reactivated", _history.By.of(by))
+            _history.record(using, model, pk, "reactivated", who)
             send(signals.object_reactivated, target, model, instance)
-    _metrics.changed("celery_deactivate.reactivations", target.label, cause, instance)
+    _metrics.changed("celery_deactivate.reactivations", target.label, who.source, instance)
     return instance
 
 

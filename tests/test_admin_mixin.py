@@ -56,12 +56,12 @@ def test_the_change_form_of_a_mixin_admin_changes_no_field_of_the_library(
     reactivated: list[Any] = []
     object_reactivated.connect(lambda **kw: reactivated.append(kw), weak=False, dispatch_uid="m1")
 
-    # The form offers the model's own editable field only; every role is shown read-only, and
-    # so is the class's own read-only field
+    # The form offers the model's own editable field only; every role is shown read-only, with
+    # the state and the object's history, and so is the class's own read-only field
     response = admin_client.get(url)
     assert set(response.context["adminform"].form.fields) == {"title"}
     readonly = {field["field"] for _, field in _readonly(response)}
-    assert readonly == {"behaviour", "deactivation_state", *ROLES}
+    assert readonly == {"behaviour", "deactivation_state", "deactivation_history", *ROLES}
 
     # When an operator posts the fields anyway (ticks active, clears the error)
     data = {

@@ -55,10 +55,10 @@ def test_the_counts_of_each_task_link_to_the_filtered_changelist(feeds: dict[str
     assert row.model == "testapp.Feed"
     assert figures(row) == {
         "active": (2, "/admin/testapp/feed/?deactivation=active"),
-        "probing": (2, "/admin/testapp/feed/?deactivation=probing"),
-        "error": (0, "/admin/testapp/feed/?deactivation=error"),
+        "probing": (1, "/admin/testapp/feed/?deactivation=probing"),
+        "error": (1, "/admin/testapp/feed/?deactivation=error"),
         "hand": (1, "/admin/testapp/feed/?deactivation=hand"),
-        "probe_waiting": (1, "/admin/testapp/feed/?deactivation=probing"),
+        "probe_waiting": (1, "/admin/testapp/feed/?deactivation=error"),
         "probe_running": (1, "/admin/testapp/feed/?deactivation=probing"),
     }
     failed = Feed.objects.get(pk=feeds["failed"].pk)
@@ -68,7 +68,7 @@ def test_the_counts_of_each_task_link_to_the_filtered_changelist(feeds: dict[str
     # The links filter: the changelist lists what the count says.
     client = staff("viewer2", "view_feed")
     for key, (value, url) in figures(row).items():
-        if key in ("active", "hand", "probing"):
+        if key in ("active", "error", "hand", "probing"):
             assert client.get(url).context["cl"].result_count == value, key
     html = response.content.decode()
     assert '<a class="figure" href="/admin/testapp/feed/?deactivation=hand">1</a>' in html

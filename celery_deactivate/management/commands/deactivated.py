@@ -44,7 +44,6 @@ from ... import _history, services
 from ...checks import deactivating_tasks
 from ...exceptions import DeactivateError
 from ...notify import one_line
-from ...states import Cause
 from ...target import Target
 from ._deactivated import (
     COLUMNS,
@@ -296,7 +295,7 @@ class Command(BaseCommand):
         with self.progress(len(todo), enabled=not options["json"]) as advance:
             for pk in todo:
                 reactivated = services.reactivate(
-                    target.model, pk, fields=fields, using=using, cause=Cause.COMMAND, by="command"
+                    target.model, pk, fields=fields, using=using, by="command"
                 )
                 if reactivated is None:
                     unchanged.append(pk)
