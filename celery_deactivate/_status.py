@@ -125,10 +125,10 @@ def task_row(task: DeactivatingTask, site: admin.AdminSite, now: datetime) -> Ta
     }
     inactive = Q(**{target.active: False})
     if target.probes:
-        waiting = Q(
+        due = Q(
             **{f"{target.next_probe_at}__isnull": False, f"{target.probing_since}__isnull": True}
         )
-        aggregates["n_probe_waiting"] = Count("pk", filter=inactive & waiting)
+        aggregates["n_probe_waiting"] = Count("pk", filter=inactive & due)
         aggregates["n_probe_running"] = Count(
             "pk", filter=inactive & Q(**{f"{target.probing_since}__isnull": False})
         )
