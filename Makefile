@@ -64,8 +64,9 @@ bench: $(STAMP) ## Benchmarks side by side (tests/benchmarks/results.md); with P
 		$(PY) -m tests.benchmarks.outage $(OUTAGE_BENCH_ARGS); \
 	else echo "outage guard benchmark skipped: it needs DATABASE_URL (PostgreSQL) and a redis:// CELERY_BROKER_URL"; fi
 
-dist: $(STAMP) ## Build sdist and wheel into dist/
-	$(PY) -m pip install -q build
+# What the first release will publish; tests/test_packaging.py installs such a wheel in a fresh venv.
+dist: $(STAMP) ## Build the sdist and the wheel into dist/ (python -m build; install one with pip install dist/*.whl)
+	rm -rf dist
 	$(PY) -m build
 
 clean: ## Remove the venv, build output and caches
