@@ -9,10 +9,10 @@ DOCS_STAMP := $(VENV)/.installed-docs
 SPHINXOPTS ?= -n -W --keep-going
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-crash test-matrix demo docs screenshots lint typecheck bench clean dist
+.PHONY: help venv test test-crash test-matrix demo example-admin docs screenshots lint typecheck bench clean dist
 
 help: ## Show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ test-matrix: $(STAMP) ## Run the suite across Celery 5.3/5.5/5.7 x Django 4.2/5.
 
 demo: $(STAMP) ## Run the example project end to end on SQLite + a filesystem broker
 	$(PY) examples/demo.py
+
+# examples/var/ is kept: its SQLite database gets the feeds, the history and the login.
+example-admin: $(STAMP) ## The example's admin with feeds in every state and a login admin/admin (examples/README.md)
+	cd examples && ../$(PY) manage.py seed_demo --superuser admin --password admin
+	@echo
+	@echo "Now: cd examples && ../$(PY) manage.py runserver"
+	@echo "and open http://127.0.0.1:8000/admin/ (admin / admin)."
 
 docs: $(DOCS_STAMP) ## Build the documentation site into docs/_build/html (Sphinx, warnings as errors)
 	rm -rf docs/_build/html
