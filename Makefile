@@ -30,7 +30,7 @@ venv: $(STAMP) ## Create .venv and install the package with its test and dev ext
 # ports for the run, else SQLite + memory with each skip's reason (scripts/with-services.sh).
 # The suite runs once on DATABASE_URL, then again on MariaDB when MYSQL_URL is set (the
 # throwaway servers set it): scripts/on-each-database.sh.
-test: $(STAMP) ## Run the whole suite on PostgreSQL (+ PgBouncer) and on MariaDB, with Redis (started for the run if need be)
+test: $(STAMP) ## Run the whole suite on PostgreSQL (+ PgBouncer) and MariaDB with Redis: yours (DATABASE_URL, CELERY_BROKER_URL), else started for the run, installed with apt-get when root
 	scripts/with-services.sh scripts/on-each-database.sh $(PY) -m pytest -rs $(PYTEST_ARGS)
 
 test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests (servers and databases as for test)
