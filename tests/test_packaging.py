@@ -2,18 +2,21 @@
 package, and the wheel installed into a fresh virtualenv imports, migrates and renders.
 
 A data file the package needs but setuptools leaves out (a template, a migration, a static file,
-``py.typed``) shows here, not on a user's machine.  The build is ``python -m build``, as
-``make dist`` runs it: the sdist first, then the wheel built from the unpacked sdist, in an
-isolated environment (setuptools comes from the package index).  The fresh virtualenv gets the
-wheel alone (``--no-deps``); a ``.pth`` file adds this run's site-packages after its own, for
-Django and Celery.  That directory's own ``.pth`` files are not read (this run's editable install
-of the package stays out), and the script runs outside the repository: ``celery_deactivate`` can
-only come from the wheel.
+``py.typed``) shows here, not on a user's machine.  The builds start from a copy of the sources
+as a fresh clone has them (no ``*.egg-info`` left by an editable install, whose file list would
+hide a missing declaration), in isolated environments (setuptools comes from the package index):
+``python -m build``, as ``make dist`` runs it (the sdist, then the wheel built from it), and
+``python -m build --wheel``, straight from the tree, as ``pip install ./celery-deactivate`` does.
+The fresh virtualenv gets the wheel alone (``--no-deps``); a ``.pth`` file adds this run's
+site-packages after its own, for Django and Celery.  That directory's own ``.pth`` files are not
+read (this run's editable install of the package stays out), and the script runs outside the
+repository: ``celery_deactivate`` can only come from the wheel.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -75,6 +78,25 @@ def package_files() -> set[str]:
     }
 
 
+#: What a clone holds that the builds read.
+SOURCES = ("setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "CHANGELOG.md")
+
+
+def fresh_sources(into: Path) -> Path:
+    """The package's sources as a fresh clone has them: no build output, metadata nor bytecode."""
+    for name in SOURCES:
+        shutil.copy2(ROOT / name, into / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.sqlite3")
+    for folder in ("celery_deactivate", "tests"):
+        shutil.copytree(ROOT / folder, into / folder, ignore=ignore)
+    return into
+
+
+def wheel_files(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        return {name for name in archive.namelist() if not name.split("/")[0].endswith("-info")}
+
+
 def run(*command: str | Path, cwd: Path | None = None) -> str:
     done = subprocess.run(
         [str(part) for part in command],
@@ -89,19 +111,22 @@ def run(*command: str | Path, cwd: Path | None = None) -> str:
 
 
 def test_the_wheel_installs_into_a_fresh_virtualenv_with_every_data_file(tmp_path: Path) -> None:
-    # Given the sdist and the wheel that make dist builds
-    dist = tmp_path / "dist"
-    run(sys.executable, "-m", "build", "--outdir", dist, ROOT)
+    # Given the sdist and the wheel that make dist builds, and the wheel built from the tree
+    (tmp_path / "clone").mkdir()
+    sources = fresh_sources(tmp_path / "clone")
+    dist, direct = tmp_path / "dist", tmp_path / "direct"
+    run(sys.executable, "-m", "build", "--outdir", dist, sources)
+    run(sys.executable, "-m", "build", "--wheel", "--outdir", direct, sources)
     (wheel,) = dist.glob("celery_deactivate-*.whl")
     (sdist,) = dist.glob("celery_deactivate-*.tar.gz")
+    (from_tree,) = direct.glob("celery_deactivate-*.whl")
 
-    # Then both hold every file of the package; the sdist also the changelog and the test suite
+    # Then all three hold every file of the package; the sdist also the changelog and the tests
     expected = package_files()
     assert "celery_deactivate/templates/admin/celery_deactivate/task_status.html" in expected
     assert "celery_deactivate/migrations/0001_initial.py" in expected
-    with zipfile.ZipFile(wheel) as archive:
-        in_wheel = {name for name in archive.namelist() if not name.split("/")[0].endswith("-info")}
-    assert in_wheel == expected
+    assert wheel_files(wheel) == expected
+    assert wheel_files(from_tree) == expected
     with tarfile.open(sdist) as archive:
         top = archive.getnames()[0].split("/")[0]
         in_sdist = {name.removeprefix(f"{top}/") for name in archive.getnames()}
