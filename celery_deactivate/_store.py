@@ -108,10 +108,15 @@ class Pending:
             self.written.clear()
             self.tasks.clear()
 
+    def forked(self) -> None:
+        """In a forked child: nothing counted, and a lock of its own (the parent's may have been
+        held by a thread the child does not have)."""
+        self.__init__()  # type: ignore[misc]
+
 
 pending = Pending()
 if hasattr(os, "register_at_fork"):  # a pool child starts with nothing counted
-    os.register_at_fork(after_in_child=pending.clear)
+    os.register_at_fork(after_in_child=pending.forked)
 
 
 def forget() -> None:

@@ -14,21 +14,31 @@ not report), and that is where they are counted, exactly once:
 
 The database work runs in a short-lived thread with bounded lock waits, so the consumer is never
 blocked, and the dying child (killed right after this hook returns) releases its row locks first.
+A fork of this process (the pool starting a child in place of the one that died) waits while such
+a thread sets up (at most its ``deactivate_crash_timeout``): it opens its connections and loads
+what its statements need, which the process's first recording does in modules never loaded in
+the main process before (mysqlclient connects through a module it imports on first use).  A
+child forked while that thread held a module's import lock would inherit the lock held by a
+thread it does not have, and hang at its first task.  Once set up, the thread holds no lock of
+the process while it waits on the database, and a fork does not wait for it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.worker import state as worker_state
 from celery.worker.request import Request
-from django.db import connections
+from django.db import connections, router
 from django.db.utils import load_backend
 
+from . import _store
 from ._options import Options
 from .task import in_main_process_hook
 
@@ -140,27 +150,93 @@ class DeactivatingRequest(Request):
         """Record the crash in a new thread; return it and the time it may take."""
         if not self.args:
             return None, 0.0
-        task, pk, task_id = self.task, self.args[0], self.id
-        try:
-            timeout = Options(task).crash_timeout
-        except Exception:
-            logger.exception("celery_deactivate: bad deactivate_crash_timeout for %s", task.name)
-            timeout = 10.0
-        thread = threading.Thread(
-            target=_record_in_thread,
-            args=(task, exc, pk, task_id, timeout),
-            name=f"celery-deactivate-{task_id}",
-        )
-        thread.start()
-        return thread, timeout
+        return record_in_thread(self.task, exc, self.args[0], self.id)
+
+
+def record_in_thread(
+    task: Any, exc: BaseException, pk: Any, task_id: str
+) -> tuple[threading.Thread, float]:
+    """Start recording a crash of ``task`` on ``pk`` in a new thread; return it and the time it
+    may take (``deactivate_crash_timeout``)."""
+    try:
+        timeout = Options(task).crash_timeout
+    except Exception:
+        logger.exception("celery_deactivate: bad deactivate_crash_timeout for %s", task.name)
+        timeout = 10.0
+    thread = threading.Thread(
+        target=_record_in_thread,
+        args=(task, exc, pk, task_id, timeout),
+        name=f"celery-deactivate-{task_id}",
+    )
+    _setting_up.started(thread, timeout)
+    thread.start()
+    return thread, timeout
+
+
+class _SettingUp:
+    """The crash recordings setting up in this process's threads, which a fork waits for."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        #: Thread -> the monotonic time by which its recording has given up.
+        self.threads: dict[threading.Thread, float] = {}
+
+    def started(self, thread: threading.Thread, timeout: float) -> None:
+        with self.changed:
+            self.threads[thread] = time.monotonic() + timeout + 1.0
+
+    def done(self, thread: threading.Thread) -> None:
+        with self.changed:
+            self.threads.pop(thread, None)
+            self.changed.notify_all()
+
+    def wait(self) -> None:
+        """Return once no recording sets up, or once the last one's time is up."""
+        with self.changed:
+            while self.threads:
+                left = max(self.threads.values()) - time.monotonic()
+                if left <= 0:
+                    logger.warning(
+                        "celery_deactivate: forking while %d crash recording(s) still set up",
+                        len(self.threads),
+                    )
+                    return
+                self.changed.wait(left)
+
+    def forked(self) -> None:
+        """In a forked child: none of the parent's threads is here, nor a lock they held."""
+        self.__init__()  # type: ignore[misc]
+
+
+_setting_up = _SettingUp()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_setting_up.wait, after_in_child=_setting_up.forked)
 
 
 def _record_in_thread(task: Any, exc: BaseException, pk: Any, task_id: str, timeout: float) -> None:
-    _connect_outside_pools()
+    this = threading.current_thread()
     try:
+        try:
+            _set_up(task)
+        finally:
+            _setting_up.done(this)
         task.record_failure(exc, pk, task_id, timeout=timeout)
     finally:
         connections.close_all()  # this thread's connections: it ends here
+
+
+def _set_up(task: Any) -> None:
+    """Open this thread's connections to the databases the recording writes (the object's, the
+    library's tables'), and load the module of their statements' compilers."""
+    _connect_outside_pools()
+    try:
+        aliases = {router.db_for_write(task.target.model), _store.db()}
+        for alias in aliases:
+            connection = connections[alias]
+            connection.ensure_connection()
+            connection.ops.compiler("SQLUpdateCompiler")
+    except Exception:  # the recording meets the same error, and logs it
+        return
 
 
 def _connect_outside_pools() -> None:

@@ -4,18 +4,23 @@ and those of one family only say so in their skip reason."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from io import StringIO
+from typing import Any
 
 import pytest
+from billiard.exceptions import WorkerLostError
 from celery import Celery, states
 from django.apps import apps
 from django.core import checks
 from django.core.management import call_command
 from django.db import OperationalError, connection, transaction
+from django.db.backends.signals import connection_created
 
-from celery_deactivate import _transaction, maintain_entry
+from celery_deactivate import _transaction, maintain_entry, request
 from celery_deactivate.models import TaskFailure
 from tests.testapp import tasks
 from tests.testapp.models import Feed, NarrowFeed
@@ -180,3 +185,95 @@ def test_migrate_and_check_report_nothing_about_the_library(
     assert err.getvalue() == ""  # no "System check identified some issues"
     # and the migrations hold the models as they are
     call_command("makemigrations", "celery_deactivate", check=True, dry_run=True, stdout=out)
+
+
+# -- the crash tests on MariaDB: a fork waits while a crash recording sets up ---------------------
+
+
+def fork_and_wait() -> tuple[float, int]:
+    """Fork as the pool does; return how long the fork took and the child's exit code (3 if a
+    recording of the parent's was still setting up there)."""
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3 if request._setting_up.threads else 0)
+    took = time.monotonic() - started
+    _, status = os.waitpid(pid, 0)
+    return took, os.waitstatus_to_exitcode(status)
+
+
+def test_a_fork_waits_while_a_crash_recording_connects() -> None:
+    """The pool forks a child in place of the one that died while its crash is being recorded in
+    a thread of the main process.  Forked while that thread connects (mysqlclient imports its
+    connection module then, on the process's first connection), the child inherited the module's
+    import lock, held by a thread it does not have, and hung at its first task (seen on MariaDB)."""
+    feed = Feed.objects.create(title="crashed")
+    connecting, go_on = threading.Event(), threading.Event()
+
+    def slow_connect(sender: Any, connection: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name == "celery-deactivate-crash-while-connecting":
+            connecting.set()
+            go_on.wait(30)
+
+    connection_created.connect(slow_connect)
+    try:
+        # Given a crash being recorded, its thread connecting
+        recording, _ = request.record_in_thread(
+            tasks.poll, WorkerLostError("lost"), feed.pk, "crash-while-connecting"
+        )
+        assert connecting.wait(30)
+        threading.Timer(1.0, go_on.set).start()
+        # When the process forks meanwhile
+        took, exit_code = fork_and_wait()
+    finally:
+        go_on.set()
+        connection_created.disconnect(slow_connect)
+    recording.join(30)
+
+    # Then the fork waited for the connection, and the child had no recording setting up
+    assert took >= 0.9, took
+    assert exit_code == 0
+    feed.refresh_from_db()
+    assert (feed.active, feed.failure_count) == (False, 1)
+    assert "WorkerLostError" in feed.error_message
+
+
+@needs_row_locks
+def test_a_fork_does_not_wait_for_a_crash_recording_waiting_for_a_row() -> None:
+    feed = Feed.objects.create(title="locked elsewhere")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:  # an operator's transaction, a stuck body: another connection
+        try:
+            with transaction.atomic():
+                Feed.objects.select_for_update().get(pk=feed.pk)
+                locked.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert locked.wait(30)
+        # Given a crash being recorded, connected and waiting for the row
+        recording, _ = request.record_in_thread(
+            tasks.poll, WorkerLostError("lost"), feed.pk, "crash-on-a-locked-row"
+        )
+        deadline = time.monotonic() + 30
+        while request._setting_up.threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # When the process forks meanwhile
+        took, exit_code = fork_and_wait()
+        still_recording = recording.is_alive()
+    finally:
+        release.set()
+        holder.join(30)
+    recording.join(30)
+
+    # Then the fork did not wait for the row (the consumer goes on), and the recording ended later
+    assert still_recording
+    assert took < 0.5, took
+    assert exit_code == 0
+    feed.refresh_from_db()
+    assert (feed.active, feed.failure_count) == (False, 1)

@@ -16,14 +16,6 @@ from tests.testapp.models import Feed, SignalLog
 
 from .worker import NEEDS_REDIS, Meeting, Worker, redis_broker_url
 
-#: Why the crash tests skip on MySQL and MariaDB for now (docs/versions.md).
-NOT_YET_ON_MYSQL = (
-    "crash tests on MySQL/MariaDB: not reliable yet. In one CI run of three (2026-12-07) a prefork "
-    "worker lost a pool child's capacity after a SIGKILL crash: suspected, a child forked while "
-    "the main process's crash-recording thread was inside the MariaDB client library (a C mutex "
-    "inherited locked). PostgreSQL's run covers them; the in-thread tests run on MariaDB"
-)
-
 
 @pytest.fixture(scope="session")
 def meeting(django_db_setup: Any) -> Iterator[Meeting]:
@@ -35,8 +27,6 @@ def meeting(django_db_setup: Any) -> Iterator[Meeting]:
     """
     if redis_broker_url() is None:
         pytest.skip(NEEDS_REDIS)
-    if connection.vendor == "mysql":
-        pytest.skip(NOT_YET_ON_MYSQL)
     folder = Path(tempfile.mkdtemp(prefix="celery-deactivate-crash-"))
     place = Meeting.create(folder, str(connection.settings_dict["NAME"]))
     saved = os.environ.get("CRASH_STATE_DIR")
