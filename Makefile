@@ -9,10 +9,10 @@ DOCS_STAMP := $(VENV)/.installed-docs
 SPHINXOPTS ?= -n -W --keep-going
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-crash test-matrix demo docs screenshots lint typecheck bench clean dist
+.PHONY: help venv test test-crash test-matrix demo example-admin docs screenshots lint typecheck bench clean dist
 
 help: ## Show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ venv: $(STAMP) ## Create .venv and install the package with its test and dev ext
 # ports for the run, else SQLite + memory with each skip's reason (scripts/with-services.sh).
 # The suite runs once on DATABASE_URL, then again on MariaDB when MYSQL_URL is set (the
 # throwaway servers set it): scripts/on-each-database.sh.
-test: $(STAMP) ## Run the whole suite on PostgreSQL (+ PgBouncer) and on MariaDB, with Redis (started for the run if need be)
+test: $(STAMP) ## Run the whole suite on PostgreSQL (+ PgBouncer) and MariaDB with Redis: yours (DATABASE_URL, CELERY_BROKER_URL), else started for the run, installed with apt-get when root
 	scripts/with-services.sh scripts/on-each-database.sh $(PY) -m pytest -rs $(PYTEST_ARGS)
 
 test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests (servers and databases as for test)
@@ -41,6 +41,13 @@ test-matrix: $(STAMP) ## Run the suite across Celery 5.3/5.5/5.7 x Django 4.2/5.
 
 demo: $(STAMP) ## Run the example project end to end on SQLite + a filesystem broker
 	$(PY) examples/demo.py
+
+# examples/var/ is kept: its SQLite database gets the feeds, the history and the login.
+example-admin: $(STAMP) ## The example's admin with feeds in every state and a login admin/admin (examples/README.md)
+	cd examples && ../$(PY) manage.py seed_demo --superuser admin --password admin
+	@echo
+	@echo "Now: cd examples && ../$(PY) manage.py runserver"
+	@echo "and open http://127.0.0.1:8000/admin/ (admin / admin)."
 
 docs: $(DOCS_STAMP) ## Build the documentation site into docs/_build/html (Sphinx, warnings as errors)
 	rm -rf docs/_build/html
@@ -64,8 +71,9 @@ bench: $(STAMP) ## Benchmarks side by side (tests/benchmarks/results.md); with P
 		$(PY) -m tests.benchmarks.outage $(OUTAGE_BENCH_ARGS); \
 	else echo "outage guard benchmark skipped: it needs DATABASE_URL (PostgreSQL) and a redis:// CELERY_BROKER_URL"; fi
 
-dist: $(STAMP) ## Build sdist and wheel into dist/
-	$(PY) -m pip install -q build
+# What the first release will publish; tests/test_packaging.py installs such a wheel in a fresh venv.
+dist: $(STAMP) ## Build the sdist and the wheel into dist/ (python -m build; install one with pip install dist/*.whl)
+	rm -rf dist
 	$(PY) -m build
 
 clean: ## Remove the venv, build output and caches

@@ -17,6 +17,7 @@ class CeleryDeactivateConfig(AppConfig):
         from .checks import (
             TAG,
             check_databases,
+            check_maintain,
             check_settings,
             check_tasks,
             check_tasks_on_deploy,
@@ -26,6 +27,7 @@ class CeleryDeactivateConfig(AppConfig):
         checks.register(check_settings, TAG)
         checks.register(check_tasks, TAG)
         checks.register(check_databases, TAG)
+        checks.register(check_maintain, TAG)
         checks.register(check_tasks_on_deploy, TAG, deploy=True)
         if beat.installed():
             beat.connect()

@@ -8,7 +8,7 @@ rows were disabled is kept in :class:`~celery_deactivate.models.PausedSchedule`.
 told once per change (``PeriodicTasks.update_changed()``), not once per row: a running beat with
 the ``DatabaseScheduler`` picks the change up at its next tick.
 
-It is part of the change: :func:`follow` receives the library's internal ``changing`` signal,
+It is part of the change: ``follow()`` receives the library's internal ``changing`` signal,
 which the service functions send in the change's transaction right after the row changed (before
 :data:`~celery_deactivate.signals.object_deactivated` or
 :data:`~celery_deactivate.signals.object_reactivated`), without a savepoint: the rows change with

@@ -31,6 +31,18 @@ hint.  They are tagged ``celery_deactivate`` (``manage.py check --tag celery_dea
     choice), or that of the library's own tables.  Its statements are Django's, but its upsert,
     its bound on lock waits and its text cleaning are tested on those three only.
 
+``celery_deactivate.W002``
+    ``celery_deactivate.maintain`` is scheduled nowhere: digests, outages' ends and cool-down
+    probes wait for it, so deferred notices would wait for ever.  Where it may be scheduled:
+    the current Celery app's ``beat_schedule`` (which django-celery-beat's ``DatabaseScheduler``
+    also copies into its table), and, when ``django_celery_beat`` is installed, an enabled
+    ``PeriodicTask`` row.  That table is read only when the check may use its database, as
+    Django's contract for checks says: ``manage.py migrate`` and ``manage.py check --database
+    default`` (a plain ``manage.py check`` then reports nothing of W002); without
+    django-celery-beat, no database is used.  A table that cannot be read (the server is down,
+    not migrated yet) is said in the message.  Nothing is reported when the current app is
+    finalized and has no deactivating task.
+
 The settings are checked by ``manage.py check`` (and so ``check --deploy``), tasks or none.
 
 Which tasks are checked:
@@ -61,13 +73,15 @@ from celery import current_app
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
-from django.db import connections, router
+from django.db import DatabaseError, connections, router
 from django.db.models import Model
 
+from . import beat
 from ._option_names import closest_option, is_misspelt_option
 from .conf import OPTIONS
 from .exceptions import DeactivateConfigError
 from .task import DeactivatingTask
+from .tasks import MAINTAIN_TASK
 
 __all__: list[str] = []  # Django's system checks, registered by the app config
 
@@ -89,6 +103,16 @@ HINTS = {
         "celery_deactivate.conf."
     ),
 }
+
+W002_MESSAGE = (
+    f"{MAINTAIN_TASK} is not scheduled: digests, the end of outages and cool-down probes wait "
+    "for it"
+)
+W002_HINT = (
+    "Add it to the Celery app's beat schedule: app.conf.beat_schedule = "
+    '{"celery-deactivate": maintain_entry(every=60)} (from celery_deactivate import '
+    "maintain_entry), or CELERY_BEAT_SCHEDULE in Django settings"
+)
 
 
 #: The database backends the library supports, by ``connection.vendor``: their names.
@@ -184,6 +208,43 @@ def check_databases(app_configs: Sequence[AppConfig] | None = None, **kwargs: An
             )
         )
     return warnings
+
+
+def check_maintain(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """W002 when ``celery_deactivate.maintain`` is scheduled nowhere: not in the current app's
+    ``beat_schedule``, nor (django-celery-beat installed, its database among ``databases``) in an
+    enabled ``PeriodicTask`` row."""
+    if app_configs is not None and "celery_deactivate" not in {c.label for c in app_configs}:
+        return []
+    app = _current_app()
+    if app.finalized and not deactivating_tasks():
+        return []  # no task waits for maintain
+    schedule = app.conf.beat_schedule or {}
+    if any(entry.get("task") == MAINTAIN_TASK for entry in schedule.values()):
+        return []
+    hint = W002_HINT + "."
+    message = W002_MESSAGE
+    if beat.installed():
+        from django_celery_beat.models import PeriodicTask
+
+        alias = router.db_for_read(PeriodicTask)
+        if databases is None or alias not in databases:
+            return []  # "If databases is None, the check must not use any database connections"
+        hint = W002_HINT + ", or a django-celery-beat periodic task of " + MAINTAIN_TASK + "."
+        try:
+            rows = PeriodicTask.objects.using(alias).filter(task=MAINTAIN_TASK, enabled=True)
+            if rows.exists():
+                return []
+        except DatabaseError as exc:  # down, or not migrated yet: say so, do not fail the check
+            message += (
+                f" (it is not in the app's beat_schedule, and django-celery-beat's periodic "
+                f"tasks on the database {alias!r} could not be read: {type(exc).__name__})"
+            )
+    return [checks.Warning(message, hint=hint, obj=MAINTAIN_TASK, id="celery_deactivate.W002")]
 
 
 def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:

@@ -78,7 +78,7 @@ def record_failure(
     read of the changed row (locked in between, so the read says whether this failure reached
     the threshold), the signal (its receivers' writes commit or roll back with the change) and,
     with cool-down probes, a probe's failure.  The caller bounds its transaction's waits (the
-    crash path: :func:`~celery_deactivate._transaction.bounded`).
+    crash path: the private ``_transaction.bounded()``).
 
     ``cooldown`` is ``(seconds, max_seconds)`` when cool-down probes are on: a deactivation
     schedules the first probe, and the failure of a probe (a deactivated object with a probe

@@ -8,8 +8,12 @@ check's test declares one on an app that is not finalized yet, as a project's ta
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,10 +22,13 @@ from django.apps import apps
 from django.core import checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.db import connection
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
-from celery_deactivate import DeactivatingTask
+from celery_deactivate import DeactivatingTask, maintain_entry
 from celery_deactivate.checks import TAG, deactivating_tasks
+from celery_deactivate.tasks import MAINTAIN_TASK
 from tests.testapp.models import RecipeObject
 
 
@@ -255,3 +262,123 @@ def test_a_model_on_a_database_the_library_does_not_support_is_a_warning(
     ]
     # and none on the supported database of the run (PostgreSQL, MySQL, MariaDB or SQLite)
     assert checks.run_checks(tags=[TAG]) == []
+
+
+# -- W002: celery_deactivate.maintain scheduled nowhere ------------------------------------------
+
+
+def w002(messages: list[Any]) -> list[Any]:
+    return [message for message in messages if message.id == "celery_deactivate.W002"]
+
+
+@pytest.mark.django_db
+def test_maintain_scheduled_nowhere_is_a_warning_with_django_celery_beat(
+    project_app: Celery, conf: Callable[..., None]
+) -> None:
+    beat_models = pytest.importorskip("django_celery_beat.models", reason="the [beat] extra")
+    # Given the test project's app, which schedules nothing, and no periodic task
+    conf(beat_schedule={})
+    assert not beat_models.PeriodicTask.objects.filter(task=MAINTAIN_TASK).exists()
+
+    # Then a plain check uses no database and says nothing of the table it cannot read
+    with CaptureQueriesContext(connection) as queries:
+        assert w002(checks.run_checks(tags=[TAG])) == []
+    assert len(queries) == 0
+    # and a check that may use the database (migrate, check --database) warns
+    (found,) = w002(checks.run_checks(tags=[TAG], databases=["default"]))
+    assert found.obj == MAINTAIN_TASK
+    assert found.msg == (
+        "celery_deactivate.maintain is not scheduled: digests, the end of outages and cool-down "
+        "probes wait for it"
+    )
+    assert found.hint.endswith(
+        "or a django-celery-beat periodic task of celery_deactivate.maintain."
+    )
+    out, err = StringIO(), StringIO()
+    call_command("check", "--database", "default", stdout=out, stderr=err)
+    assert "celery_deactivate.maintain: (celery_deactivate.W002)" in err.getvalue()
+
+    # When a periodic task runs it, the warning goes; when that task is disabled, it comes back
+    every = beat_models.IntervalSchedule.objects.create(every=60, period="seconds")
+    row = beat_models.PeriodicTask.objects.create(
+        name="celery-deactivate", task=MAINTAIN_TASK, interval=every
+    )
+    assert w002(checks.run_checks(tags=[TAG], databases=["default"])) == []
+    beat_models.PeriodicTask.objects.filter(pk=row.pk).update(enabled=False)
+    assert len(w002(checks.run_checks(tags=[TAG], databases=["default"]))) == 1
+
+    # When the app's beat_schedule has it (maintain_entry), the table is not even read
+    conf(beat_schedule={"celery-deactivate": maintain_entry(every=60)})
+    with CaptureQueriesContext(connection) as queries:
+        assert w002(checks.run_checks(tags=[TAG], databases=["default"])) == []
+    assert len(queries) == 0
+
+
+#: A project of its own, in a subprocess: django-celery-beat installed or not (``argv[1]``), on a
+#: SQLite database that cannot be opened (its folder does not exist), the current app Celery's
+#: default one: not finalized, as when ``manage.py check`` runs, then finalized with no
+#: deactivating task (none waits for maintain), then with maintain in its beat_schedule.
+UNREACHABLE_PROJECT = """
+import json, sys
+import django
+from django.conf import settings
+
+with_beat = sys.argv[1] == "beat"
+settings.configure(
+    INSTALLED_APPS=[
+        "django.contrib.contenttypes",
+        "django.contrib.auth",
+        "celery_deactivate",
+        *(["django_celery_beat"] if with_beat else []),
+    ],
+    DATABASES={"default": {
+        "ENGINE": "django.db.backends.sqlite3", "NAME": "/nonexistent-folder/db.sqlite3",
+    }},
+    DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+)
+django.setup()
+from celery import current_app
+from django.core import checks
+from django.db import connection
+from celery_deactivate import maintain_entry
+
+def w002():
+    found = checks.run_checks(tags=["celery_deactivate"], databases=["default"])
+    return [[m.msg, m.hint] for m in found if m.id == "celery_deactivate.W002"]
+
+without = w002()
+current_app.finalize()
+no_task = w002()
+current_app.conf.beat_schedule = {"celery-deactivate": maintain_entry()}
+print(json.dumps({"without": without, "no task": no_task, "with": w002(),
+                  "connected": connection.connection is not None}))
+"""
+
+
+@pytest.mark.parametrize("installed", ["beat", "no-beat"])
+def test_the_check_survives_an_unreachable_database(installed: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", UNREACHABLE_PROJECT, installed],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+
+    ((message, hint),) = found["without"]
+    assert message.startswith("celery_deactivate.maintain is not scheduled: ")
+    if installed == "beat":
+        assert message.endswith(
+            "(it is not in the app's beat_schedule, and django-celery-beat's periodic tasks on "
+            "the database 'default' could not be read: OperationalError)"
+        )
+        assert "django-celery-beat periodic task" in hint
+    else:  # the check used no database: no connection was even tried
+        assert message.endswith("wait for it")
+        assert "django-celery-beat" not in hint
+        assert found["connected"] is False
+    assert found["no task"] == []  # a finalized app without deactivating tasks
+    assert found["with"] == []  # the app's beat_schedule runs it

@@ -7,20 +7,20 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import StringIO
 from typing import Any
 
 import pytest
 from billiard.exceptions import WorkerLostError
-from celery import states
+from celery import Celery, states
 from django.apps import apps
 from django.core import checks
 from django.core.management import call_command
 from django.db import OperationalError, connection, transaction
 from django.db.backends.signals import connection_created
 
-from celery_deactivate import _transaction, request
+from celery_deactivate import _transaction, maintain_entry, request
 from celery_deactivate.models import TaskFailure
 from tests.testapp import tasks
 from tests.testapp.models import Feed, NarrowFeed
@@ -169,7 +169,12 @@ def test_the_bound_ends_with_the_change() -> None:
 # -- item 4: the library's migrations and models are clean on every backend ------------------------
 
 
-def test_migrate_and_check_report_nothing_about_the_library() -> None:
+def test_migrate_and_check_report_nothing_about_the_library(
+    celery_app: Celery, conf: Callable[..., None]
+) -> None:
+    # Given the test project's app, current, with maintain in its beat schedule (else W002)
+    celery_app.set_current()
+    conf(beat_schedule={"celery-deactivate": maintain_entry(every=60)})
     # MariaDB and MySQL have no partial index: a conditional index was models.W037 on both.
     library = [apps.get_app_config("celery_deactivate")]
     assert checks.run_checks(app_configs=library, databases=["default"]) == []

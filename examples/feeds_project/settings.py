@@ -17,8 +17,9 @@ from urllib.parse import unquote, urlsplit
 import django
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-#: Everything the embedded default writes: database, broker, results, mails, worker log.
-VAR_DIR = BASE_DIR / "var"
+#: Everything the embedded default writes: database, broker, results, mails, worker log
+#: (``EXAMPLE_VAR_DIR`` elsewhere: tests/test_example.py seeds a project of its own there).
+VAR_DIR = Path(os.environ.get("EXAMPLE_VAR_DIR") or BASE_DIR / "var")
 
 SECRET_KEY = "celery-deactivate-example-not-a-secret"
 DEBUG = True

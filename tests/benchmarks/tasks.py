@@ -6,8 +6,8 @@ another service would, and ``mix`` raises on the feeds marked broken (one in twe
 on the others.  Five kinds:
 
 - ``plain``: a Celery task, no guarantee.
-- ``recipe``: ``/work/shared/recipe.txt`` ported to Python 3: an atomic inner function,
-  try/except, a full ``save()`` to deactivate, ``mail_admins``, re-raise.
+- ``recipe``: the cookbook recipe the library replaces (docs/recipe.md), ported to Python 3: an
+  atomic inner function, try/except, a full ``save()`` to deactivate, ``mail_admins``, re-raise.
 - ``peer``: the recipe plus the guarantee the drop-in gives, written by hand: inside the
   recipe's transaction, the body is skipped unless the object is active (one more statement,
   as the drop-in's read before the body is one more statement than the recipe's).
