@@ -29,6 +29,7 @@ from django.db import router
 from django.db.models import Model, Q, QuerySet
 
 from . import _transaction
+from .target import get_model
 
 __all__ = ["connect", "task_names"]
 
@@ -96,8 +97,8 @@ def task_names(model: type[Model], app: Any = None) -> list[str]:
     names = []
     for task in list((app or current_app).tasks.values()):
         if isinstance(task, DeactivatingTask):
-            try:
-                if task.target.model is model:
+            try:  # the model alone: its options are not needed to know whose task it is
+                if get_model(task.model, task.name) is model:
                     names.append(task.name)
             except Exception:  # a misconfigured task is reported elsewhere (checks, on_bound)
                 continue
