@@ -79,7 +79,7 @@ def package_files() -> set[str]:
 
 
 #: What a clone holds that the builds read.
-SOURCES = ("setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "CHANGELOG.md")
+SOURCES = ("setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "CHANGELOG.md", "LICENSE")
 
 
 def fresh_sources(into: Path) -> Path:
@@ -132,6 +132,13 @@ def test_the_wheel_installs_into_a_fresh_virtualenv_with_every_data_file(tmp_pat
         in_sdist = {name.removeprefix(f"{top}/") for name in archive.getnames()}
     assert expected <= in_sdist
     assert {"CHANGELOG.md", "README.md", "tests/conftest.py", "tests/testapp/models.py"} <= in_sdist
+    # and the licence's text, which the wheel carries in its metadata
+    assert "LICENSE" in in_sdist
+    with zipfile.ZipFile(wheel) as archive:
+        assert any(
+            name.endswith("-info/licenses/LICENSE") or name.endswith("-info/LICENSE")
+            for name in archive.namelist()
+        )
 
     # When the wheel alone is installed into a fresh virtualenv
     venv = tmp_path / "venv"
