@@ -39,6 +39,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from feeds.samples import (  # examples/: this script's folder
+    BAD_DATE,
+    BROKEN_TITLE,
+    FEEDS,
+    GOOD_DATES,
+    rss,
+)
+
 EXAMPLES = Path(__file__).resolve().parent
 ROOT = EXAMPLES.parent
 VAR = EXAMPLES / "var"
@@ -53,35 +61,6 @@ STOP_TIMEOUT = 10.0
 ROUND_INTERVAL = 1.0
 #: Seconds the worker may take to record a round's last failures after their results are ready.
 SETTLE_TIMEOUT = 10.0
-
-BROKEN_TITLE = "Night Owl Radio"
-BAD_DATE = "yesterday, around midnight"
-
-
-def rss(title: str, slug: str, dates: Sequence[str]) -> str:
-    items = "".join(
-        f"<item><title>{title} #{n}</title><link>https://{slug}.example.com/{n}</link>"
-        f"<guid>{slug}-{n}</guid><pubDate>{date}</pubDate></item>"
-        for n, date in enumerate(dates, start=1)
-    )
-    channel = f"<channel><title>{title}</title>{items}</channel>"
-    return f'<?xml version="1.0"?><rss version="2.0">{channel}</rss>'
-
-
-GOOD_DATES = [
-    "Mon, 03 Nov 2025 08:00:00 +0000",
-    "Tue, 04 Nov 2025 08:00:00 +0000",
-    "Wed, 05 Nov 2025 08:00:00 +0000",
-]
-
-#: (title, slug, item dates): the third item of the broken feed has a date nobody can parse.
-FEEDS = [
-    ("Morning Digest", "digest", GOOD_DATES),
-    ("Kernel Notes", "kernel", GOOD_DATES[:2]),
-    (BROKEN_TITLE, "nightowl", [*GOOD_DATES[:2], BAD_DATE]),
-    ("Garden Journal", "garden", GOOD_DATES),
-    ("Chess Weekly", "chess", GOOD_DATES[:1]),
-]
 
 FEED_TITLES = [title for title, _slug, _dates in FEEDS]
 

@@ -41,35 +41,11 @@ from celery_deactivate import probes, services
 from celery_deactivate.models import HistoryEvent, TaskFailure, TaskRuns, TaskState
 from celery_deactivate.states import describe
 from feeds.models import Feed
+from feeds.samples import FEEDS, rss
 from feeds.tasks import poll
 
-GOOD_DATES = [
-    "Mon, 03 Nov 2025 08:00:00 +0000",
-    "Tue, 04 Nov 2025 08:00:00 +0000",
-    "Wed, 05 Nov 2025 08:00:00 +0000",
-]
-BAD_DATE = "yesterday, around midnight"
 #: Seconds of the cool-down of the feeds that fail and are probed here (the project's: an hour).
 COOLDOWN = 1
-
-#: (title, slug, the dates of its items).
-FEEDS = [
-    ("Morning Digest", "digest", GOOD_DATES),
-    ("Kernel Notes", "kernel", GOOD_DATES[:2]),
-    ("Night Owl Radio", "nightowl", [*GOOD_DATES[:2], BAD_DATE]),
-    ("Garden Journal", "garden", GOOD_DATES),
-    ("Chess Weekly", "chess", GOOD_DATES[:1]),
-]
-
-
-def rss(title: str, slug: str, dates: list[str]) -> str:
-    items = "".join(
-        f"<item><title>{title} #{n}</title><link>https://{slug}.example.com/{n}</link>"
-        f"<guid>{slug}-{n}</guid><pubDate>{date}</pubDate></item>"
-        for n, date in enumerate(dates, start=1)
-    )
-    channel = f"<channel><title>{title}</title>{items}</channel>"
-    return f'<?xml version="1.0"?><rss version="2.0">{channel}</rss>'
 
 
 @contextmanager
