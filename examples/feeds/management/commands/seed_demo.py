@@ -17,10 +17,11 @@ Chess Weekly              probing: failed, its probe sent and waiting in the bro
                           worker runs it (its document is good again) and re-activates it
 ========================  =============================================================
 
-For the runs here, in this process only (``app.conf``; a worker keeps the project's settings),
-the outage guard is off (``deactivate_outage_objects = 0``: three feeds fail within seconds on
-purpose, an outage under the example's settings), and the feeds that fail and are probed here
-have a cool-down of a second instead of an hour, so that their probes are due at once.
+For the runs here, in this process only (``poll``'s own options, which come before the
+project's settings; a worker keeps the project's), the outage guard is off
+(``deactivate_outage_objects = 0``: three feeds fail within seconds on purpose, an outage under
+the example's settings), and the feeds that fail and are probed here have a cool-down of a
+second instead of an hour, so that their probes are due at once.
 
 It can be run again: it starts over, and purges the broker's queue of the probe an earlier run
 left there.
@@ -59,6 +60,23 @@ def app_conf(app: Any, **values: Any) -> Iterator[None]:
         app.conf.update(saved)
 
 
+@contextmanager
+def task_options(task: Any, **values: Any) -> Iterator[None]:
+    """Options of ``task`` in this process for a while.  (Not ``app.conf``: Celery 5.3 reads the
+    project's ``CELERY_DEACTIVATE_*`` settings before a value given to ``app.conf.update()``.)"""
+    saved = {name: task.__dict__[name] for name in values if name in task.__dict__}
+    for name, value in values.items():
+        setattr(task, name, value)
+    try:
+        yield
+    finally:
+        for name in values:
+            if name in saved:
+                setattr(task, name, saved[name])
+            else:
+                delattr(task, name)
+
+
 def eager(app: Any) -> Any:
     """Tasks run in this process, their failures stored in the result (``poll.delay()``)."""
     return app_conf(app, task_always_eager=True, task_eager_propagates=False)
@@ -94,7 +112,7 @@ class Command(BaseCommand):
         user = self.login(superuser, password or superuser) if superuser else None
 
         # The outage guard off, and a cool-down of a second: see the module's docstring
-        with app_conf(app, deactivate_outage_objects=0, deactivate_cooldown=COOLDOWN):
+        with task_options(poll, deactivate_outage_objects=0, deactivate_cooldown=COOLDOWN):
             with eager(app):
                 for feed in feeds.values():
                     if feed != owl:
