@@ -18,6 +18,7 @@ class CeleryDeactivateConfig(AppConfig):
             TAG,
             check_databases,
             check_maintain,
+            check_maintain_periodic_tasks,
             check_settings,
             check_tasks,
             check_tasks_on_deploy,
@@ -28,6 +29,7 @@ class CeleryDeactivateConfig(AppConfig):
         checks.register(check_tasks, TAG)
         checks.register(check_databases, TAG)
         checks.register(check_maintain, TAG)
+        checks.register(check_maintain_periodic_tasks, checks.Tags.database)
         checks.register(check_tasks_on_deploy, TAG, deploy=True)
         if beat.installed():
             beat.connect()

@@ -36,9 +36,10 @@ hint.  They are tagged ``celery_deactivate`` (``manage.py check --tag celery_dea
     probes wait for it, so deferred notices would wait for ever.  Where it may be scheduled:
     the current Celery app's ``beat_schedule`` (which django-celery-beat's ``DatabaseScheduler``
     also copies into its table), and, when ``django_celery_beat`` is installed, an enabled
-    ``PeriodicTask`` row.  That table is read only when the check may use its database, as
-    Django's contract for checks says: ``manage.py migrate`` and ``manage.py check --database
-    default`` (a plain ``manage.py check`` then reports nothing of W002); without
+    ``PeriodicTask`` row.  With django-celery-beat the check reads that table, so it is a
+    database check (Django's ``database`` tag): ``manage.py migrate`` and ``manage.py check
+    --database default`` run it, a plain ``manage.py check`` does not (Django 6.1 gives every
+    other check all the databases: only this tag keeps it from reading them unasked); without
     django-celery-beat, no database is used.  A table that cannot be read (the server is down,
     not migrated yet) is said in the message.  Nothing is reported when the current app is
     finalized and has no deactivating task.
@@ -210,41 +211,58 @@ def check_databases(app_configs: Sequence[AppConfig] | None = None, **kwargs: An
     return warnings
 
 
-def check_maintain(
+def check_maintain(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """W002 when ``celery_deactivate.maintain`` is not in the current app's ``beat_schedule``
+    and django-celery-beat is not installed (with it, :func:`check_maintain_periodic_tasks`
+    decides).  No database is used."""
+    if beat.installed() or _maintain_needs_no_check(app_configs):
+        return []
+    return [_w002(W002_MESSAGE, W002_HINT + ".")]
+
+
+def check_maintain_periodic_tasks(
     app_configs: Sequence[AppConfig] | None = None,
     databases: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
-    """W002 when ``celery_deactivate.maintain`` is scheduled nowhere: not in the current app's
-    ``beat_schedule``, nor (django-celery-beat installed, its database among ``databases``) in an
-    enabled ``PeriodicTask`` row."""
-    if app_configs is not None and "celery_deactivate" not in {c.label for c in app_configs}:
+    """W002 when ``celery_deactivate.maintain`` is neither in the current app's
+    ``beat_schedule`` nor in an enabled django-celery-beat ``PeriodicTask``.  A database check
+    (Django's ``database`` tag): ``migrate`` and ``check --database`` run it, a plain ``check``
+    does not, and it reads only the databases it is given."""
+    if not beat.installed() or _maintain_needs_no_check(app_configs):
         return []
+    from django_celery_beat.models import PeriodicTask
+
+    alias = router.db_for_read(PeriodicTask)
+    if not databases or alias not in databases:
+        return []
+    message = W002_MESSAGE
+    try:
+        if PeriodicTask.objects.using(alias).filter(task=MAINTAIN_TASK, enabled=True).exists():
+            return []
+    except DatabaseError as exc:  # down, or not migrated yet: say so, do not fail the check
+        message += (
+            f" (it is not in the app's beat_schedule, and django-celery-beat's periodic "
+            f"tasks on the database {alias!r} could not be read: {type(exc).__name__})"
+        )
+    hint = W002_HINT + ", or a django-celery-beat periodic task of " + MAINTAIN_TASK + "."
+    return [_w002(message, hint)]
+
+
+def _maintain_needs_no_check(app_configs: Sequence[AppConfig] | None) -> bool:
+    """The library is not among the checked apps, no deactivating task waits for ``maintain``
+    (the app is finalized without one), or the app's ``beat_schedule`` runs it."""
+    if app_configs is not None and "celery_deactivate" not in {c.label for c in app_configs}:
+        return True
     app = _current_app()
     if app.finalized and not deactivating_tasks():
-        return []  # no task waits for maintain
+        return True
     schedule = app.conf.beat_schedule or {}
-    if any(entry.get("task") == MAINTAIN_TASK for entry in schedule.values()):
-        return []
-    hint = W002_HINT + "."
-    message = W002_MESSAGE
-    if beat.installed():
-        from django_celery_beat.models import PeriodicTask
+    return any(entry.get("task") == MAINTAIN_TASK for entry in schedule.values())
 
-        alias = router.db_for_read(PeriodicTask)
-        if databases is None or alias not in databases:
-            return []  # "If databases is None, the check must not use any database connections"
-        hint = W002_HINT + ", or a django-celery-beat periodic task of " + MAINTAIN_TASK + "."
-        try:
-            rows = PeriodicTask.objects.using(alias).filter(task=MAINTAIN_TASK, enabled=True)
-            if rows.exists():
-                return []
-        except DatabaseError as exc:  # down, or not migrated yet: say so, do not fail the check
-            message += (
-                f" (it is not in the app's beat_schedule, and django-celery-beat's periodic "
-                f"tasks on the database {alias!r} could not be read: {type(exc).__name__})"
-            )
-    return [checks.Warning(message, hint=hint, obj=MAINTAIN_TASK, id="celery_deactivate.W002")]
+
+def _w002(message: str, hint: str) -> Any:
+    return checks.Warning(message, hint=hint, obj=MAINTAIN_TASK, id="celery_deactivate.W002")
 
 
 def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:

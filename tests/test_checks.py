@@ -280,12 +280,13 @@ def test_maintain_scheduled_nowhere_is_a_warning_with_django_celery_beat(
     conf(beat_schedule={})
     assert not beat_models.PeriodicTask.objects.filter(task=MAINTAIN_TASK).exists()
 
-    # Then a plain check uses no database and says nothing of the table it cannot read
+    # Then a plain check (manage.py check, Celery's worker) uses no database and says nothing of
+    # the table it cannot read
     with CaptureQueriesContext(connection) as queries:
-        assert w002(checks.run_checks(tags=[TAG])) == []
+        assert w002(checks.run_checks()) == []
     assert len(queries) == 0
     # and a check that may use the database (migrate, check --database) warns
-    (found,) = w002(checks.run_checks(tags=[TAG], databases=["default"]))
+    (found,) = w002(checks.run_checks(databases=["default"]))
     assert found.obj == MAINTAIN_TASK
     assert found.msg == (
         "celery_deactivate.maintain is not scheduled: digests, the end of outages and cool-down "
@@ -303,14 +304,14 @@ def test_maintain_scheduled_nowhere_is_a_warning_with_django_celery_beat(
     row = beat_models.PeriodicTask.objects.create(
         name="celery-deactivate", task=MAINTAIN_TASK, interval=every
     )
-    assert w002(checks.run_checks(tags=[TAG], databases=["default"])) == []
+    assert w002(checks.run_checks(databases=["default"])) == []
     beat_models.PeriodicTask.objects.filter(pk=row.pk).update(enabled=False)
-    assert len(w002(checks.run_checks(tags=[TAG], databases=["default"]))) == 1
+    assert len(w002(checks.run_checks(databases=["default"]))) == 1
 
     # When the app's beat_schedule has it (maintain_entry), the table is not even read
     conf(beat_schedule={"celery-deactivate": maintain_entry(every=60)})
     with CaptureQueriesContext(connection) as queries:
-        assert w002(checks.run_checks(tags=[TAG], databases=["default"])) == []
+        assert w002(checks.run_checks(databases=["default"])) == []
     assert len(queries) == 0
 
 
@@ -343,7 +344,7 @@ from django.db import connection
 from celery_deactivate import maintain_entry
 
 def w002():
-    found = checks.run_checks(tags=["celery_deactivate"], databases=["default"])
+    found = checks.run_checks(databases=["default"])
     return [[m.msg, m.hint] for m in found if m.id == "celery_deactivate.W002"]
 
 without = w002()

@@ -16,6 +16,7 @@ repository: ``celery_deactivate`` can only come from the wheel.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,8 @@ def wheel_files(wheel: Path) -> set[str]:
 
 
 def run(*command: str | Path, cwd: Path | None = None) -> str:
+    """Run ``command``; its output.  Without this run's ``PYTHONPATH``: the fresh virtualenv
+    imports what is installed in it, nothing else."""
     done = subprocess.run(
         [str(part) for part in command],
         capture_output=True,
@@ -105,6 +108,7 @@ def run(*command: str | Path, cwd: Path | None = None) -> str:
         timeout=180,
         check=False,
         cwd=cwd,
+        env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
     )
     assert done.returncode == 0, f"{command}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     return done.stdout
