@@ -195,10 +195,13 @@ def test_an_operator_finds_a_broken_feed_reads_its_error_and_reactivates_it(
 
 
 def log_in(driver: WebDriver, url: str, username: str, password: str) -> None:
+    """Log in on the admin's login page at ``url``; return once the page after it is shown (the
+    login page has a ``#content-main`` too: the user tools are the logged-in page's)."""
     driver.get(url)
     driver.find_element(By.ID, "id_username").send_keys(username)
     driver.find_element(By.ID, "id_password").send_keys(password)
     driver.find_element(By.CSS_SELECTOR, "#login-form [type=submit]").click()
+    wait(driver, expected_conditions.presence_of_element_located((By.ID, "user-tools")))
 
 
 def test_the_status_page_charts_the_history_and_its_counts_filter_the_changelist(
@@ -236,7 +239,6 @@ def test_the_status_page_charts_the_history_and_its_counts_filter_the_changelist
 
     # When they open the status page from the admin's index
     log_in(browser, f"{live_server.url}/admin/", "ops", "correct horse")
-    wait(browser, expected_conditions.presence_of_element_located((By.ID, "content-main")))
     browser.find_element(By.LINK_TEXT, "Task status").click()
     section = wait(
         browser,
