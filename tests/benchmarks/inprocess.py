@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.benchmarks.env import backend_env, backends
+from tests.benchmarks.mail import MAIL, mail_env, smtp_sink
 from tests.benchmarks.scenarios import KINDS, PATHS, Scenario
 
 #: Frames the profile shows unless ``--frames`` says otherwise.
@@ -59,6 +60,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", default=FRAMES, help="regex on the frames' file names")
     parser.add_argument("--sort", choices=["cumulative", "delta"], default="cumulative")
     parser.add_argument("--dump", type=Path, help="write each task's profile into this folder")
+    parser.add_argument("--mail", choices=MAIL, default=MAIL[0], help="SMTP to a sink, or render")
     return parser.parse_args(argv)
 
 
@@ -66,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     found = {b["key"]: b for b in backends()}
     backend = found[args.backend or ("pgredis" if "pgredis" in found else "embedded")]
-    with tempfile.TemporaryDirectory(prefix="cd-inprocess-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="cd-inprocess-") as workdir, smtp_sink() as port:
         # The benchmark's settings, before Django is set up by importing the app.
-        os.environ.update(backend_env(backend, workdir))
+        os.environ.update(backend_env(backend, workdir) | mail_env(args.mail, port))
         for name in ("DATABASE_URL", "CELERY_BROKER_URL"):
             os.environ.pop(name, None)
         os.environ["DJANGO_SETTINGS_MODULE"] = "tests.benchmarks.settings"

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.benchmarks.env import ROOT, backends, child_env
+from tests.benchmarks.mail import MAIL, mail_env, smtp_sink
 from tests.benchmarks.scenarios import COMPARISONS, CONCURRENCY, KINDS, PATHS, SCENARIOS
 
 RESULTS = Path(__file__).with_name("results.md")
@@ -236,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backend", action="append", help="only these backends (embedded, pgredis)"
     )
+    parser.add_argument(
+        "--mail",
+        choices=MAIL,
+        default=MAIL[0],
+        help="mail over SMTP to a sink on loopback (default), or rendered and dropped",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write results.md")
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
@@ -245,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends():
         if args.backend and backend["key"] not in args.backend:
             continue
-        with tempfile.TemporaryDirectory(prefix="cd-bench-") as workdir:
-            env = child_env(backend, workdir)
+        with tempfile.TemporaryDirectory(prefix="cd-bench-") as workdir, smtp_sink() as port:
+            env = child_env(backend, workdir) | mail_env(args.mail, port)
             fanout_n = args.fanout_n if backend["key"] == "pgredis" else args.embedded_fanout_n
             cmd = [
                 sys.executable,
@@ -290,7 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         "tasks/s). × plain, × recipe, × peer: medians of the per-round throughput ratios. "
         "queries/task: statements counted by an execute wrapper in the warm-up pass only "
         "(savepoints included; BEGIN, COMMIT and ROLLBACK are not statements); the timed rounds "
-        "run without it.",
+        "run without it. "
+        + (
+            "Mail (the recipe's `mail_admins()`, the library's notices) goes through Django's "
+            "SMTP backend to an SMTP server on loopback that drops it (aiosmtpd, its own process)."
+            if args.mail == "smtp"
+            else "Mail is rendered and dropped, not sent (`--mail render`)."
+        ),
         "",
         *out,
     ]

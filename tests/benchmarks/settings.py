@@ -33,7 +33,15 @@ else:
         # (the recipe's body) fails with "database is locked" when it starts deferred.
         DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
 
-EMAIL_BACKEND = "tests.benchmarks.mail.RenderingBackend"
+# Mail over SMTP to the runner's sink on loopback (tests.benchmarks.mail), as a project sends it;
+# rendered and dropped with ``--mail render``.
+if os.environ.get("BENCH_SMTP_PORT"):
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_HOST = "127.0.0.1"
+    EMAIL_PORT = int(os.environ["BENCH_SMTP_PORT"])
+    EMAIL_TIMEOUT = 10
+else:
+    EMAIL_BACKEND = "tests.benchmarks.mail.RenderingBackend"
 
 CELERY_BROKER_URL = os.environ.get("BENCH_BROKER_URL", "filesystem://")
 # Results ignored, as the recipe's; the fan-out is measured a second time with a Redis result
