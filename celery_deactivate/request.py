@@ -38,7 +38,7 @@ from celery.worker.request import Request
 from django.db import connections, router
 from django.db.utils import load_backend
 
-from . import _store
+from . import _errors, _store
 from ._options import Options
 from .task import in_main_process_hook
 
@@ -155,9 +155,11 @@ class DeactivatingRequest(Request):
 
 def record_in_thread(
     task: Any, exc: BaseException, pk: Any, task_id: str
-) -> tuple[threading.Thread, float]:
+) -> tuple[threading.Thread | None, float]:
     """Start recording a crash of ``task`` on ``pk`` in a new thread; return it and the time it
-    may take (``deactivate_crash_timeout``)."""
+    may take (``deactivate_crash_timeout``).  A thread that cannot start (the process's limit,
+    its memory) is logged at ERROR, and ``(None, 0.0)`` returned: Celery's own failure handling
+    goes on."""
     try:
         timeout = Options(task).crash_timeout
     except Exception:
@@ -169,7 +171,18 @@ def record_in_thread(
         name=f"celery-deactivate-{task_id}",
     )
     _setting_up.started(thread, timeout)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError as error:  # "can't start new thread": no fork waits for it
+        _setting_up.done(thread)
+        logger.error(
+            "celery_deactivate: the crash of %s[%s] on pk=%r was not recorded: %s",
+            task.name,
+            task_id,
+            pk,
+            _errors.describe(error),
+        )
+        return None, 0.0
     return thread, timeout
 
 

@@ -4,6 +4,7 @@ and those of one family only say so in their skip reason."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -236,6 +237,32 @@ def test_a_fork_waits_while_a_crash_recording_connects() -> None:
     feed.refresh_from_db()
     assert (feed.active, feed.failure_count) == (False, 1)
     assert "WorkerLostError" in feed.error_message
+
+
+def test_a_crash_recording_whose_thread_cannot_start_leaves_no_fork_waiting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    feed = Feed.objects.create(title="no thread")
+
+    def cannot_start(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    # Given a process out of threads (its limit, its memory) as a crash is to be recorded
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    with caplog.at_level(logging.ERROR, logger="celery_deactivate"):
+        recording = request.record_in_thread(
+            tasks.poll, WorkerLostError("lost"), feed.pk, "no-thread"
+        )
+    monkeypatch.undo()
+
+    # Then it is logged, not raised into Celery's failure handling, and no recording is setting
+    # up: the next fork does not wait for one that never ran
+    assert recording == (None, 0.0)
+    assert "crash of tests.testapp.tasks.poll[no-thread]" in caplog.text
+    assert "can't start new thread" in caplog.text
+    assert not request._setting_up.threads
+    took, exit_code = fork_and_wait()
+    assert (took < 0.5, exit_code) == (True, 0)
 
 
 @needs_row_locks
