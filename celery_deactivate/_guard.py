@@ -35,8 +35,9 @@ Cost.  The success path runs no statement: runs and final failures are counted i
 :data:`FLUSH_EVERY` seconds after the last write (one ``UPDATE`` of the process's own row and a
 read of the task's state), and when the process exits in order; there is no background thread.
 A failure outside an outage adds a read of the task's state, the object's row in
-``TaskFailure`` (in the change's transaction), the distinct objects counted up to the threshold
-(then the sums of the window), and after a deactivation a second read of the state; during an
+``TaskFailure`` (in the change's transaction) and, once the change committed, one read of the
+task's state with what the guard judges by (:func:`celery_deactivate._store.verdict`: an outage
+opened meanwhile, the distinct objects up to the threshold, the sums of the window); during an
 outage a failure costs a read, and nothing on the object (less than a deactivation).  The guard off
 (``deactivate_outage_objects=0``) and ``deactivate_notify_window=0`` add nothing at all.
 """
@@ -178,12 +179,18 @@ def account(
         with _store.unit(using, timeout):
             if _store.pending.add(task, failed=failed is not None) or timeout:
                 # Written with the process's other counts (the crash path at once: its process
-                # runs no task); until then the guard judges them from memory (_store.sums).
+                # runs no task); until then the guard judges them from memory (_store.verdict).
                 _store.write_pending(task.name, options.window, using)
             if failed is None:
                 return False
-            opened = _trip(task, options, state, failed.exc, timezone.now(), using)
-            if not deactivated or not (opened or outage_of(task) is not None):
+            now = timezone.now()
+            since = _counted_since(options, state, now)
+            # Read once the change committed: an outage another process opened meanwhile is seen.
+            judged = _store.verdict(task.name, options.window, using, since, options.objects)
+            outage = judged.outage_started_at is not None or _trip(
+                task, options, judged, since, failed.exc, now, using
+            )
+            if not (deactivated and outage):
                 return False
             # Deactivated while an outage started: one of its victims.  The process that opened
             # it may not have seen this row yet; re-activating twice changes the row once.
@@ -195,28 +202,34 @@ def account(
         return None
 
 
+def _counted_since(options: Options, state: _store.State, now: datetime) -> datetime:
+    """The start of what the guard counts: the window, or the end of the last outage if later
+    (after an outage, it counts afresh)."""
+    since = now - timedelta(seconds=options.window)
+    ended = state.outage_ended_at
+    return ended if ended is not None and ended > since else since
+
+
 def _trip(
     task: AnyTask,
     options: Options,
-    state: _store.State,
+    judged: _store.Verdict,
+    since: datetime,
     exc: BaseException,
     now: datetime,
     using: str,
 ) -> bool:
-    """Start an outage if the guard's conditions hold; whether this call started it."""
-    name = task.name
-    since = now - timedelta(seconds=options.window)
-    ended = state.outage_ended_at
-    if ended is not None and ended > since:
-        since = ended  # after an outage, count afresh
-    if _store.distinct(name, using, since, options.objects) < options.objects:
+    """Start an outage if the guard's conditions hold; whether one is open now: this call's, or
+    one another process opened since the verdict was read (its start waited for that process's
+    transaction, whose victims may not have included this failure's object)."""
+    if not judged.objects_reached:
         return False
-    runs, failures = _store.sums(name, options.window, using, since)
+    runs, failures = judged.runs, judged.failures
     if runs < options.min_runs or failures < options.rate * runs:
         logger.info(
             "celery_deactivate: %s: %d of %d finished runs failed for good since %s, %s: failing "
             "objects are deactivated one by one",
-            name,
+            task.name,
             failures,
             runs,
             since.isoformat(timespec="seconds"),
@@ -225,7 +238,8 @@ def _trip(
             else f"below the outage rate {options.rate:.0%}",
         )
         return False
-    return _outage.start_outage(task, options, now, since, exc, using)
+    _outage.start_outage(task, options, now, since, exc, using)
+    return True
 
 
 def _broken(task: AnyTask, error: Exception, doing: str) -> None:

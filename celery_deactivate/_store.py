@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import F, Sum
+from django.db.models import Exists, F, Subquery, Sum
 from django.utils import timezone
 
 from . import _charset, _errors, _transaction, notify
@@ -202,6 +202,44 @@ def sums(name: str, window: float, using: str, since: datetime) -> tuple[int, in
     )
     runs, failures = pending.peek(name, slot_of(window, since))
     return int(totals["runs"] or 0) + runs, int(totals["failures"] or 0) + failures
+
+
+class Verdict(NamedTuple):
+    """What the outage guard judges a failure by, once the failure committed."""
+
+    #: When the task's open outage started (another process may have opened it meanwhile).
+    outage_started_at: datetime | None
+    #: Whether the threshold of distinct objects failed since the window's start.
+    objects_reached: bool
+    runs: int
+    failures: int
+
+
+def verdict(name: str, window: float, using: str, since: datetime, objects: int) -> Verdict:
+    """The task's open outage, whether at least ``objects`` distinct objects had a final failure
+    after ``since`` (:func:`distinct`), and the ``(runs, failures)`` since then (:func:`sums`,
+    with what this process has not written yet): one ``SELECT`` of the task's state row, the
+    counts as its subqueries."""
+    from .models import TaskFailure, TaskRuns, TaskState
+
+    failed = TaskFailure.objects.filter(task=name, failed_at__gt=since).order_by()
+    slot = slot_of(window, since)
+    counted = TaskRuns.objects.filter(task=name, slot__gte=slot).order_by().values("task")
+    rows = (
+        TaskState.objects.using(using)
+        .filter(task=name)
+        .annotate(
+            objects_reached=Exists(failed[objects - 1 : objects]),  # the threshold's row exists
+            runs_sum=Subquery(counted.annotate(total=Sum("runs")).values("total")),
+            failures_sum=Subquery(counted.annotate(total=Sum("failures")).values("total")),
+        )
+        .values_list("outage_started_at", "objects_reached", "runs_sum", "failures_sum")
+    )
+    started, reached, written_runs, written_failures = next(iter(rows), (None, False, 0, 0))
+    runs, failures = pending.peek(name, slot)
+    return Verdict(
+        started, bool(reached), int(written_runs or 0) + runs, int(written_failures or 0) + failures
+    )
 
 
 def distinct(name: str, using: str, since: datetime, at_most: int | None) -> int:
