@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import Exists, F, Subquery, Sum
+from django.db.models import Exists, F, QuerySet, Subquery, Sum
 from django.utils import timezone
 
 from . import _charset, _errors, _transaction, notify
@@ -190,18 +190,39 @@ def _add(name: str, window: float, slot: datetime, using: str, *, runs: int, fai
     table.filter(task=name, process=process, slot__lt=old).delete()
 
 
+def _runs_since(name: str, window: float, since: datetime) -> QuerySet[Any]:
+    """The task's ``TaskRuns`` rows of the slots from the one holding ``since`` on."""
+    from .models import TaskRuns
+
+    rows: QuerySet[Any] = TaskRuns.objects.filter(task=name, slot__gte=slot_of(window, since))
+    return rows
+
+
+def _failed_since(name: str, since: datetime) -> QuerySet[Any]:
+    """The task's ``TaskFailure`` rows (one per object) of final failures after ``since``."""
+    from .models import TaskFailure
+
+    rows: QuerySet[Any] = TaskFailure.objects.filter(task=name, failed_at__gt=since)
+    return rows
+
+
+def _with_pending(
+    name: str, window: float, since: datetime, runs: int | None, failures: int | None
+) -> tuple[int, int]:
+    """Written sums (``None``: no row) plus what this process counted and has not written."""
+    unwritten_runs, unwritten_failures = pending.peek(name, slot_of(window, since))
+    return int(runs or 0) + unwritten_runs, int(failures or 0) + unwritten_failures
+
+
 def sums(name: str, window: float, using: str, since: datetime) -> tuple[int, int]:
     """``(runs, failures)`` of the task since ``since`` (rounded down to the start of its slot):
     what every process wrote, plus what this one counted and has not written yet."""
-    from .models import TaskRuns
-
     totals = (
-        TaskRuns.objects.using(using)
-        .filter(task=name, slot__gte=slot_of(window, since))
+        _runs_since(name, window, since)
+        .using(using)
         .aggregate(runs=Sum("runs"), failures=Sum("failures"))
     )
-    runs, failures = pending.peek(name, slot_of(window, since))
-    return int(totals["runs"] or 0) + runs, int(totals["failures"] or 0) + failures
+    return _with_pending(name, window, since, totals["runs"], totals["failures"])
 
 
 class Verdict(NamedTuple):
@@ -220,33 +241,28 @@ def verdict(name: str, window: float, using: str, since: datetime, objects: int)
     after ``since`` (:func:`distinct`), and the ``(runs, failures)`` since then (:func:`sums`,
     with what this process has not written yet): one ``SELECT`` of the task's state row, the
     counts as its subqueries."""
-    from .models import TaskFailure, TaskRuns, TaskState
+    from .models import TaskState
 
-    failed = TaskFailure.objects.filter(task=name, failed_at__gt=since).order_by()
-    slot = slot_of(window, since)
-    counted = TaskRuns.objects.filter(task=name, slot__gte=slot).order_by().values("task")
+    counted = _runs_since(name, window, since).order_by().values("task")
     rows = (
         TaskState.objects.using(using)
         .filter(task=name)
         .annotate(
-            objects_reached=Exists(failed[objects - 1 : objects]),  # the threshold's row exists
+            # the threshold's row exists
+            objects_reached=Exists(_failed_since(name, since).order_by()[objects - 1 : objects]),
             runs_sum=Subquery(counted.annotate(total=Sum("runs")).values("total")),
             failures_sum=Subquery(counted.annotate(total=Sum("failures")).values("total")),
         )
         .values_list("outage_started_at", "objects_reached", "runs_sum", "failures_sum")
     )
     started, reached, written_runs, written_failures = next(iter(rows), (None, False, 0, 0))
-    runs, failures = pending.peek(name, slot)
-    return Verdict(
-        started, bool(reached), int(written_runs or 0) + runs, int(written_failures or 0) + failures
-    )
+    runs, failures = _with_pending(name, window, since, written_runs, written_failures)
+    return Verdict(started, bool(reached), runs, failures)
 
 
 def distinct(name: str, using: str, since: datetime, at_most: int | None) -> int:
     """Distinct objects with a final failure after ``since``, counted up to ``at_most``."""
-    from .models import TaskFailure
-
-    rows = TaskFailure.objects.using(using).filter(task=name, failed_at__gt=since)
+    rows = _failed_since(name, since).using(using)
     counted: int = rows[:at_most].count() if at_most is not None else rows.count()
     return counted
 
