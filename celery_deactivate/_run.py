@@ -153,12 +153,21 @@ def _read(task: AnyTask, options: Options, pk: Any, using: str) -> Any:
     try:
         if not options.pass_object:
             return _reads.read_state(options.target, pk, using)
+        if _reads_base_manager(task):
+            return _reads.read_instance(options.target.model, pk, using)
         return task.get_queryset(using).get(pk=pk)
     except Exception as exc:
         own_error.set(exc)
         if isinstance(exc, DatabaseError):
             _close_if_unusable(using)
         raise
+
+
+def _reads_base_manager(task: AnyTask) -> bool:
+    """Whether the task's instance comes from the default ``get_queryset()``, the base manager,
+    which :func:`~celery_deactivate._reads.read_instance` reads compiled once; an override is
+    read as it is written, through the ORM each time."""
+    return bool(type(task).get_queryset.__module__ == f"{__package__}.task")
 
 
 def _may_run(task: AnyTask, options: Options, pk: Any, state: State) -> bool:
