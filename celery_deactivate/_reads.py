@@ -14,9 +14,9 @@ compiled once 48 us).  So each is compiled by the ORM once per worker process, m
 database (:class:`_Read`), with a marker where the key goes, and run with the key in its place
 (a base manager of the project's own is compiled on every read: :func:`_static`).
 That buys more than 5 % where issue #18 asks it to show it (``make bench``, PostgreSQL + Redis,
-2026-12-07): on the defaults' mix 0.932x -> 1.037x the recipe with pass-object, 0.801x -> 0.872x
-with the drop-in; pass-object's success path 0.966x -> 1.105x.  The compiler's parts it uses are
-listed in docs/private-apis.md.
+5 rounds, 2026-12-07, docs/benchmarks.md): the defaults' mix 0.801x -> 0.860x the recipe with the
+drop-in, 0.932x -> 1.038x with pass-object; the 5 ms body 0.899x -> 0.946x and 0.987x -> 1.027x.
+The compiler's parts it uses are listed in docs/private-apis.md.
 """
 
 from __future__ import annotations
