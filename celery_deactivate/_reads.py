@@ -11,8 +11,8 @@ The three reads run on every task and every failure, and building and compiling 
 queryset again each time was most of their cost: about 0.15 ms of the worker's CPU per read on
 the benchmark's machine, measured in-process (``Feed.objects.get()`` 205 us, the same statement
 compiled once 48 us).  So each is compiled by the ORM once per worker process, model and
-database (:class:`_Read`), with a marker where the key goes, and run with the key in its place
-(a base manager of the project's own is compiled on every read: :func:`_static`).
+database (:class:`_Compiled`), with a marker where the key goes, and run with the key in its
+place.  A base manager of the project's own is read by the ORM each time (:func:`_plain`).
 That buys more than 5 % where issue #18 asks it to show it (``make bench``, PostgreSQL + Redis,
 5 rounds, 2026-12-07, docs/benchmarks.md): the defaults' mix 0.801x -> 0.860x the recipe with the
 drop-in, 0.932x -> 1.038x with pass-object; the 5 ms body 0.899x -> 0.946x and 0.987x -> 1.027x.
@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import django
 from django.db import connections
-from django.db.models import Expression, Field, Manager, Model, QuerySet
-from django.db.models.expressions import Col
+from django.db.models import Expression, Field, IntegerField, Manager, Model, QuerySet
 
 from .target import Target
 
@@ -57,27 +57,28 @@ def read_state(target: Target, pk: Any, using: str) -> tuple[Any, ...]:
     """``(active, failure_count, probing_since)`` of the row, the roles the model has
     (:meth:`Target.state_fields`), through the base manager.  Raises the model's
     ``DoesNotExist`` for a missing row."""
-    fields = target.state_fields()
-    state = _read(
-        ("state", target.model, fields, using),
-        lambda: _base(target.model, using).values_list(*fields),
-        static=_static(target.model),
+    model, fields = target.model, target.state_fields()
+    rows = _read(
+        ("state", model, fields, using),
+        lambda: _base(model, using).values_list(*fields),
+        compiled=_plain(model),
     )
-    return state.row(pk)
+    return rows.row(pk)
 
 
 def read_instance(model: type[Model], pk: Any, using: str) -> Model:
     """The object, as the base manager's ``get(pk=pk)`` returns it: the pass-object form's
     instance, unless the task's ``get_queryset()`` says otherwise."""
-    read = _read(("instance", model, using), lambda: _base(model, using), static=_static(model))
-    return read.instance(pk)
+    rows = _read(("instance", model, using), lambda: _base(model, using), compiled=_plain(model))
+    return rows.instance(pk)
 
 
 def read_changed(target: Target, pk: Any, using: str) -> Model:
     """The row an ``UPDATE`` just changed, by primary key alone: the change may hide it from a
     base manager that filters on the library's columns (one that hides inactive rows)."""
     model = target.model
-    return _read(("changed", model, using), lambda: QuerySet(model=model, using=using)).instance(pk)
+    rows = _read(("changed", model, using), lambda: QuerySet(model=model, using=using))
+    return rows.instance(pk)
 
 
 def field_of(model: type[Model], name: str) -> Field[Any, Any]:
@@ -89,7 +90,7 @@ def _base(model: type[Model], using: str) -> QuerySet[Any]:
     return rows
 
 
-# -- one read, compiled once ----------------------------------------------------------------
+# -- one read, compiled once -----------------------------------------------------------------
 
 
 class _Key(Expression):
@@ -100,11 +101,10 @@ class _Key(Expression):
 
 
 @dataclass(frozen=True)
-class _Read:
-    """A queryset filtered on the key, as the ORM compiled it for one database: its SQL, its
-    parameters (``slot``: the key's), and how a row becomes values (the columns' converters) and
-    an instance (``names``: the attributes the columns hold; ``None`` where the queryset selects
-    more than the model's own columns, ``select_related()`` or annotations)."""
+class _Compiled:
+    """A queryset filtered on the key, as the ORM compiled it once for one database: its SQL,
+    its parameters (``slot``: the key's), how a row becomes values (the columns' converters) and
+    an instance (``names``: the attributes of the columns; ``None`` for ``values_list()``)."""
 
     queryset: QuerySet[Any]
     sql: str
@@ -121,7 +121,7 @@ class _Read:
         connection = connections[self.queryset.db]
         value = target.get_db_prep_value(key.get_prep_value(pk), connection, True)
         found = None
-        if _in_range(value, target, connection):  # else no row has it (the ORM: Django 5.0+)
+        if _in_range(value, key, connection):
             params = list(self.params)
             params[self.slot] = value
             with connection.cursor() as cursor:
@@ -132,50 +132,71 @@ class _Read:
         return self.converters(list(found), connection)
 
     def instance(self, pk: Any) -> Model:
-        if self.names is None:  # a queryset that builds more than the model's own instance
-            found: Model = self.queryset.get(pk=pk)
-            return found
+        assert self.names is not None  # a queryset of instances
         model = self.queryset.model
         instance: Model = model.from_db(self.queryset.db, list(self.names), self.row(pk))
         return instance
 
 
-def _in_range(value: Any, field: Field[Any, Any], connection: Any) -> bool:
-    """Whether an integer key fits the column (a larger one fails on SQLite, not in a match)."""
-    if not isinstance(value, int):
-        return True
-    low, high = connection.ops.integer_field_range(field.get_internal_type())
-    return (low is None or value >= low) and (high is None or value <= high)
+@dataclass(frozen=True)
+class _Built:
+    """A queryset the ORM builds and compiles on every read, as its ``get()``: that of a base
+    manager or a queryset class of the project's own, which may change from call to call."""
+
+    build: Callable[[], QuerySet[Any]]
+
+    def row(self, pk: Any) -> tuple[Any, ...]:
+        return tuple(self.build().get(pk=pk))
+
+    def instance(self, pk: Any) -> Model:
+        found: Model = self.build().get(pk=pk)
+        return found
 
 
-_reads: dict[tuple[Any, ...], _Read] = {}
+_reads: dict[tuple[Any, ...], _Compiled | _Built] = {}
 
 
 def _read(
-    key: tuple[Any, ...], queryset: Callable[[], QuerySet[Any]], *, static: bool = True
-) -> _Read:
-    """The compiled read of ``key`` (what is read, of which model, on which database), kept
-    from its first use if the queryset is ``static``: the same at every call."""
+    key: tuple[Any, ...], build: Callable[[], QuerySet[Any]], *, compiled: bool = True
+) -> _Compiled | _Built:
+    """The read of ``key`` (what is read, of which model, on which database): compiled on first
+    use and kept, or (not ``compiled``) built by the ORM each time."""
     read = _reads.get(key)
     if read is None:
-        read = _compile(queryset())
-        if static:
-            _reads[key] = read
+        read = _reads[key] = _compile(build()) if compiled else _Built(build)
     return read
 
 
-def _static(model: type[Model]) -> bool:
-    """Whether the model's base manager builds the same queryset at every call: Django's own
-    ``get_queryset()``.  A project's own may depend on the moment (a tenant, a date), so its
-    queryset is compiled on every read, as the ORM does."""
-    return type(model._base_manager).get_queryset is Manager.get_queryset
+def _plain(model: type[Model]) -> bool:
+    """Whether the model's base manager is Django's own, with Django's ``QuerySet``: the same
+    queryset at every call, which a project's own ``get_queryset()`` (a tenant, a date, a
+    ``prefetch_related()``) or queryset class need not be."""
+    manager = model._base_manager
+    return (
+        type(manager).get_queryset is Manager.get_queryset
+        and type(manager.get_queryset()) is QuerySet
+    )
 
 
-def _compile(queryset: QuerySet[Any]) -> _Read:
-    """Compile ``queryset.filter(pk=<key>)`` with Django's own compiler (private parts:
-    docs/private-apis.md)."""
+def _in_range(value: Any, key: Field[Any, Any], connection: Any) -> bool:
+    """Whether an integer key fits its column.  Django 5.0+ matches no row for one that does
+    not (``IntegerFieldExact``; SQLite would raise ``OverflowError``); a key that is a parent
+    link, and every key on Django 4.2, is sent as it is, as the ORM does."""
+    if not isinstance(value, int) or key.is_relation or not isinstance(key, IntegerField):
+        return True
+    if django.VERSION < (5, 0):
+        return True
+    low, high = connection.ops.integer_field_range(key.get_internal_type())
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def _compile(queryset: QuerySet[Any]) -> _Compiled:
+    """Compile ``queryset.filter(pk=<key>)``, without the model's ordering as ``get()`` has it,
+    with Django's own compiler (its private parts: docs/private-apis.md).  The converters are
+    the compiling connection's; they read the database's settings only (its time zone)."""
     model = queryset.model
-    compiler = queryset.filter(pk=_Key(output_field=model._meta.pk)).query.get_compiler(queryset.db)
+    keyed = queryset.order_by().filter(pk=_Key(output_field=model._meta.pk))
+    compiler = keyed.query.get_compiler(queryset.db)
     sql, params = compiler.as_sql()
     slot = next(i for i, param in enumerate(params) if isinstance(param, _Key))
     columns = [column for column, _, _ in compiler.select]
@@ -187,8 +208,5 @@ def _compile(queryset: QuerySet[Any]) -> _Read:
                 row[position] = function(row[position], column, connection)
         return tuple(row)
 
-    built = compiler.klass_info  # None for values_list(): no instance
-    own = bool(built) and not built.get("related_klass_infos")
-    own = own and all(isinstance(column, Col) for column in columns)
-    names = tuple(column.target.attname for column in columns) if own else None
-    return _Read(queryset, sql, tuple(params), slot, convert, names)
+    names = tuple(column.target.attname for column in columns) if compiler.klass_info else None
+    return _Compiled(queryset, sql, tuple(params), slot, convert, names)

@@ -163,6 +163,43 @@ class ActiveOnlyFeed(DeactivatableModel):
         return self.title
 
 
+class DeepFeed(SpecialFeed):
+    """Two levels of multi-table inheritance (its key links to a key that links to Feed's),
+    ordered through its parents' columns."""
+
+    depth = models.PositiveIntegerField(default=2)
+
+    class Meta:
+        ordering = ["-depth", "title"]
+
+
+#: The tenant whose rows :class:`TenantFeed`'s base manager shows, as a multi-tenant project
+#: sets it per request or task.
+TENANT = ["a"]
+
+
+class TenantManager(models.Manager):  # type: ignore[type-arg]
+    """The current tenant's rows only: a queryset that changes from call to call."""
+
+    def get_queryset(self) -> Any:
+        return super().get_queryset().filter(tenant=TENANT[0])
+
+
+class TenantFeed(DeactivatableModel):
+    """A base manager whose rows depend on the moment (:data:`TENANT`)."""
+
+    title = models.CharField(max_length=100)
+    tenant = models.CharField(max_length=20)
+
+    objects = TenantManager()  # type: ignore[misc]
+
+    class Meta:
+        base_manager_name = "objects"
+
+    def __str__(self) -> str:
+        return self.title
+
+
 class Article(models.Model):
     """A concrete parent without the deactivation fields."""
 
