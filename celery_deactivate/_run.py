@@ -30,10 +30,7 @@ from contextlib import nullcontext
 from contextvars import ContextVar
 from typing import Any
 
-from celery._state import (  # type: ignore[attr-defined]  # not in celery-types' stubs
-    pop_current_task,
-    push_current_task,
-)
+from celery.app import pop_current_task, push_current_task
 from celery.exceptions import Ignore, Reject, Retry
 from django.db import DatabaseError, connections, router, transaction
 
@@ -78,7 +75,7 @@ def _direct(task: AnyTask, options: Options, args: tuple[Any, ...], kwargs: dict
     Celery's stack, so ``celery.current_task`` is this task; a request with the arguments),
     around :func:`run`.  ``Task.__call__`` itself cannot be used: it calls ``run`` with the
     arguments it is given, and the read before the body and its transaction come first.
-    Celery's stack is private (``celery._state``, docs/private-apis.md)."""
+    Celery exports the two functions of its stack from ``celery.app`` (its ``__all__``)."""
     push_current_task(task)
     task.push_request(args=args, kwargs=kwargs)
     try:
