@@ -60,8 +60,8 @@ def read_state(target: Target, pk: Any, using: str) -> tuple[Any, ...]:
     model, fields = target.model, target.state_fields()
     rows = _read(
         ("state", model, fields, using),
-        lambda: _base(model, using).values_list(*fields),
-        compiled=_plain(model),
+        lambda: base_queryset(model, using).values_list(*fields),
+        manager_of=model,
     )
     return rows.row(pk)
 
@@ -69,7 +69,7 @@ def read_state(target: Target, pk: Any, using: str) -> tuple[Any, ...]:
 def read_instance(model: type[Model], pk: Any, using: str) -> Model:
     """The object, as the base manager's ``get(pk=pk)`` returns it: the pass-object form's
     instance, unless the task's ``get_queryset()`` says otherwise."""
-    rows = _read(("instance", model, using), lambda: _base(model, using), compiled=_plain(model))
+    rows = _read(("instance", model, using), lambda: base_queryset(model, using), manager_of=model)
     return rows.instance(pk)
 
 
@@ -85,7 +85,9 @@ def field_of(model: type[Model], name: str) -> Field[Any, Any]:
     return cast("Field[Any, Any]", model._meta.get_field(name))
 
 
-def _base(model: type[Model], using: str) -> QuerySet[Any]:
+def base_queryset(model: type[Model], using: str) -> QuerySet[Any]:
+    """The model's base manager's queryset on ``using``: what the library reads an object from
+    (and the pass-object form's default ``get_queryset()``)."""
     rows: QuerySet[Any] = model._base_manager.db_manager(using).all()
     return rows
 
@@ -157,13 +159,18 @@ _reads: dict[tuple[Any, ...], _Compiled | _Built] = {}
 
 
 def _read(
-    key: tuple[Any, ...], build: Callable[[], QuerySet[Any]], *, compiled: bool = True
+    key: tuple[Any, ...],
+    build: Callable[[], QuerySet[Any]],
+    *,
+    manager_of: type[Model] | None = None,
 ) -> _Compiled | _Built:
-    """The read of ``key`` (what is read, of which model, on which database): compiled on first
-    use and kept, or (not ``compiled``) built by the ORM each time."""
+    """The read of ``key`` (what is read, of which model, on which database), decided on first
+    use and kept: compiled once, or built by the ORM each time where ``build`` is the base
+    manager of ``manager_of`` and that manager is the project's own (:func:`_plain`)."""
     read = _reads.get(key)
     if read is None:
-        read = _reads[key] = _compile(build()) if compiled else _Built(build)
+        own = manager_of is not None and not _plain(manager_of)
+        read = _reads[key] = _Built(build) if own else _compile(build())
     return read
 
 

@@ -17,7 +17,7 @@ from celery import Task
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from django.apps import apps
 
-from . import _errors, _failure, _guard, _options, _run, dispatch, services
+from . import _errors, _failure, _guard, _options, _reads, _run, dispatch, services
 from ._option_names import check_option_names
 from .conf import Notifier
 from .target import ModelRef, Target, get_model
@@ -131,7 +131,7 @@ class DeactivatingTask(_TaskBase):
         """Where the instance is read from with ``deactivate_pass_object``: override it to add
         ``select_related()``, annotations, ``select_for_update()``...  By default the model's
         base manager.  The drop-in form reads only the active flag and the count."""
-        return get_model(self.model, self.name)._base_manager.db_manager(using).all()
+        return _reads.base_queryset(get_model(self.model, self.name), using)
 
     def apply(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
         throw = options.get("throw")
