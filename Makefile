@@ -18,6 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	scripts/mysql-driver.sh $(PY)
 	touch $(STAMP)
 
 $(DOCS_STAMP): $(STAMP)
