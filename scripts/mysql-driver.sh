@@ -37,7 +37,7 @@ read -ra pkgs <<< "$(missing "$python")"
 if [ "${#pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         say "WARNING: mysqlclient left out, its build needs: ${pkgs[*]}"
-        say "  (apt-get install ${pkgs[*]} as root, then make venv); the suite's MariaDB run is skipped"
+        say "  (as root: apt-get install ${pkgs[*]}; then: $0 $python); the suite's MariaDB run is skipped"
         exit 0
     fi
     say "apt-get install ${pkgs[*]} (to build mysqlclient)"
