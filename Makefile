@@ -30,8 +30,8 @@ venv: $(STAMP) ## Create .venv and install the package with its test and dev ext
 # The servers: those DATABASE_URL/CELERY_BROKER_URL name, else throwaway ones on free loopback
 # ports for the run, else SQLite + memory with each skip's reason (scripts/with-services.sh).
 # The suite runs once on DATABASE_URL, then again on MariaDB when MYSQL_URL is set (the
-# throwaway servers set it): scripts/on-each-database.sh.
-test: $(STAMP) ## Run the whole suite on PostgreSQL (+ PgBouncer) and MariaDB with Redis: yours (DATABASE_URL, CELERY_BROKER_URL), else started for the run, installed with apt-get when root
+# throwaway servers set it), then again on SQLite: scripts/on-each-database.sh.
+test: $(STAMP) ## Run the whole suite on PostgreSQL (+ PgBouncer), MariaDB and SQLite with Redis: yours (DATABASE_URL, CELERY_BROKER_URL), else started for the run, installed with apt-get when root
 	scripts/with-services.sh scripts/on-each-database.sh $(PY) -m pytest -rs $(PYTEST_ARGS)
 
 test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests (servers and databases as for test)

@@ -20,7 +20,9 @@ what its statements need, which the process's first recording does in modules ne
 the main process before (mysqlclient connects through a module it imports on first use).  A
 child forked while that thread held a module's import lock would inherit the lock held by a
 thread it does not have, and hang at its first task.  Once set up, the thread holds no lock of
-the process while it waits on the database, and a fork does not wait for it.
+the process while it waits on the database, and a fork does not wait for it, except on SQLite:
+there the database is a library of this process, whose own locks a statement holds, and a fork
+waits for the whole recording.
 """
 
 from __future__ import annotations
@@ -228,28 +230,38 @@ if hasattr(os, "register_at_fork"):
 
 def _record_in_thread(task: Any, exc: BaseException, pk: Any, task_id: str, timeout: float) -> None:
     this = threading.current_thread()
+    in_sqlite = False
     try:
         try:
-            _set_up(task)
+            in_sqlite = _set_up(task)
         finally:
-            _setting_up.done(this)
+            if not in_sqlite:
+                _setting_up.done(this)
         task.record_failure(exc, pk, task_id, timeout=timeout)
     finally:
         connections.close_all()  # this thread's connections: it ends here
+        _setting_up.done(this)  # on SQLite, only now
 
 
-def _set_up(task: Any) -> None:
+def _set_up(task: Any) -> bool:
     """Open this thread's connections to the databases the recording writes (the object's, the
-    library's tables'), and load the module of their statements' compilers."""
+    library's tables'), and load the module of their statements' compilers.
+
+    Whether one of them is SQLite: a fork then waits for the whole recording.  SQLite runs in
+    this process, and holds process-wide mutexes of its own (those of its file locks, by file)
+    during each statement and as a connection opens or closes; a child forked meanwhile inherits
+    one held by a thread it does not have, and hangs at its first connection."""
     _connect_outside_pools()
     try:
         aliases = {router.db_for_write(task.target.model), _store.db()}
+        in_sqlite = any(connections[alias].vendor == "sqlite" for alias in aliases)
         for alias in aliases:
             connection = connections[alias]
             connection.ensure_connection()
             connection.ops.compiler("SQLUpdateCompiler")
     except Exception:  # the recording meets the same error, and logs it
-        return
+        return False
+    return in_sqlite
 
 
 def _connect_outside_pools() -> None:

@@ -304,3 +304,46 @@ def test_a_fork_does_not_wait_for_a_crash_recording_waiting_for_a_row() -> None:
     assert exit_code == 0
     feed.refresh_from_db()
     assert (feed.active, feed.failure_count) == (False, 1)
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite: a library of the process")
+def test_on_sqlite_a_fork_waits_for_the_whole_crash_recording() -> None:
+    """SQLite runs in the worker's main process and holds mutexes of its own during a statement
+    (those of its file locks, by file): a child forked while the recording's thread was in one
+    inherited it held, and hung at its first connection, until its time limit killed it."""
+    feed = Feed.objects.create(title="crashed")
+    other = Feed.objects.create(title="written elsewhere")
+    writing, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:  # another connection's write transaction
+        try:
+            with transaction.atomic():
+                Feed.objects.filter(pk=other.pk).update(polls=1)
+                writing.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    try:
+        assert writing.wait(30)
+        # Given a crash being recorded, set up and waiting inside SQLite for the write lock
+        recording, _ = request.record_in_thread(
+            tasks.poll, WorkerLostError("lost"), feed.pk, "crash-in-sqlite"
+        )
+        threading.Timer(1.0, release.set).start()
+        # When the process forks meanwhile
+        took, exit_code = fork_and_wait()
+        recorded = not recording.is_alive()
+    finally:
+        release.set()
+        holder.join(30)
+    recording.join(30)
+
+    # Then the fork waited for the whole recording, and the child had none going on
+    assert recorded
+    assert took >= 0.9, took
+    assert exit_code == 0
+    feed.refresh_from_db()
+    assert (feed.active, feed.failure_count) == (False, 1)
