@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import StringIO
 from typing import Any
 
@@ -203,6 +204,31 @@ def fork_and_wait() -> tuple[float, int]:
     return took, os.waitstatus_to_exitcode(status)
 
 
+@contextmanager
+def held_elsewhere(hold: Callable[[], Any]) -> Iterator[threading.Event]:
+    """Run ``hold`` in a transaction of another connection (an operator's, a stuck body's), which
+    stays open until the block ends or the event it yields is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def holding() -> None:
+        try:
+            with transaction.atomic():
+                hold()
+                held.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=holding)
+    holder.start()
+    try:
+        assert held.wait(30)
+        yield release
+    finally:
+        release.set()
+        holder.join(30)
+
+
 def test_a_fork_waits_while_a_crash_recording_connects() -> None:
     """The pool forks a child in place of the one that died while its crash is being recorded in
     a thread of the main process.  Forked while that thread connects (mysqlclient imports its
@@ -268,21 +294,8 @@ def test_a_crash_recording_whose_thread_cannot_start_leaves_no_fork_waiting(
 @needs_row_locks
 def test_a_fork_does_not_wait_for_a_crash_recording_waiting_for_a_row() -> None:
     feed = Feed.objects.create(title="locked elsewhere")
-    locked, release = threading.Event(), threading.Event()
 
-    def hold_the_row() -> None:  # an operator's transaction, a stuck body: another connection
-        try:
-            with transaction.atomic():
-                Feed.objects.select_for_update().get(pk=feed.pk)
-                locked.set()
-                release.wait(30)
-        finally:
-            connection.close()
-
-    holder = threading.Thread(target=hold_the_row)
-    holder.start()
-    try:
-        assert locked.wait(30)
+    with held_elsewhere(lambda: Feed.objects.select_for_update().get(pk=feed.pk)):
         # Given a crash being recorded, connected and waiting for the row
         recording, _ = request.record_in_thread(
             tasks.poll, WorkerLostError("lost"), feed.pk, "crash-on-a-locked-row"
@@ -293,9 +306,6 @@ def test_a_fork_does_not_wait_for_a_crash_recording_waiting_for_a_row() -> None:
         # When the process forks meanwhile
         took, exit_code = fork_and_wait()
         still_recording = recording.is_alive()
-    finally:
-        release.set()
-        holder.join(30)
     recording.join(30)
 
     # Then the fork did not wait for the row (the consumer goes on), and the recording ended later
@@ -313,21 +323,8 @@ def test_on_sqlite_a_fork_waits_for_the_whole_crash_recording() -> None:
     inherited it held, and hung at its first connection, until its time limit killed it."""
     feed = Feed.objects.create(title="crashed")
     other = Feed.objects.create(title="written elsewhere")
-    writing, release = threading.Event(), threading.Event()
 
-    def hold_the_write_lock() -> None:  # another connection's write transaction
-        try:
-            with transaction.atomic():
-                Feed.objects.filter(pk=other.pk).update(polls=1)
-                writing.set()
-                release.wait(30)
-        finally:
-            connection.close()
-
-    holder = threading.Thread(target=hold_the_write_lock)
-    holder.start()
-    try:
-        assert writing.wait(30)
+    with held_elsewhere(lambda: Feed.objects.filter(pk=other.pk).update(polls=1)) as release:
         # Given a crash being recorded, set up and waiting inside SQLite for the write lock
         recording, _ = request.record_in_thread(
             tasks.poll, WorkerLostError("lost"), feed.pk, "crash-in-sqlite"
@@ -336,9 +333,6 @@ def test_on_sqlite_a_fork_waits_for_the_whole_crash_recording() -> None:
         # When the process forks meanwhile
         took, exit_code = fork_and_wait()
         recorded = not recording.is_alive()
-    finally:
-        release.set()
-        holder.join(30)
     recording.join(30)
 
     # Then the fork waited for the whole recording, and the child had none going on
