@@ -143,7 +143,10 @@ elif os.environ.get("EMAIL_PORT"):
     EMAIL_HOST = "127.0.0.1"
     EMAIL_PORT = int(os.environ["EMAIL_PORT"])
     EMAIL_TIMEOUT = 5
-ADMINS = [("Operations", "ops@example.com")]
+# Addresses alone from Django 6.0, which deprecates (name, address) pairs; older ones need pairs.
+ADMINS: list[Any] = (
+    ["ops@example.com"] if django.VERSION >= (6, 0) else [("Operations", "ops@example.com")]
+)
 SERVER_EMAIL = "celery@example.com"
 
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "memory://")

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import StringIO
@@ -194,9 +195,12 @@ def test_migrate_and_check_report_nothing_about_the_library(
 
 def fork_and_wait() -> tuple[float, int]:
     """Fork as the pool does; return how long the fork took and the child's exit code (3 if a
-    recording of the parent's was still setting up there)."""
+    recording of the parent's was still setting up there).  Python 3.12+ warns that a process
+    with threads forks: that is what these tests do, as the worker's main process does."""
     started = time.monotonic()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:
         os._exit(3 if request._setting_up.threads else 0)
     took = time.monotonic() - started

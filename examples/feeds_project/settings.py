@@ -153,7 +153,10 @@ UPSTREAM_DOWN_FLAG = VAR_DIR / "upstream-down"
 
 # -- mail: the admins are told about deactivations and outages ----------------------------------
 
-ADMINS = [("Feeds operations", "ops@example.com")]
+# Addresses alone from Django 6.0, which deprecates (name, address) pairs; older ones need pairs.
+ADMINS = (
+    ["ops@example.com"] if django.VERSION >= (6, 0) else [("Feeds operations", "ops@example.com")]
+)
 SERVER_EMAIL = "feeds-worker@example.com"
 EMAIL_SUBJECT_PREFIX = "[feeds] "
 # Files under var/mail, so that the demo can show what the worker process sent.
