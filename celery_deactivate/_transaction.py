@@ -47,6 +47,17 @@ def bounded(using: str, seconds: float | None) -> Iterator[None]:
     yield
 
 
+def bound_connection(using: str, seconds: float) -> None:
+    """Bound every lock wait of a connection of its own (the crash recording's) on SQLite: its
+    busy timeout, which a ``BEGIN IMMEDIATE`` (``"transaction_mode": "IMMEDIATE"``) waits under
+    before :func:`bounded`, set inside the transaction, applies.  Other backends: nothing (their
+    waits start inside the transaction)."""
+    connection = connections[using]
+    if seconds and connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute(f"PRAGMA busy_timeout = {max(int(seconds * 1000), 1)}")
+
+
 @contextmanager
 def _session_bounded(connection: Any, seconds: float) -> Iterator[None]:
     """MySQL and MariaDB have no per-transaction setting: the session's are set, and set back

@@ -12,8 +12,9 @@ not report), and that is where they are counted, exactly once:
 * revocations, cold shutdowns, ``retry_on_worker_lost`` with retries left and crashes after a
   stored success are not failures of the object.
 
-The database work runs in a short-lived thread with bounded lock waits, so the consumer is never
-blocked, and the dying child (killed right after this hook returns) releases its row locks first.
+The database work runs in a short-lived thread with bounded lock waits, so the consumer is not
+blocked (on SQLite, while the pool forks, see below), and the dying child (killed right after
+this hook returns) releases its row locks first.
 A fork of this process (the pool starting a child in place of the one that died) waits while such
 a thread sets up (at most its ``deactivate_crash_timeout``): it opens its connections and loads
 what its statements need, which the process's first recording does in modules never loaded in
@@ -22,7 +23,7 @@ child forked while that thread held a module's import lock would inherit the loc
 thread it does not have, and hang at its first task.  Once set up, the thread holds no lock of
 the process while it waits on the database, and a fork does not wait for it, except on SQLite:
 there the database is a library of this process, whose own locks a statement holds, and a fork
-waits for the whole recording.
+waits for the whole recording (the worker's main process with it, at most the same bound).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from celery.worker.request import Request
 from django.db import connections, router
 from django.db.utils import load_backend
 
-from . import _errors, _store
+from . import _errors, _store, _transaction
 from ._options import Options
 from .task import in_main_process_hook
 
@@ -212,7 +213,8 @@ class _SettingUp:
                 left = max(self.threads.values()) - time.monotonic()
                 if left <= 0:
                     logger.warning(
-                        "celery_deactivate: forking while %d crash recording(s) still set up",
+                        "celery_deactivate: forking while %d crash recording(s) still set up "
+                        "(on SQLite: still run)",
                         len(self.threads),
                     )
                     return
@@ -230,38 +232,53 @@ if hasattr(os, "register_at_fork"):
 
 def _record_in_thread(task: Any, exc: BaseException, pk: Any, task_id: str, timeout: float) -> None:
     this = threading.current_thread()
-    in_sqlite = False
+    whole = _in_sqlite(task)  # then a fork waits for the whole recording, not its set-up only
     try:
         try:
-            in_sqlite = _set_up(task)
+            _set_up(task, timeout)
         finally:
-            if not in_sqlite:
+            if not whole:
                 _setting_up.done(this)
         task.record_failure(exc, pk, task_id, timeout=timeout)
     finally:
-        connections.close_all()  # this thread's connections: it ends here
-        _setting_up.done(this)  # on SQLite, only now
+        try:
+            connections.close_all()  # this thread's connections: it ends here
+        finally:
+            _setting_up.done(this)
 
 
-def _set_up(task: Any) -> bool:
-    """Open this thread's connections to the databases the recording writes (the object's, the
-    library's tables'), and load the module of their statements' compilers.
+def _aliases(task: Any) -> set[str]:
+    """The databases a recording writes: the object's, the library's tables'."""
+    return {router.db_for_write(task.target.model), _store.db()}
 
-    Whether one of them is SQLite: a fork then waits for the whole recording.  SQLite runs in
-    this process, and holds process-wide mutexes of its own (those of its file locks, by file)
-    during each statement and as a connection opens or closes; a child forked meanwhile inherits
-    one held by a thread it does not have, and hangs at its first connection."""
+
+def _in_sqlite(task: Any) -> bool:
+    """Whether the recording writes an SQLite database (as if it did when that cannot be told).
+
+    SQLite runs in this process, and holds process-wide mutexes of its own (those of its file
+    locks, by file) during each statement and as a connection opens or closes; a child forked
+    meanwhile inherits one held by a thread it does not have, and hangs at its first
+    connection.  A fork waits for such a recording until it ends, at most its
+    ``deactivate_crash_timeout`` (and the worker's main process with it)."""
+    try:
+        return any(connections[alias].vendor == "sqlite" for alias in _aliases(task))
+    except Exception:  # the recording meets the same error, and logs it
+        return True
+
+
+def _set_up(task: Any, timeout: float) -> None:
+    """Open this thread's connections to the databases the recording writes, bound their lock
+    waits on SQLite (:func:`~celery_deactivate._transaction.bound_connection`), and load the
+    module of their statements' compilers."""
     _connect_outside_pools()
     try:
-        aliases = {router.db_for_write(task.target.model), _store.db()}
-        in_sqlite = any(connections[alias].vendor == "sqlite" for alias in aliases)
-        for alias in aliases:
+        for alias in _aliases(task):
             connection = connections[alias]
             connection.ensure_connection()
+            _transaction.bound_connection(alias, timeout)
             connection.ops.compiler("SQLUpdateCompiler")
     except Exception:  # the recording meets the same error, and logs it
-        return False
-    return in_sqlite
+        return
 
 
 def _connect_outside_pools() -> None:

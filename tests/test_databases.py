@@ -336,7 +336,7 @@ def test_on_sqlite_a_fork_waits_for_the_whole_crash_recording() -> None:
         threading.Timer(1.0, release.set).start()
         # When the process forks meanwhile
         took, exit_code = fork_and_wait()
-        recorded = not recording.is_alive()
+        recorded = not Feed.objects.get(pk=feed.pk).active  # committed before the fork went on
     recording.join(30)
 
     # Then the fork waited for the whole recording, and the child had none going on
@@ -345,3 +345,33 @@ def test_on_sqlite_a_fork_waits_for_the_whole_crash_recording() -> None:
     assert exit_code == 0
     feed.refresh_from_db()
     assert (feed.active, feed.failure_count) == (False, 1)
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite: a library of the process")
+def test_on_sqlite_a_crash_recording_waits_for_the_write_lock_at_most_its_bound(
+    conf: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``"transaction_mode": "IMMEDIATE"`` the change's ``BEGIN`` waits for the write lock
+    before its transaction's bound applies: the recording's connection is bounded as a whole."""
+    conf(deactivate_crash_timeout=1.0)
+    feed = Feed.objects.create(title="crashed")
+    other = Feed.objects.create(title="written elsewhere")
+
+    write_lock = held_elsewhere(lambda: Feed.objects.filter(pk=other.pk).update(polls=1))
+    with write_lock, caplog.at_level(logging.ERROR, logger="celery_deactivate"):
+        # Given a crash being recorded while another connection keeps the write lock
+        recording, _ = request.record_in_thread(
+            tasks.poll, WorkerLostError("lost"), feed.pk, "crash-on-a-locked-file"
+        )
+        # When the process forks meanwhile
+        took, _ = fork_and_wait()
+        recording.join(5)
+        gave_up = not recording.is_alive()
+
+    # Then each of the recording's lock waits gave up after its bound (1 s, not the connection's
+    # 20 s: the guard's read, then the change), the fork's wait by its deadline (the bound + 1 s);
+    # the failure is logged, the object as it was
+    assert gave_up
+    assert 0.9 <= took < 2.5, took
+    assert "could not record the failure" in caplog.text
+    assert Feed.objects.get(pk=feed.pk).active is True
