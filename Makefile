@@ -18,7 +18,6 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	scripts/mysql-driver.sh $(PY)
 	touch $(STAMP)
 
 $(DOCS_STAMP): $(STAMP)
@@ -32,9 +31,11 @@ venv: $(STAMP) ## Create .venv and install the package with its test and dev ext
 # The suite runs once on DATABASE_URL, then again on MariaDB when MYSQL_URL is set (the
 # throwaway servers set it), then again on SQLite: scripts/on-each-database.sh.
 test: $(STAMP) ## Run the whole suite on PostgreSQL (+ PgBouncer), MariaDB and SQLite with Redis: yours (DATABASE_URL, CELERY_BROKER_URL), else started for the run, installed with apt-get when root
+	scripts/mysql-driver.sh $(PY)
 	scripts/with-services.sh scripts/on-each-database.sh $(PY) -m pytest -rs $(PYTEST_ARGS)
 
 test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests (servers and databases as for test)
+	scripts/mysql-driver.sh $(PY)
 	scripts/with-services.sh scripts/on-each-database.sh $(PY) -m pytest -rs -m crash $(PYTEST_ARGS)
 
 test-matrix: $(STAMP) ## Run the suite across Celery 5.3/5.5/5.7 x Django 4.2/5.2/6.0 (nox, pyenv interpreters)
