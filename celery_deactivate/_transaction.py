@@ -25,37 +25,38 @@ def bounded(using: str, seconds: float | None) -> Iterator[None]:
     """Bound how long the statements inside may wait for locks and run (called in a
     transaction).
 
-    PostgreSQL: ``lock_timeout`` and ``statement_timeout`` for this transaction.  SQLite: the
-    connection's busy timeout (the worker's crash handler runs on a connection of its own, closed
-    when it is done).  MySQL and MariaDB: :func:`_session_bounded`.  Other backends: unbounded.
+    PostgreSQL: ``lock_timeout`` and ``statement_timeout`` for this transaction.  MySQL and
+    MariaDB: :func:`_session_bounded`.  SQLite: nothing here, its bound is the connection's
+    (:func:`bound_connection`).  Other backends: unbounded.
     """
     connection = connections[using]
-    if not seconds or connection.vendor not in ("postgresql", "sqlite", "mysql"):
+    if not seconds or connection.vendor not in ("postgresql", "mysql"):
         yield
         return
     if connection.vendor == "mysql":
         with _session_bounded(connection, seconds):
             yield
         return
-    millis = max(int(seconds * 1000), 1)
+    millis = _millis(seconds)
     with connection.cursor() as cursor:
-        if connection.vendor == "sqlite":
-            cursor.execute(f"PRAGMA busy_timeout = {millis}")
-        else:
-            cursor.execute(f"SET LOCAL lock_timeout = {millis}")
-            cursor.execute(f"SET LOCAL statement_timeout = {millis}")
+        cursor.execute(f"SET LOCAL lock_timeout = {millis}")
+        cursor.execute(f"SET LOCAL statement_timeout = {millis}")
     yield
 
 
 def bound_connection(using: str, seconds: float) -> None:
-    """Bound every lock wait of a connection of its own (the crash recording's) on SQLite: its
-    busy timeout, which a ``BEGIN IMMEDIATE`` (``"transaction_mode": "IMMEDIATE"``) waits under
-    before :func:`bounded`, set inside the transaction, applies.  Other backends: nothing (their
-    waits start inside the transaction)."""
+    """Bound every lock wait of a connection of its own (the crash recording's, closed when it is
+    done) on SQLite: its busy timeout, a setting of the connection, not of a transaction, which a
+    ``BEGIN IMMEDIATE`` (``"transaction_mode": "IMMEDIATE"``) already waits under.  Other
+    backends: nothing (:func:`bounded` bounds their waits in each transaction)."""
     connection = connections[using]
     if seconds and connection.vendor == "sqlite":
         with connection.cursor() as cursor:
-            cursor.execute(f"PRAGMA busy_timeout = {max(int(seconds * 1000), 1)}")
+            cursor.execute(f"PRAGMA busy_timeout = {_millis(seconds)}")
+
+
+def _millis(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)
 
 
 @contextmanager
