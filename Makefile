@@ -9,7 +9,7 @@ DOCS_STAMP := $(VENV)/.installed-docs
 SPHINXOPTS ?= -n -W --keep-going
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-crash test-matrix demo example-admin docs screenshots lint typecheck bench clean dist
+.PHONY: help venv mysql-driver test test-crash test-matrix demo example-admin docs screenshots lint typecheck bench clean dist
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -26,16 +26,18 @@ $(DOCS_STAMP): $(STAMP)
 
 venv: $(STAMP) ## Create .venv and install the package with its test and dev extras
 
+# The MySQL driver, for the suite's run on MariaDB (quick once it is there).
+mysql-driver: $(STAMP)
+	scripts/mysql-driver.sh $(PY)
+
 # The servers: those DATABASE_URL/CELERY_BROKER_URL name, else throwaway ones on free loopback
 # ports for the run, else SQLite + memory with each skip's reason (scripts/with-services.sh).
 # The suite runs once on DATABASE_URL, then again on MariaDB when MYSQL_URL is set (the
 # throwaway servers set it), then again on SQLite: scripts/on-each-database.sh.
-test: $(STAMP) ## Run the whole suite on PostgreSQL (+ PgBouncer), MariaDB and SQLite with Redis: yours (DATABASE_URL, CELERY_BROKER_URL), else started for the run, installed with apt-get when root
-	scripts/mysql-driver.sh $(PY)
+test: mysql-driver ## Run the whole suite on PostgreSQL (+ PgBouncer), MariaDB and SQLite with Redis: yours (DATABASE_URL, CELERY_BROKER_URL), else started for the run, installed with apt-get when root
 	scripts/with-services.sh scripts/on-each-database.sh $(PY) -m pytest -rs $(PYTEST_ARGS)
 
-test-crash: $(STAMP) ## Run only the prefork-worker fault-injection tests (servers and databases as for test)
-	scripts/mysql-driver.sh $(PY)
+test-crash: mysql-driver ## Run only the prefork-worker fault-injection tests (servers and databases as for test)
 	scripts/with-services.sh scripts/on-each-database.sh $(PY) -m pytest -rs -m crash $(PYTEST_ARGS)
 
 test-matrix: $(STAMP) ## Run the suite across Celery 5.3/5.5/5.7 x Django 4.2/5.2/6.0 (nox, pyenv interpreters)
